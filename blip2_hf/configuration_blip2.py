@@ -1,0 +1,261 @@
+"""BLIP-2 configurations: the vision encoder, the Q-Former, and the composite model.
+
+The field names and defaults are those of transformers' own BLIP-2 (`transformers.models.blip_2`), which are the
+Salesforce/blip2-* checkpoints' `config.json` keys, so those files load here unchanged. Our `model_type`s are our own
+(`blip2_hf*`: transformers owns `blip-2`); a config saved by transformers is re-labelled on load.
+
+This file is copied into saved checkpoints as remote code: it imports nothing but transformers and huggingface_hub.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.activations import ACT2FN
+from transformers.configuration_utils import SubConfigSpec
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+)
+
+# transformers' BLIP-2 model types. A config that carries one of them (a Salesforce/blip2-* `config.json`) is ours
+# once loaded: the label is dropped so that `config.model_type` reads ours at runtime and on save.
+TRANSFORMERS_MODEL_TYPES = ("blip-2", "blip_2_vision_model", "blip_2_qformer")
+
+
+def _drop_foreign_model_type(kwargs: dict[str, Any]) -> None:
+    if kwargs.get("model_type") in TRANSFORMERS_MODEL_TYPES:
+        kwargs.pop("model_type")
+
+
+def _check(condition: bool, config: PreTrainedConfig, field: str, expected: str) -> None:
+    """Raise a `ValueError` that names the config class, the field, its value and what was expected."""
+    if not condition:
+        value = getattr(config, field, None)
+        raise ValueError(f"{type(config).__name__}.{field} = {value!r} is invalid: expected {expected}.")
+
+
+def _check_positive_ints(config: PreTrainedConfig, *fields: str) -> None:
+    for field in fields:
+        value = getattr(config, field)
+        _check(isinstance(value, int) and value > 0, config, field, "a positive integer")
+
+
+def _check_probabilities(config: PreTrainedConfig, *fields: str) -> None:
+    for field in fields:
+        _check(0.0 <= getattr(config, field) < 1.0, config, field, "a dropout probability in [0, 1)")
+
+
+@strict
+class Blip2VisionConfig(PreTrainedConfig):
+    r"""
+    The frozen image encoder: a ViT in the EVA / transformers BLIP-2 layout (pre-norm blocks, one fused `qkv`
+    projection, no final norm inside the encoder; `post_layernorm` is LAVIS's trainable `ln_vision`). The defaults are
+    EVA ViT-g/14 with its last block removed, as BLIP-2 uses it: 39 layers of width 1408, 257 tokens at 224 px.
+
+    Args:
+        hidden_size: width of the encoder (1408 for ViT-g).
+        intermediate_size: width of the MLP (6144 for ViT-g).
+        num_hidden_layers: number of transformer blocks (39: EVA-CLIP's 40 minus the last).
+        num_attention_heads: attention heads; `hidden_size` must be divisible by it.
+        image_size: side of the square input the position embeddings were trained for (224; 364 for COCO fine-tuning).
+        patch_size: side of a patch; `image_size` must be divisible by it.
+        hidden_act: MLP activation (exact GELU in EVA).
+        layer_norm_eps: LayerNorm epsilon.
+        attention_dropout: dropout on attention probabilities.
+        initializer_range: std of the truncated-normal init of the position and class embeddings.
+        qkv_bias: whether the fused `qkv` projection has a bias (EVA: query and value biases, key bias fixed at zero).
+    """
+
+    model_type = "blip2_hf_vision_model"
+    base_config_key = "vision_config"
+
+    hidden_size: int = 1408
+    intermediate_size: int = 6144
+    num_hidden_layers: int = 39
+    num_attention_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    attention_dropout: float | int = 0.0
+    initializer_range: float = 1e-10
+    qkv_bias: bool = True
+
+    def __post_init__(self, **kwargs):
+        _drop_foreign_model_type(kwargs)
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        _check_positive_ints(
+            self, "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size"
+        )
+        _check(
+            self.hidden_size % self.num_attention_heads == 0,
+            self,
+            "hidden_size",
+            f"a multiple of num_attention_heads={self.num_attention_heads}",
+        )
+        _check(self.image_size % self.patch_size == 0, self, "image_size", f"a multiple of patch_size={self.patch_size}")
+        _check(self.hidden_act in ACT2FN, self, "hidden_act", f"one of {sorted(ACT2FN)}")
+        _check_probabilities(self, "attention_dropout")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@strict
+class Blip2QFormerConfig(PreTrainedConfig):
+    r"""
+    The Querying Transformer: a BERT-base encoder whose layers run learned queries and text in one sequence with shared
+    self-attention; queries alone cross-attend to the image (every `cross_attention_frequency`-th layer) and use their
+    own feed-forward (`intermediate_query` / `output_query`), text uses BERT's (`intermediate` / `output`).
+
+    Args:
+        vocab_size: text vocabulary (30522 for bert-base-uncased, 30523 with BLIP-2's added `[DEC]`).
+        hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, hidden_act: BERT-base shapes.
+        hidden_dropout_prob, attention_probs_dropout_prob: dropout (0.1, as BERT and LAVIS).
+        max_position_embeddings: longest text (position embeddings apply to text only, never to queries).
+        initializer_range: std of the normal init (0.02, as BERT; also used for the query tokens, as LAVIS).
+        layer_norm_eps: LayerNorm epsilon (1e-12, as BERT).
+        pad_token_id: id of `[PAD]`.
+        cross_attention_frequency: layer `i` cross-attends to the image when `i % cross_attention_frequency == 0`.
+        encoder_hidden_size: width of the image features (set from the vision config by `Blip2Config`).
+        use_qformer_text_input: build the text feed-forward blocks, needed whenever text runs through the Q-Former
+            (stage 1, retrieval). Stage-2 checkpoints have no text weights.
+    """
+
+    model_type = "blip2_hf_qformer"
+    base_config_key = "qformer_config"
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float | int = 0.1
+    attention_probs_dropout_prob: float | int = 0.1
+    max_position_embeddings: int = 512
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int | None = 0
+    cross_attention_frequency: int = 2
+    encoder_hidden_size: int = 1408
+    use_qformer_text_input: bool = False
+
+    def __post_init__(self, **kwargs):
+        _drop_foreign_model_type(kwargs)
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        _check_positive_ints(
+            self,
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "cross_attention_frequency",
+            "encoder_hidden_size",
+        )
+        _check(
+            self.hidden_size % self.num_attention_heads == 0,
+            self,
+            "hidden_size",
+            f"a multiple of num_attention_heads={self.num_attention_heads}",
+        )
+        _check(self.hidden_act in ACT2FN, self, "hidden_act", f"one of {sorted(ACT2FN)}")
+        _check_probabilities(self, "hidden_dropout_prob", "attention_probs_dropout_prob")
+        _check(
+            self.pad_token_id is None or 0 <= self.pad_token_id < self.vocab_size,
+            self,
+            "pad_token_id",
+            f"None or an id in [0, vocab_size={self.vocab_size})",
+        )
+
+
+@strict
+class Blip2Config(PreTrainedConfig):
+    r"""
+    The composite BLIP-2 configuration: vision encoder + Q-Former + language model. The single source of truth for
+    every BLIP-2 class of this package.
+
+    Args:
+        vision_config: a `Blip2VisionConfig` or its dict.
+        qformer_config: a `Blip2QFormerConfig` or its dict (`encoder_hidden_size` is set from the vision width).
+        text_config: any `AutoConfig` of a causal LM (OPT, Llama-family, Qwen2, ...) or of an encoder-decoder LM
+            (T5 / Flan-T5), or its dict with a `model_type` (default: OPT).
+        num_query_tokens: number of learned queries (32).
+        image_text_hidden_size: width of the ITC projections (256).
+        image_token_index: id of the `<image>` placeholder in the LLM vocabulary; the processor writes
+            `num_query_tokens` of them in front of the prompt and the model puts the projected queries there.
+        initializer_factor, initializer_range: as transformers' BLIP-2.
+        initial_temperature: initial value of the learnable ITC temperature (0.07, as LAVIS; transformers' port
+            drops the parameter).
+    """
+
+    model_type = "blip2_hf"
+    attribute_map = {"image_token_id": "image_token_index"}
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="opt"),
+        "vision_config": Blip2VisionConfig,
+        "qformer_config": Blip2QFormerConfig,
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    qformer_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    num_query_tokens: int = 32
+    image_text_hidden_size: int = 256
+    image_token_index: int | None = None
+    initializer_factor: float = 1.0
+    initializer_range: float = 0.02
+    initial_temperature: float = 0.07
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict[str, Any], dict[str, Any]]:
+        # A Salesforce/blip2-* config.json says "blip-2": read it as ours, without transformers' "you are using a
+        # model of type blip-2 to instantiate a model of type blip2_hf" warning (the layouts are the same).
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") in TRANSFORMERS_MODEL_TYPES:
+            config_dict["model_type"] = cls.model_type
+        return config_dict, kwargs
+
+    def __post_init__(self, **kwargs):
+        _drop_foreign_model_type(kwargs)
+        # A transformers `Blip2VisionConfig` / `Blip2QFormerConfig` object is re-read as ours (same fields).
+        for key, ours in (("vision_config", Blip2VisionConfig), ("qformer_config", Blip2QFormerConfig)):
+            sub = getattr(self, key)
+            if isinstance(sub, PreTrainedConfig) and not isinstance(sub, ours):
+                setattr(self, key, sub.to_dict())
+        super().__post_init__(**kwargs)
+        self.is_encoder_decoder = self.text_config.is_encoder_decoder
+        self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
+        self.use_decoder_only_language_model = self.text_config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        _check_positive_ints(self, "num_query_tokens", "image_text_hidden_size")
+        _check(self.initial_temperature > 0, self, "initial_temperature", "a positive number")
+        text_type = self.text_config.model_type
+        _check(
+            text_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or text_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+            self,
+            "text_config",
+            f"the config of a causal or sequence-to-sequence language model (got model_type={text_type!r})",
+        )
+        vocab_size = getattr(self.text_config, "vocab_size", None)
+        if self.image_token_index is not None and vocab_size is not None:
+            _check(
+                0 <= self.image_token_index < vocab_size,
+                self,
+                "image_token_index",
+                f"an id inside the language model's vocabulary [0, text_config.vocab_size={vocab_size})",
+            )

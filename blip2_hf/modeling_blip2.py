@@ -1,0 +1,1099 @@
+"""PyTorch BLIP-2 (Li et al., 2023): a frozen image encoder and a frozen LLM bridged by a Querying Transformer.
+
+Read top to bottom: the vision encoder (EVA ViT layout), the Q-Former (BERT with learned queries, cross-attention to
+the image and the paper's three self-attention masks), then the models users load: `Blip2VisionModel`,
+`Blip2QFormerModel`, `Blip2Model`, `Blip2ForConditionalGeneration` and `Blip2ForImageTextRetrieval`.
+
+Module names are the checkpoint keys of transformers' BLIP-2 (the Salesforce/blip2-* checkpoints), so those load here
+without conversion, and what we save loads there. This file is copied into saved checkpoints as remote code: it imports
+only torch, transformers and the configuration file beside it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput
+
+from .configuration_blip2 import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
+
+SelfAttentionMask = Literal["bidirectional", "unimodal", "multimodal_causal"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Blip2QFormerModelOutput(ModelOutput):
+    """
+    last_hidden_state: `[B, Q + T, D]`, query positions first, then text positions.
+    pooler_output: `[B, D]`, the first position (the first query, or `[CLS]` for text alone).
+    cache: the self-attention keys/values of every position run so far (with `use_cache=True`).
+    hidden_states: the embeddings output and each layer's output, each `[B, Q + T, D]`.
+    attentions / cross_attentions: per-layer attention probabilities (eager attention only).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class Blip2ImageFeaturesOutput(BaseModelOutputWithPooling):
+    """
+    last_hidden_state: `[B, 1 + P, Dv]` image embeddings (after `post_layernorm`).
+    pooler_output: `[B, Q, D_llm]`, the query outputs projected into the LLM's embedding space (the soft prompt).
+    vision_outputs / qformer_outputs: the raw outputs of both towers.
+    """
+
+    vision_outputs: BaseModelOutputWithPooling | None = None
+    qformer_outputs: Blip2QFormerModelOutput | None = None
+
+
+@dataclass
+class Blip2ForConditionalGenerationModelOutput(ModelOutput):
+    """
+    loss: language-modeling loss over the `labels` that are not -100.
+    logits: `[B, L, V]` LLM logits (decoder logits for encoder-decoder LLMs).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    vision_outputs: BaseModelOutputWithPooling | None = None
+    qformer_outputs: Blip2QFormerModelOutput | None = None
+    language_model_outputs: ModelOutput | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(
+            self[k] if k not in ("vision_outputs", "qformer_outputs", "language_model_outputs") else self[k].to_tuple()
+            for k in self.keys()
+        )
+
+
+@dataclass
+class Blip2ImageTextMatchingModelOutput(ModelOutput):
+    """
+    logits_per_image: ITC `[B_img, B_txt]` cosine similarity, max over queries; or ITM `[B, 2]` (no match / match).
+    logits_per_text: its transpose.
+    text_embeds: ITC `[B_txt, E]` normalized text `[CLS]` projection; ITM `[B, Q + T, D]` joint output.
+    image_embeds: ITC `[B_img, Q, E]` normalized query projections.
+    temperature: the learnable ITC temperature; `logits_per_image / temperature` are the training logits.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    temperature: torch.FloatTensor | None = None
+    text_model_output: Blip2QFormerModelOutput | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(
+            self[k] if k not in ("text_model_output", "vision_model_output") else self[k].to_tuple() for k in self.keys()
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Attention shared by both towers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention. query `[B, H, Lq, d]`, key/value `[B, H, Lk, d]`, additive mask `[B, 1, Lq, Lk]`.
+    Returns `[B, Lq, H, d]` and the probabilities `[B, H, Lq, Lk]`. BLIP-2 keeps the softmax in the input dtype."""
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean `[B, Lq, Lk]` (True = may attend) -> additive float `[B, 1, Lq, Lk]`, right for eager and sdpa alike."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Vision encoder (EVA ViT-g in the transformers layout)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Blip2VisionEmbeddings(nn.Module):
+    """Patch embedding + `[CLS]` + absolute position embeddings. `[B, 3, H, W]` -> `[B, 1 + (H/p)(W/p), D]`."""
+
+    def __init__(self, config: Blip2VisionConfig):
+        super().__init__()
+        self.config = config
+        self.patch_size = config.patch_size
+        self.class_embedding = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.patch_embedding = nn.Conv2d(3, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size)
+        self.position_embedding = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.hidden_size))
+
+    def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
+        """Resize the trained position grid bicubically to `(height/p, width/p)` patches, e.g. 16x16 -> 26x26 for
+        364 px (as LAVIS does when it loads a 224 px encoder for 364 px fine-tuning). Returns `[1, 1 + h*w, D]`."""
+        new_h, new_w = height // self.patch_size, width // self.patch_size
+        num_positions = self.position_embedding.shape[1] - 1
+        side = int(num_positions**0.5)
+        if (new_h, new_w) == (side, side):
+            return self.position_embedding
+        class_pos, patch_pos = self.position_embedding[:, :1], self.position_embedding[:, 1:]
+        dim = patch_pos.shape[-1]
+        patch_pos = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+        patch_pos = nn.functional.interpolate(patch_pos, size=(new_h, new_w), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, new_h * new_w, dim)
+        return torch.cat([class_pos, patch_pos], dim=1)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must have shape [batch, 3, height, width], got {tuple(pixel_values.shape)}")
+        batch_size, _, height, width = pixel_values.shape
+        expected = self.config.image_size
+        if not interpolate_pos_encoding and (height, width) != (expected, expected):
+            raise ValueError(
+                f"pixel_values are {height}x{width} but the vision encoder's position embeddings are for "
+                f"{expected}x{expected} (vision_config.image_size); resize the images or pass "
+                "interpolate_pos_encoding=True to interpolate the position embeddings."
+            )
+        dtype = self.patch_embedding.weight.dtype
+        patch_embeds = self.patch_embedding(pixel_values.to(dtype)).flatten(2).transpose(1, 2)
+        class_embeds = self.class_embedding.expand(batch_size, 1, -1).to(dtype)
+        embeddings = torch.cat([class_embeds, patch_embeds], dim=1)
+        position_embedding = (
+            self.interpolate_pos_encoding(height, width) if interpolate_pos_encoding else self.position_embedding
+        )
+        return embeddings + position_embedding.to(dtype)
+
+
+class Blip2Attention(nn.Module):
+    """ViT self-attention with one fused `qkv` projection (EVA: the key bias is zero and gets no gradient that
+    matters, since a per-query constant does not change a softmax)."""
+
+    def __init__(self, config: Blip2VisionConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scale = self.head_dim**-0.5
+        self.is_causal = False
+        self.attention_dropout = config.attention_dropout
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.projection = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, seq_len, _ = hidden_states.shape
+        qkv = self.qkv(hidden_states).reshape(batch_size, seq_len, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, d]
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            None,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scale,
+            **kwargs,
+        )
+        attn_output = self.projection(attn_output.reshape(batch_size, seq_len, -1))
+        return attn_output, attn_weights
+
+
+class Blip2MLP(nn.Module):
+    def __init__(self, config: Blip2VisionConfig):
+        super().__init__()
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class Blip2EncoderLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, config: Blip2VisionConfig):
+        super().__init__()
+        self.self_attn = Blip2Attention(config)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = Blip2MLP(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_output, attn_weights = self.self_attn(self.layer_norm1(hidden_states), **kwargs)
+        hidden_states = hidden_states + attn_output
+        hidden_states = hidden_states + self.mlp(self.layer_norm2(hidden_states))
+        return hidden_states, attn_weights
+
+
+class Blip2Encoder(nn.Module):
+    def __init__(self, config: Blip2VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([Blip2EncoderLayer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(
+        self, inputs_embeds: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> BaseModelOutput:
+        hidden_states = inputs_embeds
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            hidden_states, attn_weights = layer(hidden_states)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        return BaseModelOutput(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_attentions
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Q-Former
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Blip2QFormerMultiHeadAttention(nn.Module):
+    """BERT attention. Self-attention over `[queries; text]`, or cross-attention from the queries to the image
+    (`key`/`value` then read `encoder_hidden_size`-wide image features). Self-attention can append its keys/values
+    to a `Cache`, so that text run later (ITG, Q-Former generation) attends to the queries without running them again.
+    """
+
+    def __init__(self, config: Blip2QFormerConfig, is_cross_attention: bool = False, layer_idx: int | None = None):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False  # masks are always explicit (see `Blip2QFormerModel.build_self_attention_mask`)
+        self.attention_dropout = config.attention_probs_dropout_prob
+        kv_width = config.encoder_hidden_size if is_cross_attention else config.hidden_size
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(kv_width, config.hidden_size)
+        self.value = nn.Linear(kv_width, config.hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states `[B, L, D]`; encoder_hidden_states `[B, P, Dv]` for cross-attention; additive mask
+        `[B, 1, L, L_keys]`. Returns `[B, L, D]` and the attention probabilities (eager only)."""
+        batch_size, seq_len, _ = hidden_states.shape
+        kv_states = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+        query, key, value = heads(self.query(hidden_states)), heads(self.key(kv_states)), heads(self.value(kv_states))
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return attn_output.reshape(batch_size, seq_len, -1), attn_weights
+
+
+class Blip2QFormerSelfOutput(nn.Module):
+    def __init__(self, config: Blip2QFormerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class Blip2QFormerAttention(nn.Module):
+    """Attention + residual + post-LayerNorm (BERT)."""
+
+    def __init__(self, config: Blip2QFormerConfig, is_cross_attention: bool = False, layer_idx: int | None = None):
+        super().__init__()
+        self.attention = Blip2QFormerMultiHeadAttention(config, is_cross_attention, layer_idx)
+        self.output = Blip2QFormerSelfOutput(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_output, attn_weights = self.attention(hidden_states, attention_mask, encoder_hidden_states, cache)
+        return self.output(attn_output, hidden_states), attn_weights
+
+
+class Blip2QFormerIntermediate(nn.Module):
+    def __init__(self, config: Blip2QFormerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class Blip2QFormerOutput(nn.Module):
+    def __init__(self, config: Blip2QFormerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class Blip2QFormerLayer(GradientCheckpointingLayer):
+    """One Q-Former layer. Self-attention is shared by queries and text (the mask decides who sees whom); then the
+    first `query_length` positions (the queries) cross-attend to the image, if this layer has cross-attention, and go
+    through the query FFN, while the text positions go through the text FFN (BERT's)."""
+
+    def __init__(self, config: Blip2QFormerConfig, layer_idx: int):
+        super().__init__()
+        self.attention = Blip2QFormerAttention(config, layer_idx=layer_idx)
+        self.has_cross_attention = layer_idx % config.cross_attention_frequency == 0
+        if self.has_cross_attention:
+            self.crossattention = Blip2QFormerAttention(config, is_cross_attention=True, layer_idx=layer_idx)
+        if config.use_qformer_text_input:
+            self.intermediate = Blip2QFormerIntermediate(config)
+            self.output = Blip2QFormerOutput(config)
+        self.intermediate_query = Blip2QFormerIntermediate(config)
+        self.output_query = Blip2QFormerOutput(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        query_length: int = 0,
+        cache: Cache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        attention_output, self_weights = self.attention(hidden_states, attention_mask, cache=cache)
+        query_part, text_part = attention_output[:, :query_length], attention_output[:, query_length:]
+        outputs, cross_weights = [], None
+        if query_length > 0:
+            if self.has_cross_attention:
+                query_part, cross_weights = self.crossattention(
+                    query_part, encoder_attention_mask, encoder_hidden_states=encoder_hidden_states
+                )
+            outputs.append(self.output_query(self.intermediate_query(query_part), query_part))
+        if text_part.shape[1] > 0:
+            if not hasattr(self, "intermediate"):
+                raise ValueError(
+                    "Text was given to a Q-Former built without text feed-forward blocks: set "
+                    "qformer_config.use_qformer_text_input=True (stage-2 checkpoints have no text weights)."
+                )
+            outputs.append(self.output(self.intermediate(text_part), text_part))
+        layer_output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        return layer_output, self_weights, cross_weights
+
+
+class Blip2QFormerEncoder(nn.Module):
+    def __init__(self, config: Blip2QFormerConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([Blip2QFormerLayer(config, i) for i in range(config.num_hidden_layers)])
+
+
+class Blip2TextEmbeddings(nn.Module):
+    """Q-Former text embeddings: word + absolute position (positions count text only, never queries). The LayerNorm
+    that BERT applies here is `qformer.layernorm`, applied to queries and text together. `[B, T]` -> `[B, T, D]`."""
+
+    def __init__(self, config: Blip2QFormerConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.register_buffer(
+            "position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False
+        )
+
+    def forward(self, input_ids: torch.LongTensor, past_text_length: int = 0) -> torch.Tensor:
+        seq_len = input_ids.shape[1]
+        if past_text_length + seq_len > self.position_ids.shape[1]:
+            raise ValueError(
+                f"Text of {past_text_length + seq_len} tokens is longer than the Q-Former's "
+                f"max_position_embeddings={self.position_ids.shape[1]}; truncate it."
+            )
+        position_ids = self.position_ids[:, past_text_length : past_text_length + seq_len]
+        return self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Base class
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Blip2PreTrainedModel(PreTrainedModel):
+    config_class = Blip2Config
+    base_model_prefix = "blip"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_attention_backend = True
+    _supports_sdpa = True
+    # The Q-Former runs in fp32 and uses explicit additive masks: flash attention cannot serve it.
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _no_split_modules = ["Blip2VisionEmbeddings", "Blip2EncoderLayer", "Blip2QFormerLayer", "Blip2TextEmbeddings"]
+    # LAVIS's mixed precision: the frozen towers may be half precision, the trainable bridge stays fp32 (for fp16
+    # *and* bf16; transformers' port keeps only `query_tokens`/`qformer` in fp32, and only under fp16).
+    _keep_in_fp32_modules_strict = [
+        "query_tokens",
+        "qformer",
+        "language_projection",
+        "embeddings.word_embeddings",
+        "embeddings.position_embeddings",
+        "vision_projection",
+        "text_projection",
+        "itm_head",
+        "temp",
+    ]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)  # Linear / Embedding: normal(0, initializer_range); LayerNorm: 1, 0
+        std = self.config.initializer_range
+        if isinstance(module, Blip2VisionEmbeddings):
+            init.trunc_normal_(module.position_embedding, mean=0.0, std=std)
+            init.trunc_normal_(module.class_embedding, mean=0.0, std=std)
+        elif isinstance(module, Blip2TextEmbeddings):
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+        if hasattr(module, "query_tokens") and isinstance(module.query_tokens, nn.Parameter):
+            # normal(0, 0.02) as LAVIS: transformers' zero init makes the first LayerNorm's gradient explode.
+            init.normal_(module.query_tokens, mean=0.0, std=self.config.qformer_config.initializer_range)
+        if hasattr(module, "temp") and isinstance(module.temp, nn.Parameter):
+            init.constant_(module.temp, self.config.initial_temperature)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The two towers as models of their own
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Blip2VisionModel(Blip2PreTrainedModel):
+    """The image encoder. `pixel_values [B, 3, H, W]` -> `last_hidden_state [B, 1 + P, Dv]` (after `post_layernorm`,
+    LAVIS's `ln_vision`), `pooler_output [B, Dv]` (the `[CLS]` position, normed once more, as transformers)."""
+
+    config_class = Blip2VisionConfig
+    input_modalities = ("image",)
+    _keep_in_fp32_modules_strict = []
+
+    def __init__(self, config: Blip2VisionConfig):
+        super().__init__(config)
+        self.embeddings = Blip2VisionEmbeddings(config)
+        self.encoder = Blip2Encoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        encoder_outputs = self.encoder(
+            self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding),
+            output_hidden_states=bool(output_hidden_states),
+            output_attentions=bool(output_attentions),
+        )
+        last_hidden_state = self.post_layernorm(encoder_outputs.last_hidden_state)
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state,
+            pooler_output=self.post_layernorm(last_hidden_state[:, 0]),
+            hidden_states=encoder_outputs.hidden_states,
+            attentions=encoder_outputs.attentions,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class Blip2QFormerModel(Blip2PreTrainedModel):
+    """The Querying Transformer on embeddings: learned queries and/or embedded text in, one sequence
+    `[queries; text]` out. Which position sees which is set by `self_attention_mask`:
+
+    - `"bidirectional"` (ITM): every position sees every other;
+    - `"unimodal"` (ITC): queries see queries, text sees text;
+    - `"multimodal_causal"` (ITG): queries see queries only; text sees all queries and the text before it.
+
+    Only queries cross-attend to the image. With `use_cache=True` the self-attention keys/values are kept in
+    `cache`; a later call with that `cache` sees every cached position (queries, then any text already run) in all
+    masks but `"unimodal"`, so text can be decoded against the queries without running them again.
+    """
+
+    config_class = Blip2QFormerConfig
+    _keep_in_fp32_modules_strict = []
+
+    def __init__(self, config: Blip2QFormerConfig):
+        super().__init__(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.encoder = Blip2QFormerEncoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> None:
+        return None  # queries and text embeddings live in the models that own them
+
+    @staticmethod
+    def build_self_attention_mask(
+        mask_type: SelfAttentionMask,
+        query_length: int,
+        text_length: int,
+        past_length: int = 0,
+        padding_mask: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+    ) -> torch.Tensor | None:
+        """The additive self-attention mask `[B, 1, Q + T, past + Q + T]` for `query_length` queries followed by
+        `text_length` text tokens, after `past_length` cached positions; `padding_mask [B, past + Q + T]` is 1 for real
+        tokens. Returns None when nothing is masked (lets sdpa take its fastest path)."""
+        if mask_type not in ("bidirectional", "unimodal", "multimodal_causal"):
+            raise ValueError(
+                f"self_attention_mask={mask_type!r}: expected 'bidirectional', 'unimodal' or 'multimodal_causal'"
+            )
+        if mask_type == "unimodal" and past_length > 0:
+            raise ValueError(
+                "The unimodal (ITC) mask keeps queries and text apart, so it cannot be used with a cache: run "
+                "queries and text without one."
+            )
+        length = query_length + text_length
+        index = torch.arange(length, device=device)
+        is_query = index < query_length
+        if mask_type == "bidirectional":
+            allowed = torch.ones(length, length, dtype=torch.bool, device=device)
+        elif mask_type == "unimodal":
+            allowed = is_query[:, None] == is_query[None, :]
+        else:  # a query row sees the queries; a text row sees the queries and itself and the text before it
+            allowed = is_query[None, :] | (~is_query[:, None] & (index[None, :] <= index[:, None]))
+        allowed = torch.cat([allowed.new_ones(length, past_length), allowed], dim=1)[None]
+        if padding_mask is not None:
+            allowed = allowed & padding_mask[:, None, :].bool()
+        if bool(allowed.all()):
+            return None
+        return _additive_mask(allowed, dtype)
+
+    def forward(
+        self,
+        query_embeds: torch.Tensor | None = None,
+        text_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        self_attention_mask: SelfAttentionMask = "bidirectional",
+        cache: Cache | None = None,
+        use_cache: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> Blip2QFormerModelOutput | tuple:
+        """
+        Args:
+            query_embeds: `[B, Q, D]` learned queries (expanded `query_tokens`), or None for text alone.
+            text_embeds: `[B, T, D]` embedded text (`Blip2TextEmbeddings`), or None for queries alone.
+            attention_mask: padding mask, 1 = real token: `[B, T]` for the text alone (queries and cached positions
+                are never padding), or `[B, past + Q + T]` for everything.
+            encoder_hidden_states: `[B, P, Dv]` image embeddings, needed whenever queries are given.
+            encoder_attention_mask: `[B, P]` image padding mask (all ones for BLIP-2 images).
+            self_attention_mask: "bidirectional" (ITM), "unimodal" (ITC) or "multimodal_causal" (ITG).
+            cache / use_cache: keep and reuse the self-attention keys/values (a `DynamicCache` is made if needed).
+        Returns:
+            `last_hidden_state [B, Q + T, D]` (queries first), `pooler_output [B, D]`, `cache`.
+        """
+        if query_embeds is None and text_embeds is None:
+            raise ValueError("Blip2QFormerModel needs query_embeds, text_embeds or both.")
+        dtype = self.layernorm.weight.dtype  # the Q-Former runs in its own (fp32) precision
+        parts = [x.to(dtype) for x in (query_embeds, text_embeds) if x is not None]
+        hidden_states = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        batch_size, length = hidden_states.shape[:2]
+        query_length = 0 if query_embeds is None else query_embeds.shape[1]
+        if query_length > 0 and encoder_hidden_states is None and self.config.num_hidden_layers > 0:
+            raise ValueError("Queries cross-attend to the image: pass encoder_hidden_states [batch, patches, width].")
+
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None:
+            if attention_mask.shape[1] == length - query_length:  # text only: queries and the past are never padding
+                attention_mask = torch.cat(
+                    [attention_mask.new_ones(batch_size, past_length + query_length), attention_mask], dim=1
+                )
+            elif attention_mask.shape[1] != past_length + length:
+                raise ValueError(
+                    f"attention_mask has {attention_mask.shape[1]} columns; expected {length - query_length} (text "
+                    f"tokens) or {past_length + length} (cached {past_length} + queries {query_length} + text "
+                    f"{length - query_length})."
+                )
+        self_mask = self.build_self_attention_mask(
+            self_attention_mask, query_length, length - query_length, past_length, attention_mask, dtype, hidden_states.device
+        )
+        cross_mask = None
+        if encoder_hidden_states is not None:
+            encoder_hidden_states = encoder_hidden_states.to(dtype)
+            if encoder_attention_mask is not None and not bool(encoder_attention_mask.all()):
+                cross_mask = _additive_mask(
+                    encoder_attention_mask[:, None, :].bool().expand(-1, query_length, -1), dtype
+                )
+
+        hidden_states = self.dropout(self.layernorm(hidden_states))
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        all_cross_attentions = () if output_attentions else None
+        for layer in self.encoder.layer:
+            hidden_states, self_weights, cross_weights = layer(
+                hidden_states,
+                self_mask,
+                encoder_hidden_states,  # positional, for gradient checkpointing
+                encoder_attention_mask=cross_mask,
+                query_length=query_length,
+                cache=cache,
+            )
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (self_weights,)
+                all_cross_attentions += (cross_weights,)
+
+        output = Blip2QFormerModelOutput(
+            last_hidden_state=hidden_states,
+            pooler_output=hidden_states[:, 0],
+            cache=cache if use_cache or past_length > 0 else None,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+            cross_attentions=all_cross_attentions,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# BLIP-2 with a language model (stage 2)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Blip2Model(Blip2PreTrainedModel):
+    """Vision encoder -> Q-Former queries -> `language_projection` -> soft prompt of a (frozen) LLM.
+
+    Also gives each part's features: `get_image_features` (image embeddings and the projected query outputs),
+    `get_qformer_features` (query outputs `[B, Q, Dq]`) and `get_text_features` (the LLM's text hidden states).
+    """
+
+    def __init__(self, config: Blip2Config):
+        super().__init__(config)
+        self.vision_model = Blip2VisionModel._from_config(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
+        self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
+        self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
+        if config.use_decoder_only_language_model:
+            self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        else:
+            self.language_model = AutoModelForSeq2SeqLM.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.language_model.set_output_embeddings(new_embeddings)
+
+    def get_encoder(self, modality: str | None = None) -> nn.Module:
+        return self.language_model.get_encoder() if modality is None else super().get_encoder(modality=modality)
+
+    def get_qformer_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs
+    ) -> torch.Tensor:
+        """`[B, 3, H, W]` -> the query outputs `[B, Q, Dq]`."""
+        return self.get_image_features(pixel_values, interpolate_pos_encoding).qformer_outputs.last_hidden_state
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs
+    ) -> Blip2ImageFeaturesOutput:
+        """Run the image through both towers. `pooler_output` is the soft prompt `[B, Q, D_llm]` (fp32, as the
+        Q-Former); `last_hidden_state` the image embeddings `[B, 1 + P, Dv]`."""
+        vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        image_embeds = vision_outputs.last_hidden_state
+        query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        qformer_outputs = self.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds)
+        query_output = qformer_outputs.last_hidden_state
+        language_model_inputs = self.language_projection(query_output.to(self.language_projection.weight.dtype))
+        return Blip2ImageFeaturesOutput(
+            last_hidden_state=image_embeds,
+            pooler_output=language_model_inputs,
+            vision_outputs=vision_outputs,
+            qformer_outputs=qformer_outputs,
+        )
+
+    def get_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """The LLM's text hidden states `[B, T, D_llm]` (the decoder stack, or the encoder for encoder-decoders)."""
+        text_model = self.language_model.base_model if self.config.use_decoder_only_language_model else self.get_encoder()
+        outputs = text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=outputs.last_hidden_state,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def _merge_image_features(
+        self,
+        language_model_inputs: torch.Tensor,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor,
+    ) -> torch.Tensor:
+        """Put the soft prompt `[B, Q, D]` at the `image_token_index` placeholders that the processor writes."""
+        num_queries = language_model_inputs.shape[1]
+        language_model_inputs = language_model_inputs.to(inputs_embeds.device, inputs_embeds.dtype)
+        image_token_id = self.config.image_token_index
+        if image_token_id is None:
+            raise ValueError(
+                "config.image_token_index is None (a config from before image placeholder tokens): add '<image>' to "
+                "the tokenizer (Blip2Processor does) and set config.image_token_index to its id."
+            )
+        if input_ids is None:
+            placeholder = self.get_input_embeddings()(torch.tensor(image_token_id, device=inputs_embeds.device))
+            image_mask = (inputs_embeds == placeholder).all(-1)
+        else:
+            image_mask = input_ids == image_token_id
+        counts = image_mask.sum(dim=1)
+        if bool((counts != num_queries).any()):
+            row = int((counts != num_queries).nonzero()[0, 0])
+            raise ValueError(
+                f"Row {row} of input_ids has {int(counts[row])} image tokens (id {image_token_id}) but the model puts "
+                f"num_query_tokens={num_queries} query outputs there: build the inputs with the processor "
+                "(Blip2Processor with num_query_tokens set), which writes them in front of the prompt."
+            )
+        return inputs_embeds.masked_scatter(image_mask[..., None], language_model_inputs)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> Blip2ForConditionalGenerationModelOutput | tuple:
+        """
+        Args:
+            pixel_values: `[B, 3, H, W]` images.
+            input_ids: `[B, L]` LLM prompt with `num_query_tokens` image placeholders (from the processor).
+            attention_mask: `[B, L]`, 1 for real tokens.
+            decoder_input_ids / decoder_attention_mask: encoder-decoder LLMs only (T5: the target side).
+            labels: decoder-only: `[B, L]` aligned with `input_ids` (or its last `labels.shape[1]` positions), -100
+                where no loss is wanted (image tokens, prompt, padding); shifted inside. Encoder-decoder: the target
+                ids, as T5 takes them.
+        Returns:
+            `loss`, `logits [B, L, V]` and the three towers' outputs.
+        """
+        image_features = self.get_image_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("Pass input_ids (the processor's output) or inputs_embeds.")
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        inputs_embeds = self._merge_image_features(image_features.pooler_output, input_ids, inputs_embeds)
+
+        if self.config.use_decoder_only_language_model:
+            outputs = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+            logits, loss = outputs.logits, None
+            if labels is not None:
+                # labels may cover only the end of the sequence (the text after the image and prompt)
+                loss = self.loss_function(
+                    logits=logits[:, -labels.shape[1] :],
+                    labels=labels.to(logits.device),
+                    vocab_size=self.config.text_config.vocab_size,
+                    **kwargs,
+                )
+        else:
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                labels=labels,
+                return_dict=True,
+                **kwargs,
+            )
+            logits, loss = outputs.logits, outputs.loss
+
+        output = Blip2ForConditionalGenerationModelOutput(
+            loss=loss,
+            logits=logits,
+            vision_outputs=image_features.vision_outputs,
+            qformer_outputs=image_features.qformer_outputs,
+            language_model_outputs=outputs,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
+    """`Blip2Model` that generates text: captioning (image only) and prompted generation / VQA.
+
+    `generate` runs the image once, writes the soft prompt into the LLM input and hands over to the LLM's own
+    `generate`, with this model's `generation_config` (so a saved `generation_config.json` is honoured) updated by
+    any keyword arguments (`max_new_tokens`, `num_beams`, ...).
+
+    Does the output contain the prompt? It follows the LLM family, as every transformers model does:
+    - decoder-only LLMs (OPT, Llama, Qwen2, ...): the output is the full sequence, the input ids (image placeholders
+      and prompt, or `[<image> x Q, BOS]` for image-only input) followed by the new tokens, so
+      `output[:, input_ids.shape[1]:]` are the new tokens and `batch_decode(output, skip_special_tokens=True)`
+      gives prompt + answer;
+    - encoder-decoder LLMs (T5, Flan-T5): the output is the decoder sequence only (decoder start token + new tokens).
+    """
+
+    def _image_only_input_ids(self, batch_size: int, device: torch.device) -> torch.LongTensor:
+        """The LLM input for captioning without a prompt, as LAVIS tokenizes the empty prompt: the image tokens then
+        BOS (OPT and other decoder-only LLMs), or the image tokens then EOS (T5 appends `</s>`, has no BOS)."""
+        if self.config.image_token_index is None:
+            raise ValueError("config.image_token_index is not set: pass input_ids built by the processor.")
+        text_config = self.config.text_config
+        start = getattr(text_config, "bos_token_id", None)
+        if start is None and not self.config.use_decoder_only_language_model:
+            start = getattr(text_config, "eos_token_id", None)
+        ids = [self.config.image_token_index] * self.config.num_query_tokens + ([start] if start is not None else [])
+        return torch.tensor([ids], dtype=torch.long, device=device).repeat(batch_size, 1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        **generate_kwargs,
+    ) -> torch.LongTensor:
+        """
+        Args:
+            pixel_values: `[B, 3, H, W]`.
+            input_ids / attention_mask: `[B, L]` prompt from the processor (left-padded for batches); None for
+                captioning from the image alone.
+            generate_kwargs: any `GenerationConfig` field or `generate` argument (`max_new_tokens`, `num_beams`,
+                `generation_config`, ...).
+        Returns:
+            `[B * num_return_sequences, L_out]` token ids (see the class docstring for what they contain).
+        """
+        if hasattr(self, "hf_device_map") and hasattr(self.language_model, "_hf_hook"):
+            self.language_model._hf_hook.io_same_device = True  # outputs come back to the input device
+        batch_size = pixel_values.shape[0]
+        language_model_inputs = self.get_image_features(pixel_values, interpolate_pos_encoding).pooler_output
+        if inputs_embeds is None:
+            if input_ids is None:
+                input_ids = self._image_only_input_ids(batch_size, pixel_values.device)
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        inputs_embeds = self._merge_image_features(language_model_inputs, input_ids, inputs_embeds)
+        inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
+        if self.config.use_decoder_only_language_model and input_ids is not None:
+            inputs["input_ids"] = input_ids  # so that the output starts with the prompt, as decoder-only LLMs do
+        # Our generation_config (not the inner LLM's) is the base; keyword arguments override its fields.
+        generation_config = copy.deepcopy(generate_kwargs.pop("generation_config", None) or self.generation_config)
+        model_kwargs = generation_config.update(**generate_kwargs)
+        return self.language_model.generate(**inputs, generation_config=generation_config, **model_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Retrieval (stage-1 heads on the Q-Former)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Blip2ForImageTextRetrieval(Blip2PreTrainedModel):
+    """Image-text similarity from the stage-1 Q-Former.
+
+    - ITC (`use_image_text_matching_head=False`): cosine between each normalized query projection and the normalized
+      text `[CLS]` projection, max over the queries: `logits_per_image [B_img, B_txt]` (LAVIS's evaluation score).
+      Divided by the learnable `temp` (kept here; transformers' port drops it) they are the training logits.
+    - ITM (`True`): one bidirectional pass over `[queries; text]` per pair, `itm_head` on the query outputs averaged
+      over the queries: `logits_per_image [B, 2]` (no match, match).
+    `input_ids` are Q-Former (BERT) tokens; image placeholder tokens from a processor, if any, are removed.
+    """
+
+    def __init__(self, config: Blip2Config):
+        super().__init__(config)
+        if not config.qformer_config.use_qformer_text_input:
+            raise ValueError(
+                "Blip2ForImageTextRetrieval runs text through the Q-Former: set "
+                "qformer_config.use_qformer_text_input=True."
+            )
+        qformer_width = config.qformer_config.hidden_size
+        self.vision_model = Blip2VisionModel._from_config(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_width))
+        self.embeddings = Blip2TextEmbeddings(config.qformer_config)
+        self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
+        self.vision_projection = nn.Linear(qformer_width, config.image_text_hidden_size)
+        self.text_projection = nn.Linear(qformer_width, config.image_text_hidden_size)
+        self.itm_head = nn.Linear(qformer_width, 2)
+        self.temp = nn.Parameter(torch.tensor(config.initial_temperature))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.embeddings.word_embeddings = value
+
+    def _strip_image_tokens(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.LongTensor, torch.Tensor | None]:
+        image_token_id = self.config.image_token_index
+        if image_token_id is None:
+            return input_ids, attention_mask
+        keep = input_ids != image_token_id
+        if bool(keep.all()):
+            return input_ids, attention_mask
+        batch_size = input_ids.shape[0]
+        if len(set(keep.sum(1).tolist())) != 1:
+            raise ValueError("Rows of input_ids carry different numbers of image tokens.")
+        input_ids = input_ids[keep].view(batch_size, -1)
+        if attention_mask is not None:
+            attention_mask = attention_mask[keep].view(batch_size, -1)
+        return input_ids, attention_mask
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the normalized query projections `[B, Q, E]` and the image embeddings `[B, 1 + P, Dv]` (reused
+        by ITM re-ranking)."""
+        image_embeds = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)[0]
+        query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        query_output = self.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds).last_hidden_state
+        return nn.functional.normalize(self.vision_projection(query_output), dim=-1), image_embeds
+
+    def get_text_features(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The normalized `[CLS]` projection `[B, E]` of Q-Former text (unimodal: text sees only text)."""
+        input_ids, attention_mask = self._strip_image_tokens(input_ids, attention_mask)
+        text_output = self.qformer(text_embeds=self.embeddings(input_ids), attention_mask=attention_mask)
+        return nn.functional.normalize(self.text_projection(text_output.last_hidden_state[:, 0]), dim=-1)
+
+    def image_text_matching(
+        self,
+        image_embeds: torch.Tensor,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Blip2QFormerModelOutput]:
+        """ITM logits `[B, 2]` for pairs (image_embeds[i], text[i]), from image embeddings `[B, 1 + P, Dv]`."""
+        input_ids, attention_mask = self._strip_image_tokens(input_ids, attention_mask)
+        query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        joint_output = self.qformer(
+            query_embeds=query_tokens,
+            text_embeds=self.embeddings(input_ids),
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            self_attention_mask="bidirectional",
+        )
+        query_part = joint_output.last_hidden_state[:, : query_tokens.shape[1]]
+        return self.itm_head(query_part).mean(dim=1), joint_output
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor | None = None,
+        use_image_text_matching_head: bool = False,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> Blip2ImageTextMatchingModelOutput | tuple:
+        if use_image_text_matching_head:
+            vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+            logits_per_image, joint_output = self.image_text_matching(
+                vision_outputs.last_hidden_state, input_ids, attention_mask
+            )
+            output = Blip2ImageTextMatchingModelOutput(
+                logits_per_image=logits_per_image,
+                logits_per_text=logits_per_image.t(),
+                text_embeds=joint_output.last_hidden_state,
+                temperature=self.temp,
+                text_model_output=joint_output,
+                vision_model_output=vision_outputs,
+            )
+        else:
+            image_feats, _ = self.get_image_features(pixel_values, interpolate_pos_encoding)
+            text_feat = self.get_text_features(input_ids, attention_mask)
+            # [B_img, Q, E] x [E, B_txt] -> [B_img, Q, B_txt] -> max over the queries
+            logits_per_image = torch.matmul(image_feats, text_feat.t()).max(dim=1).values
+            output = Blip2ImageTextMatchingModelOutput(
+                logits_per_image=logits_per_image,
+                logits_per_text=logits_per_image.t(),
+                text_embeds=text_feat,
+                image_embeds=image_feats,
+                temperature=self.temp,
+            )
+        return output if return_dict is not False else output.to_tuple()
+
+
+__all__ = [
+    "Blip2PreTrainedModel",
+    "Blip2VisionModel",
+    "Blip2QFormerModel",
+    "Blip2Model",
+    "Blip2ForConditionalGeneration",
+    "Blip2ForImageTextRetrieval",
+]
