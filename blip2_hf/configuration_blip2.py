@@ -30,11 +30,11 @@ def _drop_foreign_model_type(kwargs: dict[str, Any]) -> None:
         kwargs.pop("model_type")
 
 
-def _check(condition: bool, config: PreTrainedConfig, field: str, expected: str) -> None:
-    """Raise a `ValueError` that names the config class, the field, its value and what was expected."""
+def _check(condition: bool, config: PreTrainedConfig, field: str, expected: str, shown: str | None = None) -> None:
+    """Raise a `ValueError` that names the config class, the field, its value (or `shown`) and what was expected."""
     if not condition:
-        value = getattr(config, field, None)
-        raise ValueError(f"{type(config).__name__}.{field} = {value!r} is invalid: expected {expected}.")
+        value = shown if shown is not None else repr(getattr(config, field, None))
+        raise ValueError(f"{type(config).__name__}.{field} = {value} is invalid: expected {expected}.")
 
 
 def _check_positive_ints(config: PreTrainedConfig, *fields: str) -> None:
@@ -91,7 +91,13 @@ class Blip2VisionConfig(PreTrainedConfig):
     def validate_architecture(self):
         super().validate_architecture()
         _check_positive_ints(
-            self, "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size"
+            self,
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "image_size",
+            "patch_size",
         )
         _check(
             self.hidden_size % self.num_attention_heads == 0,
@@ -99,7 +105,9 @@ class Blip2VisionConfig(PreTrainedConfig):
             "hidden_size",
             f"a multiple of num_attention_heads={self.num_attention_heads}",
         )
-        _check(self.image_size % self.patch_size == 0, self, "image_size", f"a multiple of patch_size={self.patch_size}")
+        _check(
+            self.image_size % self.patch_size == 0, self, "image_size", f"a multiple of patch_size={self.patch_size}"
+        )
         _check(self.hidden_act in ACT2FN, self, "hidden_act", f"one of {sorted(ACT2FN)}")
         _check_probabilities(self, "attention_dropout")
 
@@ -246,10 +254,12 @@ class Blip2Config(PreTrainedConfig):
         _check(self.initial_temperature > 0, self, "initial_temperature", "a positive number")
         text_type = self.text_config.model_type
         _check(
-            text_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or text_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+            text_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            or text_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
             self,
             "text_config",
-            f"the config of a causal or sequence-to-sequence language model (got model_type={text_type!r})",
+            "the config of a causal or sequence-to-sequence language model",
+            shown=f"<{type(self.text_config).__name__} with model_type={text_type!r}>",
         )
         vocab_size = getattr(self.text_config, "vocab_size", None)
         if self.image_token_index is not None and vocab_size is not None:

@@ -108,7 +108,8 @@ class Blip2ImageTextMatchingModelOutput(ModelOutput):
 
     def to_tuple(self) -> tuple[Any, ...]:
         return tuple(
-            self[k] if k not in ("text_model_output", "vision_model_output") else self[k].to_tuple() for k in self.keys()
+            self[k] if k not in ("text_model_output", "vision_model_output") else self[k].to_tuple()
+            for k in self.keys()
         )
 
 
@@ -157,7 +158,9 @@ class Blip2VisionEmbeddings(nn.Module):
         self.config = config
         self.patch_size = config.patch_size
         self.class_embedding = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        self.patch_embedding = nn.Conv2d(3, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size)
+        self.patch_embedding = nn.Conv2d(
+            3, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
         self.position_embedding = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.hidden_size))
 
     def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
@@ -177,7 +180,9 @@ class Blip2VisionEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"pixel_values must have shape [batch, 3, height, width], got {tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"pixel_values must have shape [batch, 3, height, width], got {tuple(pixel_values.shape)}"
+            )
         batch_size, _, height, width = pixel_values.shape
         expected = self.config.image_size
         if not interpolate_pos_encoding and (height, width) != (expected, expected):
@@ -678,7 +683,13 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
                     f"{length - query_length})."
                 )
         self_mask = self.build_self_attention_mask(
-            self_attention_mask, query_length, length - query_length, past_length, attention_mask, dtype, hidden_states.device
+            self_attention_mask,
+            query_length,
+            length - query_length,
+            past_length,
+            attention_mask,
+            dtype,
+            hidden_states.device,
         )
         cross_mask = None
         if encoder_hidden_states is not None:
@@ -764,14 +775,20 @@ class Blip2Model(Blip2PreTrainedModel):
         return self.get_image_features(pixel_values, interpolate_pos_encoding).qformer_outputs.last_hidden_state
 
     def get_image_features(
-        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
     ) -> Blip2ImageFeaturesOutput:
         """Run the image through both towers. `pooler_output` is the soft prompt `[B, Q, D_llm]` (fp32, as the
         Q-Former); `last_hidden_state` the image embeddings `[B, 1 + P, Dv]`."""
-        vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        record = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **record)
         image_embeds = vision_outputs.last_hidden_state
         query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        qformer_outputs = self.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds)
+        qformer_outputs = self.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds, **record)
         query_output = qformer_outputs.last_hidden_state
         language_model_inputs = self.language_projection(query_output.to(self.language_projection.weight.dtype))
         return Blip2ImageFeaturesOutput(
@@ -785,7 +802,9 @@ class Blip2Model(Blip2PreTrainedModel):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> BaseModelOutputWithPooling:
         """The LLM's text hidden states `[B, T, D_llm]` (the decoder stack, or the encoder for encoder-decoders)."""
-        text_model = self.language_model.base_model if self.config.use_decoder_only_language_model else self.get_encoder()
+        text_model = (
+            self.language_model.base_model if self.config.use_decoder_only_language_model else self.get_encoder()
+        )
         outputs = text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
         return BaseModelOutputWithPooling(
             last_hidden_state=outputs.last_hidden_state,
@@ -833,6 +852,8 @@ class Blip2Model(Blip2PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> Blip2ForConditionalGenerationModelOutput | tuple:
@@ -848,7 +869,9 @@ class Blip2Model(Blip2PreTrainedModel):
         Returns:
             `loss`, `logits [B, L, V]` and the three towers' outputs.
         """
-        image_features = self.get_image_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        record = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        image_features = self.get_image_features(pixel_values, interpolate_pos_encoding, **record)
+        kwargs.update({k: v for k, v in record.items() if v is not None})
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("Pass input_ids (the processor's output) or inputs_embeds.")
