@@ -1,4 +1,17 @@
-"""blip2-hf: BLIP-2 built natively on the Hugging Face stack."""
+"""blip2-hf: BLIP-2 built natively on the Hugging Face stack.
+
+Importing the package registers its classes with transformers' auto classes, so `AutoConfig`, `AutoModel`,
+`AutoModelForImageTextToText`, `AutoModelForZeroShotImageClassification` and `AutoProcessor` resolve our
+`blip2_hf` checkpoints in this process; saved checkpoints also carry the code (see `modeling_blip2.AUTO_MAP`).
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoModelForZeroShotImageClassification,
+    AutoProcessor,
+)
 
 from .configuration_blip2 import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
 from .modeling_blip2 import (
@@ -9,8 +22,21 @@ from .modeling_blip2 import (
     Blip2QFormerModel,
     Blip2VisionModel,
 )
+from .pipeline_blip2 import Blip2ImageToTextPipeline
+from .processing_blip2 import Blip2Processor
 
 __version__ = "0.1.0"
+
+for _config in (Blip2Config, Blip2VisionConfig, Blip2QFormerConfig):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+AutoModel.register(Blip2Config, Blip2Model, exist_ok=True)
+AutoModel.register(Blip2VisionConfig, Blip2VisionModel, exist_ok=True)
+AutoModel.register(Blip2QFormerConfig, Blip2QFormerModel, exist_ok=True)
+AutoModelForImageTextToText.register(Blip2Config, Blip2ForConditionalGeneration, exist_ok=True)
+AutoModelForZeroShotImageClassification.register(Blip2Config, Blip2ForImageTextRetrieval, exist_ok=True)
+AutoProcessor.register(Blip2Config, Blip2Processor, exist_ok=True)
+# A saved processor carries processing_blip2.py and an `auto_map`, like the models.
+Blip2Processor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "Blip2Config",
@@ -22,4 +48,6 @@ __all__ = [
     "Blip2Model",
     "Blip2ForConditionalGeneration",
     "Blip2ForImageTextRetrieval",
+    "Blip2Processor",
+    "Blip2ImageToTextPipeline",
 ]

@@ -12,8 +12,11 @@ only torch, transformers and the configuration file beside it.
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -30,6 +33,21 @@ from transformers.utils import ModelOutput
 from .configuration_blip2 import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
 
 SelfAttentionMask = Literal["bidirectional", "unimodal", "multimodal_causal"]
+
+# Every checkpoint we save carries its code and a complete `auto_map`, so that where blip2_hf is not installed
+# `AutoModel*.from_pretrained(folder, trust_remote_code=True)` and `pipeline(..., trust_remote_code=True)` work.
+AUTO_MAP = {
+    "AutoConfig": "configuration_blip2.Blip2Config",
+    "AutoModel": "modeling_blip2.Blip2Model",
+    "AutoModelForImageTextToText": "modeling_blip2.Blip2ForConditionalGeneration",
+    "AutoModelForZeroShotImageClassification": "modeling_blip2.Blip2ForImageTextRetrieval",
+}
+REMOTE_CODE_FILES = ("configuration_blip2.py", "modeling_blip2.py", "pipeline_blip2.py")
+IMAGE_TO_TEXT_PIPELINE = {
+    "impl": "pipeline_blip2.Blip2ImageToTextPipeline",
+    "pt": ["AutoModelForImageTextToText"],
+    "type": "multimodal",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -503,6 +521,21 @@ class Blip2PreTrainedModel(PreTrainedModel):
         "itm_head",
         "temp",
     ]
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, plus the remote code: the composite models write the full `auto_map`
+        (and, for generation, the `image-to-text` pipeline entry) and copy this package's model files beside the
+        weights. `push_to_hub` goes through here too."""
+        code_dir = Path(__file__).parent
+        if isinstance(self.config, Blip2Config):
+            self.config.auto_map = dict(AUTO_MAP)
+            if self.can_generate() and (code_dir / "pipeline_blip2.py").exists():
+                self.config.custom_pipelines = {"image-to-text": dict(IMAGE_TO_TEXT_PIPELINE)}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if isinstance(self.config, Blip2Config) and kwargs.get("is_main_process", True):
+            for name in REMOTE_CODE_FILES:
+                if (code_dir / name).exists():
+                    shutil.copyfile(code_dir / name, Path(save_directory) / name)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)  # Linear / Embedding: normal(0, initializer_range); LayerNorm: 1, 0

@@ -1,0 +1,463 @@
+"""Processor for BLIP-2: an image processor, the language-model tokenizer and, optionally, the Q-Former tokenizer.
+
+This file is copied next to saved checkpoints as remote code, so it only imports the standard library, NumPy, PIL,
+torch and transformers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, BlipImageProcessorPil
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+from transformers.processing_utils import ProcessorMixin
+from transformers.tokenization_utils_base import AddedToken, PreTrainedTokenizerBase
+from transformers.utils import PaddingStrategy
+
+SingleImage = Image.Image | np.ndarray | torch.Tensor
+ImagesInput = SingleImage | Sequence[SingleImage]
+
+_ACCEPTED_IMAGE_TYPES = "PIL.Image.Image, numpy.ndarray (HWC or HW) or torch.Tensor (CHW or HW)"
+# 16-bit PIL modes. `np.asarray` gives uint16 (or a byte-swapped uint16) for all of them.
+_PIL_16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+# Per-token outputs that `tokenizer.pad` knows how to pad; the image-token prefix is prepended to each of them.
+_PREFIX_VALUES = {"attention_mask": 1, "token_type_ids": 0, "special_tokens_mask": 1}
+# Tokenizer outputs that have no meaning once image tokens are prepended and the rows re-padded.
+_UNSUPPORTED_WITH_EXPANSION = ("return_overflowing_tokens", "return_offsets_mapping", "return_length")
+# Tokenizer arguments forwarded to the Q-Former tokenizer. `padding_side` is deliberately not among them: the merged
+# text kwargs carry the *language-model* tokenizer's side (often "left"), and the Q-Former (BERT) pads on the right.
+_QFORMER_TEXT_KWARGS = ("add_special_tokens", "padding", "truncation", "max_length", "pad_to_multiple_of")
+
+
+class _PresentSubProcessors:
+    """Stand-in for `ProcessorMixin.get_attributes` that knows about optional sub-processors.
+
+    `ProcessorMixin` treats every tokenizer-like `__init__` argument as mandatory: `__init__` counts them and
+    `save_pretrained` calls `save_pretrained` on each one. Looked up on the class (as `from_pretrained` and `to_dict`
+    do) this returns every declared sub-processor, so loading still looks for `qformer_tokenizer/`. Looked up on an
+    instance it leaves out the optional sub-processors that were given as `None`, so a processor without a Q-Former
+    tokenizer initialises, prints and saves exactly like a two-part processor.
+    """
+
+    def __init__(self, optional: tuple[str, ...]):
+        self.optional = optional
+
+    def __get__(self, instance: Any, owner: type) -> Any:
+        declared = ProcessorMixin.get_attributes.__func__(owner)
+        if instance is None:
+            return lambda: list(declared)
+        absent = {name for name in self.optional if name in instance.__dict__ and instance.__dict__[name] is None}
+        return lambda: [name for name in declared if name not in absent]
+
+
+class Blip2Processor(ProcessorMixin):
+    r"""
+    Builds BLIP-2 inputs: `pixel_values` from images, language-model `input_ids` / `attention_mask` from text (with
+    the image placeholder tokens in front), and, for stage-1 (Q-Former) training, `qformer_input_ids` /
+    `qformer_attention_mask` from the same text.
+
+    Image placeholders. If the tokenizer has no `image_token`, `"<image>"` is added to it as a special token (the
+    tokenizer is modified in place). `processor.image_token_id` is its id, and the model's `config.image_token_index`
+    must equal it. When `num_query_tokens` is set, every tokenized text gets `num_query_tokens` image tokens *before*
+    its BOS token (text-only calls too, so a prompt can be tokenized before its image is at hand); the model replaces
+    them with the Q-Former outputs. Padding is true padding around the whole
+    sequence: with `padding_side="left"` a row reads `[pad, ..., pad, <image> x Q, BOS, text]`, with right padding
+    `[<image> x Q, BOS, text, pad, ..., pad]`. (transformers' own `Blip2Processor` left-pads between the image tokens
+    and BOS instead; keeping pads outside means a padded row is the unpadded prompt shifted, which is what language
+    models that derive positions from the attention mask *or* from `arange` both expect.) With
+    `num_query_tokens=None` text is tokenized as is (legacy behaviour, for models that do not look for placeholders).
+
+    Images. Every image is converted to an 8-bit RGB `PIL.Image` before the image processor:
+    - PIL modes `L`, `1`, `P`, `CMYK`, `YCbCr`, ... go through `Image.convert("RGB")`.
+    - Alpha (`RGBA`, `LA`, `PA`, `P` with transparency) is *dropped*, not composited on white: this follows LAVIS,
+      whose `Image.open(path).convert("RGB")` does the same, so pixel values match the original BLIP-2 pipeline.
+    - 16-bit modes (`I;16`, `I;16B`, ...) are scaled by 255/65535 (65535 -> 255), not clipped at 255 as
+      `Image.convert` would. Mode `I` (32-bit integer) is read as 16-bit data when its values fit in [0, 65535], which
+      is how 16-bit PNG/TIFF content usually ends up in that mode, and as 31-bit data otherwise (negatives -> 0).
+    - Mode `F` (32-bit float) and float arrays/tensors are read as [0, 1] when all values lie in that range, and as
+      [0, 255] otherwise; 8-bit values are rounded, not truncated.
+    - NumPy arrays are `(H, W, C)` or `(H, W)`; torch tensors are `(C, H, W)` or `(H, W)` (the other layout is also
+      recognised when unambiguous). A 4-channel array/tensor loses its alpha channel, a 1-channel one is grey.
+
+    Args:
+        image_processor (`BaseImageProcessor`, *optional*):
+            Resizes and normalises the images. Defaults to [`Blip2Processor.default_image_processor`] (224 px, bicubic,
+            CLIP mean/std), the preprocessing of the original BLIP-2 checkpoints.
+        tokenizer (`PreTrainedTokenizerBase`):
+            The language-model tokenizer (OPT, Flan-T5, LLaMA/Vicuna, ...). Gets `"<image>"` added if it has no
+            `image_token`.
+        qformer_tokenizer (`PreTrainedTokenizerBase`, *optional*):
+            BERT tokenizer of the Q-Former (with `[DEC]` as BOS, as in LAVIS), needed for stage-1 training. Saved in
+            the `qformer_tokenizer/` subfolder, like InstructBLIP's processor.
+        num_query_tokens (`int`, *optional*):
+            Number of Q-Former query tokens (`config.num_query_tokens`): how many image tokens each text gets.
+        chat_template (`str`, *optional*):
+            Jinja chat template, kept for API compatibility (BLIP-2 checkpoints have none).
+
+    Example:
+
+    ```python
+    >>> processor = Blip2Processor(tokenizer=opt_tokenizer, num_query_tokens=32)  # default 224 px image processor
+    >>> inputs = processor(images=[image_a, image_b], text=["a photo of", "Question: what is it? Answer:"],
+    ...                    padding=True, return_tensors="pt")
+    >>> inputs["pixel_values"].shape, inputs["input_ids"][:, -1].tolist()  # left padding: last column is real text
+    (torch.Size([2, 3, 224, 224]), [...])
+    ```
+    """
+
+    # Lowest-priority defaults that `ProcessorMixin._merge_kwargs` puts under every call: BLIP-2 language models take
+    # no token type ids.
+    text_kwargs = {"return_token_type_ids": False}
+    get_attributes = _PresentSubProcessors(optional=("qformer_tokenizer",))
+
+    def __init__(
+        self,
+        image_processor: BaseImageProcessor | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        qformer_tokenizer: PreTrainedTokenizerBase | None = None,
+        num_query_tokens: int | None = None,
+        chat_template: str | None = None,
+    ):
+        if tokenizer is None:
+            raise ValueError("Blip2Processor needs a `tokenizer` (the language-model tokenizer); got None.")
+        if isinstance(qformer_tokenizer, int) and not isinstance(qformer_tokenizer, bool):
+            # transformers' Blip2Processor takes `num_query_tokens` third; here the third slot is the Q-Former
+            # tokenizer (sub-processors must come first for `from_pretrained`).
+            raise TypeError(
+                f"Got the integer {qformer_tokenizer} as `qformer_tokenizer`; pass it as `num_query_tokens="
+                f"{qformer_tokenizer}` (keyword) instead."
+            )
+        if num_query_tokens is not None and (
+            isinstance(num_query_tokens, bool) or not isinstance(num_query_tokens, int) or num_query_tokens < 1
+        ):
+            raise ValueError(f"`num_query_tokens` must be a positive int or None, got {num_query_tokens!r}.")
+        if image_processor is None:
+            image_processor = self.default_image_processor()
+
+        image_token = getattr(tokenizer, "image_token", None)
+        if image_token is None:
+            # Adding an existing token is a no-op, so a tokenizer saved with "<image>" keeps its id on reload.
+            tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+            image_token = "<image>"
+        self.image_token = str(image_token)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        if self.image_token_id is None or (
+            self.image_token_id == tokenizer.unk_token_id and self.image_token != tokenizer.unk_token
+        ):
+            raise ValueError(f"The tokenizer's image token {self.image_token!r} is not in its vocabulary.")
+        self.num_query_tokens = num_query_tokens
+
+        sub_processors = {"image_processor": image_processor, "tokenizer": tokenizer}
+        # Set before `super().__init__`, which asks `get_attributes` which sub-processors to expect.
+        self.qformer_tokenizer = qformer_tokenizer
+        if qformer_tokenizer is not None:
+            sub_processors["qformer_tokenizer"] = qformer_tokenizer
+        super().__init__(**sub_processors, chat_template=chat_template)
+
+    @staticmethod
+    def default_image_processor(image_size: int | tuple[int, int] = 224) -> BlipImageProcessorPil:
+        """
+        The BLIP-2 image preprocessing (LAVIS `blip_image_eval`): resize to `image_size` (224 for the released
+        checkpoints, 364 for the ViT-g fine-tuned ones; an int for a square or `(height, width)`) with bicubic
+        resampling, rescale by 1/255, normalise with the CLIP mean/std, convert to RGB.
+
+        It is the PIL/NumPy backend of transformers' `BlipImageProcessor`: it needs no torchvision, and it resizes
+        with PIL exactly like LAVIS' torchvision `Resize` on PIL images does.
+        """
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        return BlipImageProcessorPil(
+            do_resize=True,
+            size={"height": height, "width": width},
+            resample=PILImageResampling.BICUBIC,
+            do_rescale=True,
+            rescale_factor=1 / 255,
+            do_normalize=True,
+            image_mean=OPENAI_CLIP_MEAN,
+            image_std=OPENAI_CLIP_STD,
+            do_convert_rgb=True,
+        )
+
+    def __call__(
+        self,
+        images: ImagesInput | None = None,
+        text: str | Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """
+        Prepare images and/or texts for the model.
+
+        Args:
+            images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, *optional*):
+                One image or a batch of `B` images (see the class docstring for accepted layouts and modes). A 4D
+                array `(B, H, W, C)` or tensor `(B, C, H, W)` is a batch.
+            text (`str` or `list[str]`, *optional*):
+                One text or `B` texts; with images, exactly one text per image.
+            **kwargs:
+                Tokenizer arguments (`padding`, `truncation`, `max_length`, `pad_to_multiple_of`, `padding_side`,
+                `add_special_tokens`, `return_attention_mask`, ...), image processor arguments (`size`, ...) and
+                `return_tensors` (`"pt"`, `"np"` or None for lists). With `num_query_tokens` set, `max_length`
+                counts the image tokens and truncation only ever removes text tokens.
+
+        Returns:
+            [`BatchFeature`] with, depending on the inputs:
+            - `pixel_values`: float32 `(B, 3, H, W)` (only with `images`).
+            - `input_ids`, `attention_mask`: `(B, L)`; `L` includes `num_query_tokens` image tokens (only with `text`).
+            - `qformer_input_ids`, `qformer_attention_mask`: `(B, L_q)`, no image tokens (with `text` and a
+              Q-Former tokenizer).
+        """
+        if images is None and text is None:
+            raise ValueError("Blip2Processor needs `images`, `text` or both; got neither.")
+        rgb_images = self.to_rgb_images(images) if images is not None else None
+        texts = self._as_text_list(text) if text is not None else None
+        if rgb_images is not None and texts is not None and len(rgb_images) != len(texts):
+            raise ValueError(
+                f"Got {len(rgb_images)} images and {len(texts)} texts; BLIP-2 takes exactly one text per image."
+            )
+
+        output_kwargs = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_kwargs = output_kwargs["text_kwargs"]
+        images_kwargs = output_kwargs["images_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None)
+        images_kwargs.pop("return_tensors", None)
+
+        data: dict[str, Any] = {}
+        if texts is not None:
+            if self.qformer_tokenizer is not None:
+                qformer_kwargs = {key: text_kwargs[key] for key in _QFORMER_TEXT_KWARGS if key in text_kwargs}
+                qformer_encoding = self.qformer_tokenizer(texts, return_attention_mask=True, **qformer_kwargs)
+                data["qformer_input_ids"] = qformer_encoding["input_ids"]
+                data["qformer_attention_mask"] = qformer_encoding["attention_mask"]
+            data.update(self._encode_text(texts, text_kwargs))
+        if rgb_images is not None:
+            # "np" even when lists are asked for: the batch is always one stacked float32 array.
+            image_encoding = self.image_processor(rgb_images, return_tensors="np", **images_kwargs)
+            data["pixel_values"] = image_encoding["pixel_values"]
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def _encode_text(self, texts: list[str], text_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Tokenize `texts`, prepend `num_query_tokens` image tokens to every row, then pad the full rows."""
+        if self.num_query_tokens is None:
+            return dict(self.tokenizer(texts, **text_kwargs))
+
+        num_query_tokens = self.num_query_tokens
+        for key in _UNSUPPORTED_WITH_EXPANSION:
+            if text_kwargs.get(key):
+                raise ValueError(f"`{key}=True` is not supported when the processor adds image tokens.")
+        padding = text_kwargs.pop("padding", False)
+        truncation = text_kwargs.pop("truncation", None)
+        max_length = text_kwargs.pop("max_length", None)
+        pad_to_multiple_of = text_kwargs.pop("pad_to_multiple_of", None)
+        padding_side = text_kwargs.pop("padding_side", None)
+        return_attention_mask = text_kwargs.pop("return_attention_mask", None)
+
+        if truncation not in (None, False, "do_not_truncate"):
+            # The image tokens are not the tokenizer's business: truncate the text to what is left of the budget.
+            budget = max_length
+            if budget is None and self.tokenizer.model_max_length < int(1e12):
+                budget = self.tokenizer.model_max_length
+            if budget is not None:
+                if budget <= num_query_tokens:
+                    raise ValueError(
+                        f"max_length={budget} leaves no room for text after the {num_query_tokens} image tokens."
+                    )
+                text_kwargs["max_length"] = budget - num_query_tokens
+            text_kwargs["truncation"] = truncation
+
+        # Unpadded first: padding must go around `[<image> x Q, BOS, text]`, not between image tokens and BOS.
+        encoding = self.tokenizer(texts, padding=False, return_attention_mask=return_attention_mask, **text_kwargs)
+        rows = {"input_ids": [[self.image_token_id] * num_query_tokens + list(ids) for ids in encoding["input_ids"]]}
+        for key, value in _PREFIX_VALUES.items():
+            if key in encoding:
+                rows[key] = [[value] * num_query_tokens + list(row) for row in encoding[key]]
+        strategy = PaddingStrategy.LONGEST if padding is True else PaddingStrategy(padding or "do_not_pad")
+        if strategy == PaddingStrategy.DO_NOT_PAD:
+            return rows
+        padded = self.tokenizer.pad(
+            rows,
+            padding=strategy,
+            # Only meaningful for "max_length" (truncation already happened); passing it otherwise only warns.
+            max_length=max_length if strategy == PaddingStrategy.MAX_LENGTH else None,
+            pad_to_multiple_of=pad_to_multiple_of,
+            padding_side=padding_side,
+            return_attention_mask=return_attention_mask,
+        )
+        return dict(padded)
+
+    @staticmethod
+    def _as_text_list(text: Any) -> list[str]:
+        if isinstance(text, str):
+            return [text]
+        if isinstance(text, (list, tuple)):
+            if len(text) == 0:
+                raise ValueError("`text` is an empty list; pass at least one string.")
+            for index, item in enumerate(text):
+                if not isinstance(item, str):
+                    raise TypeError(
+                        f"text[{index}] has type {type(item).__name__}; `text` must be a str or a list of str."
+                    )
+            return list(text)
+        raise TypeError(f"`text` has type {type(text).__name__}; expected a str or a list of str.")
+
+    @classmethod
+    def to_rgb_images(cls, images: ImagesInput) -> list[Image.Image]:
+        """
+        Turn `images` (one image, a list, or a 4D batch array/tensor) into a list of 8-bit RGB `PIL.Image`s, following
+        the conversion rules of the class docstring.
+
+        Raises:
+            TypeError: an element is not a PIL image, NumPy array or torch tensor (names its index and type).
+            ValueError: an empty batch, a zero-size image, an unsupported shape, dtype or value range (names the index).
+        """
+        if isinstance(images, (list, tuple)):
+            items = list(images)
+        elif isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+            items = list(images)
+        else:
+            items = [images]
+        if not items:
+            raise ValueError("`images` is empty; pass at least one image.")
+        return [cls._to_rgb(item, index) for index, item in enumerate(items)]
+
+    @classmethod
+    def _to_rgb(cls, image: Any, index: int) -> Image.Image:
+        if isinstance(image, Image.Image):
+            return cls._pil_to_rgb(image, index)
+        if isinstance(image, torch.Tensor):
+            array = image.detach().cpu()
+            if array.is_floating_point() and array.dtype != torch.float64:
+                array = array.float()  # NumPy has no bfloat16
+            return cls._array_to_rgb(array.numpy(), index, channels_first=True)
+        if isinstance(image, np.ndarray):
+            return cls._array_to_rgb(image, index, channels_first=False)
+        raise TypeError(
+            f"Image at index {index} has type {type(image).__module__}.{type(image).__qualname__}; "
+            f"accepted types are {_ACCEPTED_IMAGE_TYPES}."
+        )
+
+    @staticmethod
+    def _pil_to_rgb(image: Image.Image, index: int) -> Image.Image:
+        width, height = image.size
+        if width == 0 or height == 0:
+            raise ValueError(f"Image at index {index} has zero size (width={width}, height={height}).")
+        mode = image.mode
+        if mode == "RGB":
+            return image
+        if mode in _PIL_16BIT_MODES or mode in ("I", "F"):
+            values = np.asarray(image).astype(np.float64)
+            if mode in _PIL_16BIT_MODES:
+                scale = 255.0 / 65535.0
+            elif mode == "I":
+                # 32-bit container: 16-bit PNG/TIFF data usually lives here, full-range data is rare.
+                values = np.clip(values, 0, None)
+                scale = 255.0 / 65535.0 if values.max() <= 65535 else 255.0 / (2**31 - 1)
+            else:  # "F"
+                if not np.isfinite(values).all():
+                    raise ValueError(f"Image at index {index} (PIL mode 'F') contains NaN or infinite values.")
+                scale = 255.0 if values.min() >= 0 and values.max() <= 1 else 1.0
+            grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+            return Image.fromarray(grey).convert("RGB")
+        if mode == "P" and "transparency" in image.info:
+            # Going through RGBA avoids Pillow's "palette images with transparency" warning; alpha is then dropped.
+            return image.convert("RGBA").convert("RGB")
+        try:
+            return image.convert("RGB")
+        except (ValueError, OSError) as error:
+            raise ValueError(
+                f"Image at index {index} has PIL mode {mode!r}, which cannot be converted to RGB."
+            ) from error
+
+    @staticmethod
+    def _array_to_rgb(array: np.ndarray, index: int, channels_first: bool) -> Image.Image:
+        kind = "tensor" if channels_first else "array"
+        if array.ndim == 3:
+            first, last = array.shape[0] in (1, 3, 4), array.shape[-1] in (1, 3, 4)
+            # The documented layout wins when both axes could hold channels (e.g. a 3x3x3 array).
+            is_channels_first = first if channels_first else first and not last
+            if is_channels_first:
+                array = np.moveaxis(array, 0, -1)
+            elif not last:
+                raise ValueError(
+                    f"Image at index {index} is a {kind} of shape {tuple(array.shape)}: expected 1, 3 or 4 channels "
+                    f"({'(C, H, W)' if channels_first else '(H, W, C)'})."
+                )
+        elif array.ndim != 2:
+            raise ValueError(
+                f"Image at index {index} is a {kind} with {array.ndim} dimensions (shape {tuple(array.shape)}); "
+                "expected (H, W) or an image with a channel axis."
+            )
+        if array.shape[0] == 0 or array.shape[1] == 0:
+            raise ValueError(
+                f"Image at index {index} has zero size (height={array.shape[0]}, width={array.shape[1]})."
+            )
+
+        if array.dtype == np.uint8:
+            pixels = array
+        elif array.dtype == np.bool_:
+            pixels = array.astype(np.uint8) * 255
+        elif array.dtype == np.uint16:
+            pixels = np.rint(array.astype(np.float64) * (255.0 / 65535.0)).astype(np.uint8)
+        elif np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating):
+            values = array.astype(np.float64)
+            if not np.isfinite(values).all():
+                raise ValueError(f"Image at index {index} contains NaN or infinite values.")
+            low, high = values.min(), values.max()
+            if low < 0 or high > 255:
+                raise ValueError(
+                    f"Image at index {index} has values in [{low}, {high}]; expected [0, 1] (float) or [0, 255]."
+                )
+            is_unit_float = np.issubdtype(array.dtype, np.floating) and high <= 1
+            pixels = np.rint(values * 255.0 if is_unit_float else values).astype(np.uint8)
+        else:
+            raise ValueError(f"Image at index {index} has unsupported dtype {array.dtype}.")
+
+        if pixels.ndim == 3:
+            channels = pixels.shape[-1]
+            # 4 channels: drop alpha, as the PIL path does (LAVIS behaviour).
+            pixels = pixels[..., 0] if channels == 1 else pixels[..., :3]
+        pixels = np.ascontiguousarray(pixels)
+        return Image.fromarray(pixels).convert("RGB")  # 2D uint8 -> "L", (H, W, 3) -> "RGB"
+
+    @classmethod
+    def _load_tokenizer_from_pretrained(
+        cls, sub_processor_type: str, pretrained_model_name_or_path: str | os.PathLike, subfolder: str = "", **kwargs
+    ) -> PreTrainedTokenizerBase | None:
+        if sub_processor_type != "qformer_tokenizer":
+            return super()._load_tokenizer_from_pretrained(
+                sub_processor_type, pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+            )
+        # Optional: a checkpoint without `qformer_tokenizer/` (e.g. saved by transformers' Blip2Processor) has none.
+        # ProcessorMixin would fall back to the root tokenizer, i.e. silently use the LLM tokenizer for the Q-Former.
+        folder = os.path.join(subfolder, sub_processor_type) if subfolder else sub_processor_type
+        if os.path.isdir(pretrained_model_name_or_path):
+            if not os.path.isdir(os.path.join(pretrained_model_name_or_path, folder)):
+                return None
+            return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=folder, **kwargs)
+        try:
+            return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=folder, **kwargs)
+        except (OSError, ValueError):
+            return None
+
+    @property
+    def model_input_names(self) -> list[str]:
+        names = ["input_ids", "attention_mask", *self.image_processor.model_input_names]
+        if self.qformer_tokenizer is not None:
+            names += ["qformer_input_ids", "qformer_attention_mask"]
+        return names
+
+    def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
+        """Forwards to the language-model tokenizer's `batch_decode`."""
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args: Any, **kwargs: Any) -> str:
+        """Forwards to the language-model tokenizer's `decode`."""
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+__all__ = ["Blip2Processor"]
