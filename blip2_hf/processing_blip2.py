@@ -57,7 +57,7 @@ class _PresentSubProcessors:
         return lambda: [name for name in declared if name not in absent]
 
 
-class Blip2Processor(ProcessorMixin):
+class Blip2HFProcessor(ProcessorMixin):
     r"""
     Builds BLIP-2 inputs: `pixel_values` from images, language-model `input_ids` / `attention_mask` from text (with
     the image placeholder tokens in front), and, for stage-1 (Q-Former) training, `qformer_input_ids` /
@@ -460,4 +460,8 @@ class Blip2Processor(ProcessorMixin):
         return self.tokenizer.decode(*args, **kwargs)
 
 
-__all__ = ["Blip2Processor"]
+# The public name. The class itself has a name of its own because `AutoProcessor` resolves the `processor_class`
+# written in `processor_config.json` by name, and transformers' own `Blip2Processor` would win that lookup.
+Blip2Processor = Blip2HFProcessor
+
+__all__ = ["Blip2HFProcessor", "Blip2Processor"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -511,25 +510,6 @@ def test_module_imports_only_remote_code_safe_packages():
             assert node.level == 0 or node.module is None or not node.module.startswith("blip2_hf")
             roots.add(node.module.split(".")[0] if node.level == 0 else ".")
     assert roots <= {"__future__", "os", "collections", "typing", "numpy", "PIL", "torch", "transformers"}, roots
-
-
-def test_loads_through_auto_processor_as_remote_code(tmp_path):
-    processor = build(qformer=True)
-    processor.save_pretrained(tmp_path)
-    shutil.copy(module.__file__, tmp_path / "processing_blip2.py")
-    config = json.loads((tmp_path / "processor_config.json").read_text())
-    config["auto_map"] = {"AutoProcessor": "processing_blip2.Blip2Processor"}
-    (tmp_path / "processor_config.json").write_text(json.dumps(config))
-
-    loaded = transformers.AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
-    assert type(loaded).__module__.startswith("transformers_modules") and type(loaded).__name__ == "Blip2Processor"
-    assert loaded.num_query_tokens == Q and loaded.qformer_tokenizer is not None
-    inputs = {"images": draw_images(2), "text": [SHORT, LONG], "padding": True, "return_tensors": "pt"}
-    expected, actual = processor(**inputs), loaded(**inputs)
-    assert set(actual) == set(expected) and all(torch.equal(actual[key], expected[key]) for key in expected)
-
-
-# ----------------------------------------------------------------------------------------------- test helpers
 
 
 def test_helper_tokenizers_have_the_documented_special_ids():

@@ -1,0 +1,154 @@
+"""Auto classes and pipelines: in this process through the registration `import blip2_hf` does, and in a fresh process
+where `blip2_hf` cannot be imported, through the code and `auto_map` a saved checkpoint carries."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import transformers
+from conftest import perturb_, tiny_config_dict
+from utils import draw_images, make_opt_tokenizer, make_t5_tokenizer
+
+import blip2_hf
+
+NEW_TOKENS = 5
+
+
+def build_checkpoint(folder, text: str) -> blip2_hf.Blip2ForConditionalGeneration:
+    tokenizer = make_opt_tokenizer() if text == "opt" else make_t5_tokenizer()
+    processor = blip2_hf.Blip2Processor(
+        image_processor=blip2_hf.Blip2Processor.default_image_processor(30), tokenizer=tokenizer, num_query_tokens=4
+    )
+    config = tiny_config_dict(text, image_token_index=processor.image_token_id)
+    config["text_config"]["vocab_size"] = len(processor.tokenizer) + 4
+    if text == "opt":  # the tokenizer's ids: `</s>` 2 is BOS and EOS, `<pad>` 1
+        config["text_config"].update(bos_token_id=2, eos_token_id=2, pad_token_id=1)
+    torch.manual_seed(0)
+    model = perturb_(blip2_hf.Blip2ForConditionalGeneration(blip2_hf.Blip2Config(**config)), scale=0.2)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    draw_images(1, size=(40, 30))[0].save(folder / "image.png")
+    return model
+
+
+@pytest.fixture(scope="module", params=["opt", "t5"])
+def checkpoint(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"ckpt_{request.param}")
+    return folder, build_checkpoint(folder, request.param), request.param
+
+
+def test_checkpoint_carries_code_and_complete_auto_map(checkpoint):
+    folder, _, _ = checkpoint
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "blip2_hf"
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_blip2.Blip2Config",
+        "AutoModel": "modeling_blip2.Blip2Model",
+        "AutoModelForImageTextToText": "modeling_blip2.Blip2ForConditionalGeneration",
+        "AutoModelForZeroShotImageClassification": "modeling_blip2.Blip2ForImageTextRetrieval",
+    }
+    assert config["custom_pipelines"]["image-to-text"]["impl"] == "pipeline_blip2.Blip2ImageToTextPipeline"
+    for name in ("configuration_blip2.py", "modeling_blip2.py", "pipeline_blip2.py", "processing_blip2.py"):
+        assert (folder / name).is_file(), name
+    processor_config = json.loads((folder / "processor_config.json").read_text())
+    assert processor_config["auto_map"]["AutoProcessor"] == "processing_blip2.Blip2HFProcessor"
+    assert processor_config["processor_class"] == "Blip2HFProcessor"
+
+
+def test_auto_classes_in_process(checkpoint):
+    folder, model, _ = checkpoint
+    assert type(transformers.AutoConfig.from_pretrained(folder)) is blip2_hf.Blip2Config
+    assert type(transformers.AutoModel.from_pretrained(folder)) is blip2_hf.Blip2Model
+    loaded = transformers.AutoModelForImageTextToText.from_pretrained(folder)
+    assert type(loaded) is blip2_hf.Blip2ForConditionalGeneration
+    assert type(transformers.AutoProcessor.from_pretrained(folder)) is blip2_hf.Blip2Processor
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_pipelines_in_process(checkpoint):
+    folder, model, text = checkpoint
+    processor = blip2_hf.Blip2Processor.from_pretrained(folder)
+    image = draw_images(1, size=(40, 30))[0]
+    caption = transformers.pipeline("image-to-text", model=folder, trust_remote_code=True)
+    assert type(caption).__name__ == "Blip2ImageToTextPipeline"  # the class from the checkpoint's code
+    out = caption(image, max_new_tokens=NEW_TOKENS)
+    expected = model.eval().generate(**processor(images=image, return_tensors="pt"), max_new_tokens=NEW_TOKENS)
+    new = expected[:, 5:] if text == "opt" else expected  # OPT: the output starts with `<image> x 4, BOS`
+    assert out == [{"generated_text": processor.batch_decode(new, skip_special_tokens=True)[0].strip()}]
+
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["blip2_hf"] = None  # the package cannot be imported: everything must come from the checkpoint
+    try:
+        import blip2_hf  # noqa: F401
+        raise SystemExit("blip2_hf should not be importable here")
+    except ImportError:
+        pass
+    from PIL import Image
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
+
+    folder, n = sys.argv[1], int(sys.argv[2])
+    image = Image.open(folder + "/image.png")
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    generator = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    ids = generator.generate(**processor(images=image, return_tensors="pt"), max_new_tokens=n)
+    caption = pipeline("image-to-text", model=folder, trust_remote_code=True)
+    answer = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
+    result = {
+        "config": [type(config).__name__, config.model_type],
+        "model": [type(model).__name__, type(model).__module__],
+        "generator": [type(generator).__name__, type(generator).__module__],
+        "processor": [type(processor).__name__, type(processor).__module__],
+        "generated_ids": ids.tolist(),
+        "caption_pipeline": type(caption).__name__,
+        "caption": caption(folder + "/image.png", max_new_tokens=n),
+        "caption_with_prompt": caption(image, prompt="a photo of", max_new_tokens=n),
+        "answer_pipeline": type(answer).__name__,
+        "answer": answer(images=image, text="Question: what is it? Answer:", max_new_tokens=n),
+    }
+    print("RESULT" + json.dumps(result))
+    """
+)
+
+
+def test_fresh_process_without_the_package(checkpoint):
+    folder, model, text = checkpoint
+    proc = subprocess.run(
+        [sys.executable, "-c", REMOTE_SCRIPT, str(folder), str(NEW_TOKENS)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=folder,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert result["config"] == ["Blip2Config", "blip2_hf"]
+    assert result["model"][0] == "Blip2Model" and result["model"][1].startswith("transformers_modules")
+    assert result["generator"][0] == "Blip2ForConditionalGeneration"
+    assert result["generator"][1].startswith("transformers_modules")
+    assert result["processor"][0] == "Blip2HFProcessor" and result["processor"][1].startswith("transformers_modules")
+    assert result["caption_pipeline"] == "Blip2ImageToTextPipeline"
+    assert result["answer_pipeline"] == "ImageTextToTextPipeline"
+
+    # the remote code generates exactly what the package does
+    processor = blip2_hf.Blip2Processor.from_pretrained(folder)
+    from PIL import Image
+
+    image = Image.open(folder / "image.png")
+    expected = model.eval().generate(**processor(images=image, return_tensors="pt"), max_new_tokens=NEW_TOKENS)
+    assert result["generated_ids"] == expected.tolist()
+    new = expected[:, 5:] if text == "opt" else expected
+    assert result["caption"] == [{"generated_text": processor.batch_decode(new, skip_special_tokens=True)[0].strip()}]
+    assert isinstance(result["caption_with_prompt"][0]["generated_text"], str)
+    answer = result["answer"]
+    assert len(answer) == 1 and answer[0]["generated_text"].startswith("Question: what is it? Answer:")
