@@ -365,10 +365,13 @@ class Blip2QFormerMultiHeadAttention(nn.Module):
         return attn_output.reshape(batch_size, seq_len, -1), attn_weights
 
 
-class Blip2QFormerSelfOutput(nn.Module):
-    def __init__(self, config: Blip2QFormerConfig):
+class Blip2QFormerOutput(nn.Module):
+    """BERT's sub-layer output: dense -> dropout -> LayerNorm(x + residual). After attention (`input_size` =
+    hidden) it is the checkpoints' `attention.output`; after a feed-forward (`input_size` = intermediate) `output`."""
+
+    def __init__(self, config: Blip2QFormerConfig, input_size: int):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(input_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -382,7 +385,7 @@ class Blip2QFormerAttention(nn.Module):
     def __init__(self, config: Blip2QFormerConfig, is_cross_attention: bool = False, layer_idx: int | None = None):
         super().__init__()
         self.attention = Blip2QFormerMultiHeadAttention(config, is_cross_attention, layer_idx)
-        self.output = Blip2QFormerSelfOutput(config)
+        self.output = Blip2QFormerOutput(config, config.hidden_size)
 
     def forward(
         self,
@@ -405,17 +408,6 @@ class Blip2QFormerIntermediate(nn.Module):
         return self.intermediate_act_fn(self.dense(hidden_states))
 
 
-class Blip2QFormerOutput(nn.Module):
-    def __init__(self, config: Blip2QFormerConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
-
-
 class Blip2QFormerLayer(GradientCheckpointingLayer):
     """One Q-Former layer. Self-attention is shared by queries and text (the mask decides who sees whom); then the
     first `query_length` positions (the queries) cross-attend to the image, if this layer has cross-attention, and go
@@ -429,9 +421,9 @@ class Blip2QFormerLayer(GradientCheckpointingLayer):
             self.crossattention = Blip2QFormerAttention(config, is_cross_attention=True, layer_idx=layer_idx)
         if config.use_qformer_text_input:
             self.intermediate = Blip2QFormerIntermediate(config)
-            self.output = Blip2QFormerOutput(config)
+            self.output = Blip2QFormerOutput(config, config.intermediate_size)
         self.intermediate_query = Blip2QFormerIntermediate(config)
-        self.output_query = Blip2QFormerOutput(config)
+        self.output_query = Blip2QFormerOutput(config, config.intermediate_size)
 
     def forward(
         self,
