@@ -32,104 +32,20 @@ import torch
 import transformers
 
 import blip2_hf
+from blip2_hf.testing_utils import perturb_, salesforce_config_dict, tiny_config_dict
 
 OUT_DEFAULT = Path(__file__).resolve().parents[1] / "bench_out" / "generation.json"
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Configs (transformers' BLIP-2 format, as tests/conftest.py builds them; copied so that benchmarks/ imports no tests)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def tiny_opt_config() -> dict:
-    """The suite's tiny OPT config: every width 32, 2-3 layers, vocab 99, 30 px images, 4 queries."""
-    return dict(
-        model_type="blip-2",
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=30,
-            patch_size=6,
-        ),
-        qformer_config=dict(
-            vocab_size=99,
-            hidden_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            intermediate_size=37,
-            max_position_embeddings=64,
-            cross_attention_frequency=2,
-        ),
-        text_config=dict(
-            model_type="opt",
-            vocab_size=99,
-            hidden_size=32,
-            num_hidden_layers=2,
-            ffn_dim=37,
-            num_attention_heads=4,
-            word_embed_proj_dim=32,
-            max_position_embeddings=128,
-            pad_token_id=1,
-            bos_token_id=2,
-            eos_token_id=3,
-        ),
-        num_query_tokens=4,
-        image_token_index=90,
-    )
-
-
-def opt27b_config(depth: int) -> dict:
-    """Salesforce/blip2-opt-2.7b (ViT-g 1408 wide, Q-Former 768, OPT 2560 wide, vocab 50304, 224 px, 32 queries)
-    with every stack cut to `depth` layers."""
-    return dict(
-        model_type="blip-2",
-        vision_config=dict(
-            hidden_size=1408,
-            intermediate_size=6144,
-            num_hidden_layers=depth,
-            num_attention_heads=16,
-            image_size=224,
-            patch_size=14,
-        ),
-        qformer_config=dict(num_hidden_layers=max(depth, 2), cross_attention_frequency=2),
-        text_config=dict(
-            model_type="opt",
-            vocab_size=50304,
-            hidden_size=2560,
-            ffn_dim=10240,
-            num_attention_heads=32,
-            num_hidden_layers=depth,
-            word_embed_proj_dim=2560,
-            max_position_embeddings=2048,
-            do_layer_norm_before=True,
-            prefix="</s>",
-            pad_token_id=1,
-            bos_token_id=2,
-            eos_token_id=50118,
-        ),
-        num_query_tokens=32,
-        image_token_index=50265,
-    )
-
-
-# (name, config, batch size, new tokens N, repeats)
+# (name, config, batch size, new tokens N, timed repeats); every setting first runs WARMUP untimed rounds
 SETTINGS = [
-    ("tiny-opt", tiny_opt_config(), 8, 16, 15),
-    ("opt-2.7b-width-depth2", opt27b_config(depth=2), 2, 8, 5),
+    ("tiny-opt", tiny_config_dict("opt"), 8, 16, 30),
+    ("opt-2.7b-width-depth2", salesforce_config_dict("blip2-opt-2.7b", depth=2), 2, 8, 25),
 ]
+WARMUP = 2
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Models on identical weights
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def perturb_(model: torch.nn.Module, seed: int = 0, scale: float = 0.02) -> None:
-    """Move every weight off its init (as the test suite does), so that the benchmark runs on non-trivial weights."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=generator).to(param.dtype) * scale)
 
 
 def load_pair(config: dict, folder: str) -> dict[str, torch.nn.Module]:
@@ -176,12 +92,12 @@ def bench_setting(name: str, config: dict, batch_size: int, new_tokens: int, rep
         times: dict[str, dict[int, list[float]]] = {m: {n: [] for n in lengths} for m in models}
         identical = True
         order = list(models)
-        for step in range(repeats + 1):  # step 0 is the warm-up, not recorded
+        for step in range(WARMUP + repeats):
             for n in lengths:
                 outputs = {}
                 for model_name in order:
                     seconds, outputs[model_name] = timed_generate(models[model_name], pixel_values, n)
-                    if step > 0:
+                    if step >= WARMUP:
                         times[model_name][n].append(seconds)
                 if not torch.equal(outputs["transformers"], outputs["blip2_hf"]):
                     identical = False
@@ -191,6 +107,8 @@ def bench_setting(name: str, config: dict, batch_size: int, new_tokens: int, rep
         del models
 
     medians = {m: {n: statistics.median(ts) for n, ts in by_n.items()} for m, by_n in times.items()}
+    # how far the median run sits above the fastest one, worst over the timed calls: large when the CPU was shared
+    spread = max(statistics.median(ts) / min(ts) - 1 for by_n in times.values() for ts in by_n.values())
     per_model = {
         m: {
             "captioning throughput (images/s)": batch_size / med[new_tokens],
@@ -210,7 +128,9 @@ def bench_setting(name: str, config: dict, batch_size: int, new_tokens: int, rep
         "batch_size": batch_size,
         "new_tokens": new_tokens,
         "repeats": repeats,
+        "config": config,
         "tokens_identical": identical,
+        "spread": spread,
         "metrics": metrics,
         "times_s": {m: {str(n): ts for n, ts in by_n.items()} for m, by_n in times.items()},
     }
@@ -273,6 +193,12 @@ def main() -> int:
     report = {"environment": environment, "quick": args.quick, "total_seconds": total, "results": results}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
+    for result in results:
+        if result["spread"] > 0.2:
+            print(
+                f"WARNING: [{result['setting']}] the median run of a call is {100 * result['spread']:.0f}% slower "
+                "than its fastest: another process was probably using the CPU. Rerun on an idle machine."
+            )
 
     if not all(r["tokens_identical"] for r in results):
         print("FAIL: generated tokens differ between transformers and blip2_hf", file=sys.stderr)

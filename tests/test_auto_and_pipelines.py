@@ -11,10 +11,10 @@ import textwrap
 import pytest
 import torch
 import transformers
-from conftest import perturb_, tiny_config_dict
 from utils import draw_images, make_opt_tokenizer, make_t5_tokenizer
 
 import blip2_hf
+from blip2_hf.testing_utils import perturb_, tiny_config_dict
 
 NEW_TOKENS = 5
 

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import IMAGE_TOKEN, perturb_, tiny_config_dict
 
 import blip2_hf
 from blip2_hf import Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerModel, Blip2VisionConfig
+from blip2_hf.testing_utils import IMAGE_TOKEN, perturb_, tiny_config_dict
 
 # The Salesforce/blip2-opt-2.7b config.json as published (written by transformers 4.47), legacy keys included.
 SALESFORCE_OPT_CONFIG = {

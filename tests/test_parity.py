@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import perturb_, salesforce_config_dict, tiny_config_dict
 
 import blip2_hf
+from blip2_hf.testing_utils import perturb_, salesforce_config_dict, tiny_config_dict
 
 ATOL = 1e-5
 CASES = [

@@ -1,0 +1,28 @@
+"""The benchmark runs end to end (smoke mode) and its token-identity check holds: it exits non-zero when our
+generations differ from transformers'. Timings are not asserted: speed is reported by the benchmark, not tested."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_generation_benchmark_quick_run(tmp_path):
+    out = tmp_path / "generation.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_generation.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "| tiny-opt" in proc.stdout and "ratio" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result, "the benchmark wrote no results"
