@@ -1,7 +1,8 @@
 """blip2-hf: BLIP-2 built natively on the Hugging Face stack.
 
 Importing the package registers its classes with transformers' auto classes, so `AutoConfig`, `AutoModel`,
-`AutoModelForImageTextToText`, `AutoModelForZeroShotImageClassification` and `AutoProcessor` resolve our
+`AutoModelForImageTextToText`, `AutoModelForZeroShotImageClassification`, `AutoModelForPreTraining` and
+`AutoProcessor` resolve our
 `blip2_hf` checkpoints in this process; saved checkpoints also carry the code (see `modeling_blip2.AUTO_MAP`).
 """
 
@@ -9,6 +10,7 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForImageTextToText,
+    AutoModelForPreTraining,
     AutoModelForZeroShotImageClassification,
     AutoProcessor,
 )
@@ -17,6 +19,7 @@ from .configuration_blip2 import Blip2Config, Blip2QFormerConfig, Blip2VisionCon
 from .modeling_blip2 import (
     Blip2ForConditionalGeneration,
     Blip2ForImageTextRetrieval,
+    Blip2ForPreTraining,
     Blip2Model,
     Blip2PreTrainedModel,
     Blip2QFormerModel,
@@ -34,6 +37,7 @@ AutoModel.register(Blip2VisionConfig, Blip2VisionModel, exist_ok=True)
 AutoModel.register(Blip2QFormerConfig, Blip2QFormerModel, exist_ok=True)
 AutoModelForImageTextToText.register(Blip2Config, Blip2ForConditionalGeneration, exist_ok=True)
 AutoModelForZeroShotImageClassification.register(Blip2Config, Blip2ForImageTextRetrieval, exist_ok=True)
+AutoModelForPreTraining.register(Blip2Config, Blip2ForPreTraining, exist_ok=True)
 AutoProcessor.register(Blip2Config, Blip2Processor, exist_ok=True)
 # A saved processor carries processing_blip2.py and an `auto_map`, like the models.
 Blip2Processor.register_for_auto_class("AutoProcessor")
@@ -48,6 +52,7 @@ __all__ = [
     "Blip2Model",
     "Blip2ForConditionalGeneration",
     "Blip2ForImageTextRetrieval",
+    "Blip2ForPreTraining",
     "Blip2Processor",
     "Blip2ImageToTextPipeline",
 ]

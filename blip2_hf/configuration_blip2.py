@@ -135,6 +135,9 @@ class Blip2QFormerConfig(PreTrainedConfig):
         encoder_hidden_size: width of the image features (set from the vision config by `Blip2Config`).
         use_qformer_text_input: build the text feed-forward blocks, needed whenever text runs through the Q-Former
             (stage 1, retrieval). Stage-2 checkpoints have no text weights.
+        bos_token_id: `[DEC]`, which replaces `[CLS]` to start image-grounded text generation (stage 1: ITG and
+            Q-Former captioning). LAVIS adds it to bert-base-uncased as id 30522 (vocab 30523).
+        eos_token_id: `[SEP]` (102 in bert-base-uncased), where Q-Former captioning stops.
     """
 
     model_type = "blip2_hf_qformer"
@@ -155,6 +158,8 @@ class Blip2QFormerConfig(PreTrainedConfig):
     cross_attention_frequency: int = 2
     encoder_hidden_size: int = 1408
     use_qformer_text_input: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
         _drop_foreign_model_type(kwargs)
@@ -181,12 +186,14 @@ class Blip2QFormerConfig(PreTrainedConfig):
         )
         _check(self.hidden_act in ACT2FN, self, "hidden_act", f"one of {sorted(ACT2FN)}")
         _check_probabilities(self, "hidden_dropout_prob", "attention_probs_dropout_prob")
-        _check(
-            self.pad_token_id is None or 0 <= self.pad_token_id < self.vocab_size,
-            self,
-            "pad_token_id",
-            f"None or an id in [0, vocab_size={self.vocab_size})",
-        )
+        for field in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, field)
+            _check(
+                value is None or 0 <= value < self.vocab_size,
+                self,
+                field,
+                f"None or an id in [0, vocab_size={self.vocab_size})",
+            )
 
 
 @strict
@@ -207,6 +214,11 @@ class Blip2Config(PreTrainedConfig):
         initializer_factor, initializer_range: as transformers' BLIP-2.
         initial_temperature: initial value of the learnable ITC temperature (0.07, as LAVIS; transformers' port
             drops the parameter).
+        temperature_range: `[min, max]` to clamp the temperature to before each stage-1 step (ALBEF/BLIP do
+            `clamp_(0.001, 0.5)`); None (default) leaves it unclamped, as LAVIS's BLIP-2 does.
+        itc_label_smoothing / itg_label_smoothing: label smoothing of the stage-1 ITC and ITG losses (0.1, LAVIS).
+        tie_word_embeddings: tie the stage-1 Q-Former LM head to the Q-Former word embeddings, as BERT does. (The
+            LLM's own tying is its `text_config`'s business.)
     """
 
     model_type = "blip2_hf"
@@ -226,6 +238,10 @@ class Blip2Config(PreTrainedConfig):
     initializer_factor: float = 1.0
     initializer_range: float = 0.02
     initial_temperature: float = 0.07
+    temperature_range: list[float] | None = None
+    itc_label_smoothing: float = 0.1
+    itg_label_smoothing: float = 0.1
+    tie_word_embeddings: bool = True
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -252,6 +268,16 @@ class Blip2Config(PreTrainedConfig):
         super().validate_architecture()
         _check_positive_ints(self, "num_query_tokens", "image_text_hidden_size")
         _check(self.initial_temperature > 0, self, "initial_temperature", "a positive number")
+        if self.temperature_range is not None:
+            low_high = list(self.temperature_range)
+            _check(
+                len(low_high) == 2 and 0 < low_high[0] <= low_high[1],
+                self,
+                "temperature_range",
+                "None or [min, max] with 0 < min <= max",
+            )
+        for field in ("itc_label_smoothing", "itg_label_smoothing"):
+            _check(0.0 <= getattr(self, field) < 1.0, self, field, "a label smoothing in [0, 1)")
         text_type = self.text_config.model_type
         _check(
             text_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,9 +29,11 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_blip2 import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
+
+logger = logging.get_logger(__name__)
 
 SelfAttentionMask = Literal["bidirectional", "unimodal", "multimodal_causal"]
 
@@ -41,6 +44,7 @@ AUTO_MAP = {
     "AutoModel": "modeling_blip2.Blip2Model",
     "AutoModelForImageTextToText": "modeling_blip2.Blip2ForConditionalGeneration",
     "AutoModelForZeroShotImageClassification": "modeling_blip2.Blip2ForImageTextRetrieval",
+    "AutoModelForPreTraining": "modeling_blip2.Blip2ForPreTraining",
 }
 REMOTE_CODE_FILES = ("configuration_blip2.py", "modeling_blip2.py", "pipeline_blip2.py")
 IMAGE_TO_TEXT_PIPELINE = {
@@ -483,6 +487,26 @@ class Blip2TextEmbeddings(nn.Module):
         return self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
 
 
+def read_safetensors_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a `save_pretrained` folder (one `model.safetensors` or shards with an index). Safetensors only:
+    nothing is unpickled."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return load_file(single)
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{folder} holds neither model.safetensors nor model.safetensors.index.json.")
+    import json
+
+    state_dict: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        state_dict.update(load_file(folder / shard))
+    return state_dict
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Base class
 # ---------------------------------------------------------------------------------------------------------------------
@@ -542,6 +566,8 @@ class Blip2PreTrainedModel(PreTrainedModel):
             init.normal_(module.query_tokens, mean=0.0, std=self.config.qformer_config.initializer_range)
         if hasattr(module, "temp") and isinstance(module.temp, nn.Parameter):
             init.constant_(module.temp, self.config.initial_temperature)
+        if isinstance(module, Blip2QFormerLMPredictionHead):
+            init.zeros_(module.bias)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -792,6 +818,36 @@ class Blip2Model(Blip2PreTrainedModel):
 
     def get_encoder(self, modality: str | None = None) -> nn.Module:
         return self.language_model.get_encoder() if modality is None else super().get_encoder(modality=modality)
+
+    def init_from_stage1(self, stage1_folder: str | os.PathLike) -> dict[str, list[str]]:
+        """Initialize stage 2 from a stage-1 (`Blip2ForPreTraining` / retrieval) checkpoint: the vision encoder, the
+        query tokens and the Q-Former are copied; the LLM and `language_projection` keep what they have (new); the
+        stage-1 heads, text embeddings and, unless this Q-Former has them, the text FFNs are dropped. Logs and returns
+        `{"loaded": [...], "new": [...], "dropped": [...]}`; a tensor whose shape differs is an error naming it."""
+        stage1 = read_safetensors_folder(stage1_folder)
+        own = self.state_dict()
+        loaded, dropped = [], []
+        for key, tensor in stage1.items():
+            if key not in own or key.startswith(("language_model.", "language_projection.")):
+                dropped.append(key)
+                continue
+            if own[key].shape != tensor.shape:
+                raise ValueError(f"{key}: stage-1 shape {tuple(tensor.shape)} != this model's {tuple(own[key].shape)}")
+            loaded.append(key)
+        self.load_state_dict({key: stage1[key] for key in loaded}, strict=False)
+        report = {"loaded": loaded, "new": sorted(set(own) - set(loaded)), "dropped": sorted(dropped)}
+
+        def groups(
+            keys: list[str],
+        ) -> list[str]:  # "qformer.encoder.layer.3.output.dense.weight" -> "...layer.*.output"
+            return sorted({".".join(re.sub(r"\.\d+(?=\.)", ".*", key).split(".")[:-1][:5]) for key in keys})
+
+        new_roots, dropped_roots = groups(report["new"]), groups(report["dropped"])
+        logger.warning(
+            f"Stage 2 from {stage1_folder}: {len(loaded)} tensors loaded; new (not in stage 1): {new_roots}; dropped "
+            f"(stage-1 only): {dropped_roots}"
+        )
+        return report
 
     def get_qformer_features(
         self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs
@@ -1137,6 +1193,435 @@ class Blip2ForImageTextRetrieval(Blip2PreTrainedModel):
         return output if return_dict is not False else output.to_tuple()
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Stage 1: representation learning (ITC + ITM + ITG), as LAVIS's `Blip2Qformer`
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without an initialized process group (LAVIS crashes there, #537)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from every process along dim 0, differentiably: the backward sends each process the sum of
+    all processes' gradients for its own slice (`torch.distributed.nn.functional.all_gather`). With DDP's gradient
+    averaging, the gradients equal those of one process running the whole batch (LAVIS gathers the other side's
+    features without gradient, which is not exact)."""
+    if _world()[1] == 1:
+        return tensor
+    return torch.cat(torch.distributed.nn.functional.all_gather(tensor.contiguous()), dim=0)
+
+
+def _gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    if _world()[1] == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(_world()[1])]
+    torch.distributed.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def _pad_to_world_length(ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token ids and mask to the longest length over the processes, so that they can be gathered."""
+    if _world()[1] == 1:
+        return ids, mask
+    length = torch.tensor([ids.shape[1]], device=ids.device)
+    torch.distributed.all_reduce(length, op=torch.distributed.ReduceOp.MAX)
+    extra = int(length.item()) - ids.shape[1]
+    if extra:
+        ids = nn.functional.pad(ids, (0, extra), value=pad_id)
+        mask = nn.functional.pad(mask, (0, extra), value=0)
+    return ids, mask
+
+
+def sample_hard_negatives(similarity: torch.Tensor, positive_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one negative per row with probability softmax(similarity) over the row, positives excluded (LAVIS's ITM
+    hard-negative mining, vectorized: one `multinomial` call, no per-sample host sync).
+
+    Args:
+        similarity: `[B, N]` logits (similarity / temperature) of each local row against the whole global batch.
+        positive_index: `[B]` column of each row's positive.
+    Returns:
+        `[B]` sampled columns, and `[B]` bool: whether the row had any candidate at all (False when the global batch
+        is one pair). NaN similarities get no weight; a row whose weights are all zero or NaN draws uniformly.
+    """
+    logits = torch.nan_to_num(similarity.detach().float(), nan=-torch.inf, posinf=-torch.inf)
+    candidates = torch.ones_like(logits, dtype=torch.bool)
+    candidates[torch.arange(len(positive_index), device=logits.device), positive_index] = False
+    weights = torch.softmax(logits.masked_fill(~candidates, -torch.inf), dim=1)
+    broken = ~torch.isfinite(weights).all(dim=1) | (weights.sum(dim=1) <= 0)
+    weights = torch.where(broken[:, None], candidates.float(), weights.nan_to_num(0.0))
+    has_negative = candidates.any(dim=1)
+    weights[~has_negative] = 1.0  # keep multinomial valid; these rows are dropped by the caller
+    return torch.multinomial(weights, 1).squeeze(1), has_negative
+
+
+class Blip2QFormerPredictionHeadTransform(nn.Module):
+    def __init__(self, config: Blip2QFormerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform_act_fn = ACT2FN[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.transform_act_fn(self.dense(hidden_states)))
+
+
+class Blip2QFormerLMPredictionHead(nn.Module):
+    """BERT's LM head: transform, then the decoder tied to the word embeddings, plus a bias. `[B, T, D] -> [B, T, V]`."""
+
+    def __init__(self, config: Blip2QFormerConfig):
+        super().__init__()
+        self.transform = Blip2QFormerPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden_states)) + self.bias
+
+
+class Blip2QFormerLMHead(nn.Module):
+    """The `cls` of BERT's checkpoints (`cls.predictions.*`), LAVIS's `Qformer.cls`."""
+
+    def __init__(self, config: Blip2QFormerConfig):
+        super().__init__()
+        self.predictions = Blip2QFormerLMPredictionHead(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.predictions(hidden_states)
+
+
+@dataclass
+class Blip2ForPreTrainingOutput(ModelOutput):
+    """
+    loss: `loss_itc + loss_itm + loss_itg`.
+    sim_i2t / sim_t2i: `[B, N]` ITC logits (max-over-queries cosine / temperature) of the local images (texts)
+        against the texts (images) of the global batch (`N = B * world size`).
+    logits_itm: `[B + n_t + n_i, 2]` ITM logits of (positives, texts with negative images, images with negative texts).
+    logits_itg: `[B, T, V]` Q-Former LM logits over the `[DEC]`-led text.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_itc: torch.FloatTensor | None = None
+    loss_itm: torch.FloatTensor | None = None
+    loss_itg: torch.FloatTensor | None = None
+    sim_i2t: torch.FloatTensor | None = None
+    sim_t2i: torch.FloatTensor | None = None
+    logits_itm: torch.FloatTensor | None = None
+    logits_itg: torch.FloatTensor | None = None
+
+
+class Blip2ForPreTraining(Blip2PreTrainedModel):
+    """Stage 1 of BLIP-2: the Q-Former learns, against a frozen image encoder, to extract the visual features text
+    needs, with three objectives on one batch of image-text pairs (LAVIS `Blip2Qformer.forward`):
+
+    - **ITC**: max over the queries of cosine(query projection, text `[CLS]` projection) / `temp`, image->text and
+      text->image over the global batch, cross-entropy with label smoothing 0.1. `temp` is learnable and not clamped
+      (LAVIS); `config.temperature_range` clamps it (ALBEF/BLIP do).
+    - **ITM**: one negative image per text and one negative text per image, drawn from the global batch with
+      probability softmax(ITC logits) with the positives excluded; (positives, text + negative image, negative text +
+      image) through one bidirectional pass; `itm_head` averaged over the query outputs; plain cross-entropy.
+    - **ITG**: `[DEC]` (`qformer_config.bos_token_id`) replaces `[CLS]`; text sees all queries and the text before it,
+      queries never see text (their keys/values come from the query pass, as LAVIS reuses them); every non-pad token
+      after `[DEC]` is predicted, label smoothing 0.1.
+
+    The vision encoder (patch embedding and blocks) is frozen: no gradients, always in eval mode, run without autograd.
+    Its `post_layernorm` (LAVIS's `ln_vision`) is trained, as LAVIS does.
+
+    Deviations from LAVIS, each exact or documented: gathers across processes are differentiable on both sides (exact
+    gradients of the global-batch loss; LAVIS drops the gradient through the other processes' features); negatives are
+    sampled in one vectorized call; NaN similarities and a global batch of one pair do not crash (no negative is drawn
+    for a row without candidates); retrieval fine-tuning's `image_id` soft targets are not implemented.
+    """
+
+    _tied_weights_keys = {"cls.predictions.decoder.weight": "embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: Blip2Config):
+        super().__init__(config)
+        qformer_config = config.qformer_config
+        if not qformer_config.use_qformer_text_input:
+            raise ValueError("Blip2ForPreTraining trains text through the Q-Former: set use_qformer_text_input=True.")
+        if qformer_config.bos_token_id is None:
+            raise ValueError(
+                "qformer_config.bos_token_id is None: set it to the id of [DEC] (LAVIS adds it to bert-base-uncased as "
+                "30522), which starts image-grounded text generation."
+            )
+        width = qformer_config.hidden_size
+        self.vision_model = Blip2VisionModel._from_config(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, width))
+        self.embeddings = Blip2TextEmbeddings(qformer_config)
+        self.qformer = Blip2QFormerModel._from_config(qformer_config)
+        self.vision_projection = nn.Linear(width, config.image_text_hidden_size)
+        self.text_projection = nn.Linear(width, config.image_text_hidden_size)
+        self.itm_head = nn.Linear(width, 2)
+        self.temp = nn.Parameter(torch.tensor(config.initial_temperature))
+        self.cls = Blip2QFormerLMHead(qformer_config)
+        self.post_init()
+        self.freeze_vision_encoder()
+
+    @classmethod
+    def from_bert(
+        cls, bert_model_or_path: str | os.PathLike | PreTrainedModel, config: Blip2Config
+    ) -> Blip2ForPreTraining:
+        """A stage-1 model whose Q-Former starts from a BERT masked-LM checkpoint, as the paper does (LAVIS
+        `init_Qformer` + `Blip2Qformer.__init__`): embeddings, self-attention, the text FFN (copied into the query FFN
+        too), the LM head (tied decoder, bias); cross-attention layers, queries and heads keep their random init.
+        `[DEC]` is an extra row: `config.qformer_config.vocab_size` may exceed BERT's vocabulary by the tokens added
+        to its tokenizer (their embedding rows and LM-head biases start at BERT's init / zero). The vision encoder is
+        not touched (load it separately, e.g. with `convert_lavis`)."""
+        from transformers import BertForMaskedLM
+
+        bert = bert_model_or_path
+        if not isinstance(bert, PreTrainedModel):
+            bert = BertForMaskedLM.from_pretrained(bert_model_or_path)
+        bert_state = bert.state_dict()
+        model = cls(config)
+        qformer_config = config.qformer_config
+        bert_config = bert.config
+        for field in ("hidden_size", "intermediate_size", "num_attention_heads", "max_position_embeddings"):
+            if getattr(bert_config, field) != getattr(qformer_config, field):
+                raise ValueError(
+                    f"BERT's {field}={getattr(bert_config, field)} differs from qformer_config.{field}="
+                    f"{getattr(qformer_config, field)}."
+                )
+        if bert_config.num_hidden_layers < qformer_config.num_hidden_layers:
+            raise ValueError(
+                f"BERT has {bert_config.num_hidden_layers} layers, the Q-Former {qformer_config.num_hidden_layers}."
+            )
+        if bert_config.vocab_size > qformer_config.vocab_size:
+            raise ValueError(f"BERT's vocabulary ({bert_config.vocab_size}) exceeds the Q-Former's.")
+        copies = {
+            "qformer.layernorm": "bert.embeddings.LayerNorm",
+            "cls.predictions.transform": "cls.predictions.transform",
+        }
+        for i in range(qformer_config.num_hidden_layers):
+            ours, theirs = f"qformer.encoder.layer.{i}", f"bert.encoder.layer.{i}"
+            copies[f"{ours}.attention.attention"] = f"{theirs}.attention.self"
+            copies[f"{ours}.attention.output"] = f"{theirs}.attention.output"
+            for ffn in ("", "_query"):  # the query FFN starts as a copy of BERT's FFN
+                copies[f"{ours}.intermediate{ffn}"] = f"{theirs}.intermediate"
+                copies[f"{ours}.output{ffn}"] = f"{theirs}.output"
+        own = model.state_dict()
+        new_state = {}
+        for ours_prefix, bert_prefix in copies.items():
+            for key in own:
+                if key.startswith(ours_prefix + "."):
+                    new_state[key] = bert_state[bert_prefix + key[len(ours_prefix) :]]
+        rows = bert_config.vocab_size
+        word = own["embeddings.word_embeddings.weight"].clone()
+        word[:rows] = bert_state["bert.embeddings.word_embeddings.weight"]
+        bias = torch.zeros_like(own["cls.predictions.bias"])
+        bias[:rows] = bert_state["cls.predictions.bias"]
+        new_state["embeddings.word_embeddings.weight"] = word
+        new_state["embeddings.position_embeddings.weight"] = bert_state["bert.embeddings.position_embeddings.weight"]
+        new_state["cls.predictions.bias"] = bias
+        model.load_state_dict(new_state, strict=False)
+        model.tie_weights()
+        return model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.embeddings.word_embeddings = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.cls.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.cls.predictions.decoder = new_embeddings
+
+    def freeze_vision_encoder(self) -> None:
+        """Freeze the image encoder but its `post_layernorm` (LAVIS's trainable `ln_vision`)."""
+        for module in (self.vision_model.embeddings, self.vision_model.encoder):
+            module.requires_grad_(False)
+            module.eval()
+
+    def train(self, mode: bool = True) -> Blip2ForPreTraining:
+        super().train(mode)
+        self.vision_model.embeddings.eval()  # the frozen encoder stays in eval mode (LAVIS `disabled_train`)
+        self.vision_model.encoder.eval()
+        return self
+
+    def encode_image_frozen(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """The frozen encoder's output `[B, 1 + P, Dv]`, before the trainable `post_layernorm`: what a frozen-feature
+        cache stores and what `forward(image_embeds=...)` takes."""
+        with torch.no_grad():
+            embeddings = self.vision_model.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+            return self.vision_model.encoder(embeddings).last_hidden_state
+
+    def _image_embeds(self, pixel_values: torch.Tensor | None, image_embeds: torch.Tensor | None) -> torch.Tensor:
+        if (pixel_values is None) == (image_embeds is None):
+            raise ValueError("Pass exactly one of pixel_values and image_embeds (the frozen encoder's output).")
+        if image_embeds is None:
+            image_embeds = self.encode_image_frozen(pixel_values)
+        layer_norm = self.vision_model.post_layernorm
+        return layer_norm(image_embeds.to(layer_norm.weight.dtype))
+
+    def _query_pass(self, image_embeds: torch.Tensor, use_cache: bool) -> Blip2QFormerModelOutput:
+        query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds, use_cache=use_cache)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> Blip2ForPreTrainingOutput | tuple:
+        """
+        Args:
+            pixel_values: `[B, 3, H, W]` images, or
+            image_embeds: `[B, 1 + P, Dv]` the frozen encoder's output (`encode_image_frozen`), e.g. from a cache.
+            input_ids: `[B, T]` Q-Former (BERT) tokens starting with `[CLS]`, as LAVIS tokenizes captions.
+            attention_mask: `[B, T]`, 1 for real tokens.
+        Returns:
+            `Blip2ForPreTrainingOutput` with the three losses (mean over the local batch, computed against the global
+            batch when a process group is initialized) and their logits.
+        """
+        if input_ids is None:
+            raise ValueError("Stage 1 trains on image-text pairs: pass input_ids (and attention_mask).")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        config = self.config
+        rank, world_size = _world()
+        if self.config.temperature_range is not None:
+            with torch.no_grad():
+                self.temp.clamp_(*self.config.temperature_range)
+
+        image_embeds = self._image_embeds(pixel_values, image_embeds)
+        batch_size, num_queries = image_embeds.shape[0], config.num_query_tokens
+        query_pass = self._query_pass(image_embeds, use_cache=True)
+        query_output = query_pass.last_hidden_state
+        image_feats = nn.functional.normalize(self.vision_projection(query_output), dim=-1)  # [B, Q, E]
+        text_output = self.qformer(text_embeds=self.embeddings(input_ids), attention_mask=attention_mask)
+        text_feat = nn.functional.normalize(self.text_projection(text_output.last_hidden_state[:, 0]), dim=-1)
+
+        # ITC over the global batch
+        image_feats_all = _gather_with_grad(image_feats)  # [N, Q, E]
+        text_feat_all = _gather_with_grad(text_feat)  # [N, E]
+        if image_feats_all.shape[0] != batch_size * world_size:
+            raise ValueError("Every process must hold the same number of pairs (use a sampler that pads evenly).")
+        sim_i2t = torch.einsum("bqe,ne->bqn", image_feats, text_feat_all).max(dim=1).values / self.temp  # [B, N]
+        sim_t2i = torch.einsum("be,nqe->bnq", text_feat, image_feats_all).max(dim=2).values / self.temp  # [B, N]
+        targets = torch.arange(batch_size, device=sim_i2t.device) + rank * batch_size
+        smoothing = config.itc_label_smoothing
+        loss_itc = (
+            nn.functional.cross_entropy(sim_i2t, targets, label_smoothing=smoothing)
+            + nn.functional.cross_entropy(sim_t2i, targets, label_smoothing=smoothing)
+        ) / 2
+
+        # ITM with hard negatives from the global batch
+        pad_id = config.qformer_config.pad_token_id or 0
+        ids_all, mask_all = _pad_to_world_length(input_ids, attention_mask, pad_id)
+        ids_all, mask_all = _gather_no_grad(ids_all), _gather_no_grad(mask_all)
+        image_embeds_all = _gather_with_grad(image_embeds)
+        negative_image, text_has_negative = sample_hard_negatives(sim_t2i, targets)
+        negative_text, image_has_negative = sample_hard_negatives(sim_i2t, targets)
+        width = ids_all.shape[1]
+        local_ids = nn.functional.pad(input_ids, (0, width - input_ids.shape[1]), value=pad_id)
+        local_mask = nn.functional.pad(attention_mask, (0, width - attention_mask.shape[1]), value=0)
+        itm_ids = torch.cat([local_ids, local_ids[text_has_negative], ids_all[negative_text[image_has_negative]]])
+        itm_mask = torch.cat([local_mask, local_mask[text_has_negative], mask_all[negative_text[image_has_negative]]])
+        itm_images = torch.cat(
+            [image_embeds, image_embeds_all[negative_image[text_has_negative]], image_embeds[image_has_negative]]
+        )
+        joint_output = self.qformer(
+            query_embeds=self.query_tokens.expand(itm_images.shape[0], -1, -1),
+            text_embeds=self.embeddings(itm_ids),
+            attention_mask=itm_mask,
+            encoder_hidden_states=itm_images,
+            self_attention_mask="bidirectional",
+        )
+        logits_itm = self.itm_head(joint_output.last_hidden_state[:, :num_queries]).mean(dim=1)
+        itm_labels = torch.zeros(logits_itm.shape[0], dtype=torch.long, device=logits_itm.device)
+        itm_labels[:batch_size] = 1
+        loss_itm = nn.functional.cross_entropy(logits_itm, itm_labels)
+
+        # ITG: [DEC]-led text decoded against the queries
+        decoder_ids = input_ids.clone()
+        decoder_ids[:, 0] = config.qformer_config.bos_token_id
+        labels = decoder_ids.masked_fill(attention_mask == 0, -100)
+        cache = query_pass.cache
+        if cache is not None and cache.get_seq_length() == num_queries:  # reuse the query keys/values
+            text_states = self.qformer(
+                text_embeds=self.embeddings(decoder_ids),
+                attention_mask=attention_mask,
+                self_attention_mask="multimodal_causal",
+                cache=cache,
+            ).last_hidden_state
+        else:  # the cache was dropped (gradient checkpointing): one joint pass, same result
+            text_states = self.qformer(
+                query_embeds=self.query_tokens.expand(batch_size, -1, -1),
+                text_embeds=self.embeddings(decoder_ids),
+                attention_mask=attention_mask,
+                encoder_hidden_states=image_embeds,
+                self_attention_mask="multimodal_causal",
+            ).last_hidden_state[:, num_queries:]
+        logits_itg = self.cls(text_states)
+        loss_itg = nn.functional.cross_entropy(
+            logits_itg[:, :-1].reshape(-1, logits_itg.shape[-1]),
+            labels[:, 1:].reshape(-1),
+            ignore_index=-100,
+            label_smoothing=config.itg_label_smoothing,
+        )
+
+        output = Blip2ForPreTrainingOutput(
+            loss=loss_itc + loss_itm + loss_itg,
+            loss_itc=loss_itc,
+            loss_itm=loss_itm,
+            loss_itg=loss_itg,
+            sim_i2t=sim_i2t,
+            sim_t2i=sim_t2i,
+            logits_itm=logits_itm,
+            logits_itg=logits_itg,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        max_new_tokens: int = 30,
+        min_new_tokens: int = 0,
+        **kwargs,
+    ) -> torch.LongTensor:
+        """Q-Former captioning (greedy): decode from `[DEC]` through the ITG path, each new token attending to the
+        cached queries and the tokens before it, until `[SEP]` (`qformer_config.eos_token_id`). Returns `[B, L]` ids
+        starting with `[DEC]`; rows that ended early are padded with `[PAD]`. (LAVIS decodes with 3 beams.)"""
+        if kwargs.get("num_beams", 1) != 1 or kwargs.get("do_sample", False):
+            raise ValueError("Blip2ForPreTraining.generate decodes greedily only (num_beams=1, do_sample=False).")
+        qformer_config = self.config.qformer_config
+        image_embeds = self._image_embeds(pixel_values, image_embeds)
+        batch_size = image_embeds.shape[0]
+        cache = self._query_pass(image_embeds, use_cache=True).cache
+        tokens = torch.full((batch_size, 1), qformer_config.bos_token_id, dtype=torch.long, device=image_embeds.device)
+        finished = torch.zeros(batch_size, dtype=torch.bool, device=tokens.device)
+        for step in range(max_new_tokens):
+            hidden = self.qformer(
+                text_embeds=self.embeddings(tokens[:, -1:], past_text_length=step),
+                self_attention_mask="multimodal_causal",
+                cache=cache,
+                use_cache=True,
+            ).last_hidden_state
+            logits = self.cls(hidden[:, -1]).float()
+            if step < min_new_tokens and qformer_config.eos_token_id is not None:
+                logits[:, qformer_config.eos_token_id] = -torch.inf
+            next_token = logits.argmax(dim=-1)
+            next_token = next_token.masked_fill(finished, qformer_config.pad_token_id or 0)
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            if qformer_config.eos_token_id is not None:
+                finished |= next_token == qformer_config.eos_token_id
+            if bool(finished.all()):
+                break
+        return tokens
+
+
 __all__ = [
     "Blip2PreTrainedModel",
     "Blip2VisionModel",
@@ -1144,4 +1629,5 @@ __all__ = [
     "Blip2Model",
     "Blip2ForConditionalGeneration",
     "Blip2ForImageTextRetrieval",
+    "Blip2ForPreTraining",
 ]

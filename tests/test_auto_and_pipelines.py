@@ -51,6 +51,7 @@ def test_checkpoint_carries_code_and_complete_auto_map(checkpoint):
         "AutoModel": "modeling_blip2.Blip2Model",
         "AutoModelForImageTextToText": "modeling_blip2.Blip2ForConditionalGeneration",
         "AutoModelForZeroShotImageClassification": "modeling_blip2.Blip2ForImageTextRetrieval",
+        "AutoModelForPreTraining": "modeling_blip2.Blip2ForPreTraining",
     }
     assert config["custom_pipelines"]["image-to-text"]["impl"] == "pipeline_blip2.Blip2ImageToTextPipeline"
     for name in ("configuration_blip2.py", "modeling_blip2.py", "pipeline_blip2.py", "processing_blip2.py"):
