@@ -35,7 +35,7 @@ def record_parity():
 def pytest_terminal_summary(terminalreporter):
     if not PARITY:
         return
-    terminalreporter.section("parity with transformers' BLIP-2 (max |diff|)")
+    terminalreporter.section("parity (max |diff|) with transformers' BLIP-2 and with the stage-1 formulas")
     width = max(len(k) for k in PARITY)
     for check, diff in sorted(PARITY.items()):
         terminalreporter.write_line(f"{check:<{width}}  {diff:.3e}")
