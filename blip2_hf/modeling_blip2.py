@@ -1205,14 +1205,32 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands each process the sum over all processes of the gradient of its
+    own slice (all-reduce, then slice), so gradients are those of one process running the whole batch."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        rank, world_size = _world()
+        ctx.rank, ctx.size = rank, tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(world_size)]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        grad = grad_output.contiguous()
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.rank * ctx.size : (ctx.rank + 1) * ctx.size]
+
+
 def _gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate `tensor` from every process along dim 0, differentiably: the backward sends each process the sum of
-    all processes' gradients for its own slice (`torch.distributed.nn.functional.all_gather`). With DDP's gradient
-    averaging, the gradients equal those of one process running the whole batch (LAVIS gathers the other side's
+    """Concatenate `tensor` from every process along dim 0, differentiably (see `_AllGatherWithGrad`). With DDP's
+    gradient averaging the gradients equal those of one process on the whole batch (LAVIS gathers the other side's
     features without gradient, which is not exact)."""
     if _world()[1] == 1:
         return tensor
-    return torch.cat(torch.distributed.nn.functional.all_gather(tensor.contiguous()), dim=0)
+    return _AllGatherWithGrad.apply(tensor)
 
 
 def _gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,87 @@
+"""Stage 1 across two processes (gloo on CPU): the ITC loss and its gradients for a batch split over 2 ranks equal
+the one-process run on the whole batch, and ITM negatives come from the other rank."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from test_pretraining import batch, stage1_model
+
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def worker(rank: int, port: int, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        model = stage1_model().eval()  # same seed: the same weights on every rank
+
+        # ITC: global batch of 4, two pairs per rank
+        whole = batch(4)
+        local = {key: value[2 * rank : 2 * rank + 2] for key, value in whole.items()}
+        output = model(**local)
+        output.loss_itc.backward()
+        grads = {}
+        for name, param in model.named_parameters():
+            if param.grad is not None:  # what DDP does: average the gradients over the ranks
+                torch.distributed.all_reduce(param.grad)
+                grads[name] = param.grad / WORLD
+        loss = output.loss_itc.detach().clone()
+        torch.distributed.all_reduce(loss)
+
+        # ITM: one pair per rank, so the only negative of each row lives on the other rank
+        pairs = batch(2)
+        with torch.no_grad():
+            itm = model(**{key: value[rank : rank + 1] for key, value in pairs.items()})
+        torch.save(
+            {
+                "loss_itc": loss / WORLD,
+                "grads": grads,
+                "sim_i2t": output.sim_i2t.detach(),
+                "sim_t2i": output.sim_t2i.detach(),
+                "logits_itm": itm.logits_itm,
+            },
+            f"{out_dir}/rank{rank}.pt",
+        )
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path, record_parity):
+    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+    model = stage1_model().eval()
+    output = model(**batch(4))
+    output.loss_itc.backward()
+    expected_grads = {name: param.grad for name, param in model.named_parameters() if param.grad is not None}
+
+    assert record_parity("stage1 2-process ITC loss", ranks[0]["loss_itc"], output.loss_itc) < 1e-6
+    for r in range(WORLD):  # each rank saw its rows against the global batch
+        rows = slice(2 * r, 2 * r + 2)
+        assert record_parity("stage1 2-process sim_i2t", ranks[r]["sim_i2t"], output.sim_i2t[rows]) < 1e-5
+        assert record_parity("stage1 2-process sim_t2i", ranks[r]["sim_t2i"], output.sim_t2i[rows]) < 1e-5
+    assert set(ranks[0]["grads"]) == set(expected_grads)
+    assert "query_tokens" in expected_grads and "temp" in expected_grads
+    worst = max(
+        record_parity("stage1 2-process ITC gradients", ranks[0]["grads"][name], grad)
+        for name, grad in expected_grads.items()
+    )
+    assert worst < 1e-5
+
+    # ITM: rank r's rows are (positive r, text r + image of the other rank, image r + text of the other rank)
+    with torch.no_grad():
+        reference = model(**batch(2)).logits_itm  # rows: pos0, pos1, t0+i1, t1+i0, i0+t1, i1+t0
+    for r in range(WORLD):
+        assert ranks[r]["logits_itm"].shape == (3, 2)
+        expected = reference[[r, 2 + r, 4 + r]]
+        assert record_parity("stage1 2-process ITM logits", ranks[r]["logits_itm"], expected) < 1e-5
