@@ -538,6 +538,45 @@ class Blip2PreTrainedModel(PreTrainedModel):
         "temp",
     ]
 
+    # Towers that training keeps frozen; `train()` leaves each in eval mode while none of its parameters trains
+    # (LAVIS's `disabled_train`): the frozen ViT and LLM never run dropout or update statistics.
+    frozen_towers = ("vision_model.embeddings", "vision_model.encoder", "language_model")
+
+    def train(self, mode: bool = True) -> Blip2PreTrainedModel:
+        super().train(mode)
+        if mode:
+            for name in self.frozen_towers:
+                try:
+                    tower = self.get_submodule(name)
+                except AttributeError:
+                    continue
+                if not any(param.requires_grad for param in tower.parameters()):
+                    tower.eval()
+        return self
+
+    def freeze_vision_encoder(self) -> None:
+        """Freeze the image encoder (no gradients, eval mode) but its `post_layernorm`, LAVIS's trainable
+        `ln_vision`."""
+        for module in (self.vision_model.embeddings, self.vision_model.encoder):
+            module.requires_grad_(False)
+            module.eval()
+
+    def encode_image_frozen(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """The frozen encoder's output `[B, 1 + P, Dv]` before the trainable `post_layernorm`, without autograd: what
+        a frozen-feature cache stores and what `forward(image_embeds=...)` takes."""
+        with torch.no_grad():
+            embeddings = self.vision_model.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+            return self.vision_model.encoder(embeddings).last_hidden_state
+
+    def _image_embeds(self, pixel_values: torch.Tensor | None, image_embeds: torch.Tensor | None) -> torch.Tensor:
+        """`post_layernorm` over the frozen encoder's output, from images or from cached `image_embeds`."""
+        if (pixel_values is None) == (image_embeds is None):
+            raise ValueError("Pass exactly one of pixel_values and image_embeds (the frozen encoder's output).")
+        if image_embeds is None:
+            image_embeds = self.encode_image_frozen(pixel_values)
+        layer_norm = self.vision_model.post_layernorm
+        return layer_norm(image_embeds.to(layer_norm.weight.dtype))
+
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained`, plus the remote code: the composite models write the full `auto_map`
         (and, for generation, the `image-to-text` pipeline entry) and copy this package's model files beside the
@@ -855,18 +894,32 @@ class Blip2Model(Blip2PreTrainedModel):
         """`[B, 3, H, W]` -> the query outputs `[B, Q, Dq]`."""
         return self.get_image_features(pixel_values, interpolate_pos_encoding).qformer_outputs.last_hidden_state
 
+    def freeze_language_model(self) -> None:
+        """Freeze the LLM (no gradients, eval mode), as both BLIP-2 stages do."""
+        self.language_model.requires_grad_(False)
+        self.language_model.eval()
+
     def get_image_features(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        image_embeds: torch.Tensor | None = None,
         **kwargs,
     ) -> Blip2ImageFeaturesOutput:
         """Run the image through both towers. `pooler_output` is the soft prompt `[B, Q, D_llm]` (fp32, as the
-        Q-Former); `last_hidden_state` the image embeddings `[B, 1 + P, Dv]`."""
+        Q-Former); `last_hidden_state` the image embeddings `[B, 1 + P, Dv]`. Instead of `pixel_values`, cached
+        `image_embeds` (the frozen encoder's output before `post_layernorm`, see `encode_image_frozen`) may be given."""
         record = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
-        vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **record)
+        if image_embeds is not None:
+            if pixel_values is not None:
+                raise ValueError("Pass pixel_values or image_embeds, not both.")
+            vision_outputs = BaseModelOutputWithPooling(last_hidden_state=self._image_embeds(None, image_embeds))
+        else:
+            vision_outputs = self.vision_model(
+                pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **record
+            )
         image_embeds = vision_outputs.last_hidden_state
         query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         qformer_outputs = self.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds, **record)
@@ -925,7 +978,7 @@ class Blip2Model(Blip2PreTrainedModel):
 
     def forward(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.LongTensor | None = None,
         decoder_input_ids: torch.LongTensor | None = None,
@@ -936,11 +989,13 @@ class Blip2Model(Blip2PreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        image_embeds: torch.Tensor | None = None,
         **kwargs,
     ) -> Blip2ForConditionalGenerationModelOutput | tuple:
         """
         Args:
-            pixel_values: `[B, 3, H, W]` images.
+            pixel_values: `[B, 3, H, W]` images, or
+            image_embeds: `[B, 1 + P, Dv]` the frozen encoder's output (`encode_image_frozen`), e.g. from a cache.
             input_ids: `[B, L]` LLM prompt with `num_query_tokens` image placeholders (from the processor).
             attention_mask: `[B, L]`, 1 for real tokens.
             decoder_input_ids / decoder_attention_mask: encoder-decoder LLMs only (T5: the target side).
@@ -951,7 +1006,9 @@ class Blip2Model(Blip2PreTrainedModel):
             `loss`, `logits [B, L, V]` and the three towers' outputs.
         """
         record = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
-        image_features = self.get_image_features(pixel_values, interpolate_pos_encoding, **record)
+        image_features = self.get_image_features(
+            pixel_values, interpolate_pos_encoding, image_embeds=image_embeds, **record
+        )
         kwargs.update({k: v for k, v in record.items() if v is not None})
         if inputs_embeds is None:
             if input_ids is None:
@@ -1024,11 +1081,12 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
     @torch.no_grad()
     def generate(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
+        image_embeds: torch.Tensor | None = None,
         **generate_kwargs,
     ) -> torch.LongTensor:
         """
@@ -1043,11 +1101,13 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
         """
         if hasattr(self, "hf_device_map") and hasattr(self.language_model, "_hf_hook"):
             self.language_model._hf_hook.io_same_device = True  # outputs come back to the input device
-        batch_size = pixel_values.shape[0]
-        language_model_inputs = self.get_image_features(pixel_values, interpolate_pos_encoding).pooler_output
+        language_model_inputs = self.get_image_features(
+            pixel_values, interpolate_pos_encoding, image_embeds=image_embeds
+        ).pooler_output
+        batch_size = language_model_inputs.shape[0]
         if inputs_embeds is None:
             if input_ids is None:
-                input_ids = self._image_only_input_ids(batch_size, pixel_values.device)
+                input_ids = self._image_only_input_ids(batch_size, language_model_inputs.device)
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if attention_mask is None:
             attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
@@ -1206,22 +1266,34 @@ def _world() -> tuple[int, int]:
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
-    """All-gather along dim 0 whose backward hands each process the sum over all processes of the gradient of its
-    own slice (all-reduce, then slice), so gradients are those of one process running the whole batch."""
+    """All-gather along dim 0, processes may hold different numbers of rows (a collator that skipped an unreadable
+    image, a last batch). The backward hands each process the sum over all processes of the gradient of its own rows
+    (all-reduce, then its slice), so gradients are those of one process running the whole batch."""
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
         rank, world_size = _world()
-        ctx.rank, ctx.size = rank, tensor.shape[0]
-        parts = [torch.empty_like(tensor) for _ in range(world_size)]
-        torch.distributed.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts, dim=0)
+        sizes = _gather_sizes(tensor.shape[0], tensor.device)
+        largest = max(sizes)
+        padded = tensor.new_zeros((largest, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in range(world_size)]
+        torch.distributed.all_gather(parts, padded.contiguous())
+        ctx.start, ctx.size = sum(sizes[:rank]), tensor.shape[0]
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)], dim=0)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
         grad = grad_output.contiguous()
         torch.distributed.all_reduce(grad)
-        return grad[ctx.rank * ctx.size : (ctx.rank + 1) * ctx.size]
+        return grad[ctx.start : ctx.start + ctx.size]
+
+
+def _gather_sizes(size: int, device: torch.device) -> list[int]:
+    """Every process's number of rows, in rank order."""
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(_world()[1])]
+    torch.distributed.all_gather(sizes, torch.tensor([size], dtype=torch.long, device=device))
+    return [int(s.item()) for s in sizes]
 
 
 def _gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
@@ -1236,9 +1308,8 @@ def _gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
 def _gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     if _world()[1] == 1:
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(_world()[1])]
-    torch.distributed.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts, dim=0)
+    with torch.no_grad():
+        return _AllGatherWithGrad.apply(tensor)
 
 
 def _pad_to_world_length(ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1451,33 +1522,6 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.cls.predictions.decoder = new_embeddings
 
-    def freeze_vision_encoder(self) -> None:
-        """Freeze the image encoder but its `post_layernorm` (LAVIS's trainable `ln_vision`)."""
-        for module in (self.vision_model.embeddings, self.vision_model.encoder):
-            module.requires_grad_(False)
-            module.eval()
-
-    def train(self, mode: bool = True) -> Blip2ForPreTraining:
-        super().train(mode)
-        self.vision_model.embeddings.eval()  # the frozen encoder stays in eval mode (LAVIS `disabled_train`)
-        self.vision_model.encoder.eval()
-        return self
-
-    def encode_image_frozen(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """The frozen encoder's output `[B, 1 + P, Dv]`, before the trainable `post_layernorm`: what a frozen-feature
-        cache stores and what `forward(image_embeds=...)` takes."""
-        with torch.no_grad():
-            embeddings = self.vision_model.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-            return self.vision_model.encoder(embeddings).last_hidden_state
-
-    def _image_embeds(self, pixel_values: torch.Tensor | None, image_embeds: torch.Tensor | None) -> torch.Tensor:
-        if (pixel_values is None) == (image_embeds is None):
-            raise ValueError("Pass exactly one of pixel_values and image_embeds (the frozen encoder's output).")
-        if image_embeds is None:
-            image_embeds = self.encode_image_frozen(pixel_values)
-        layer_norm = self.vision_model.post_layernorm
-        return layer_norm(image_embeds.to(layer_norm.weight.dtype))
-
     def _query_pass(self, image_embeds: torch.Tensor, use_cache: bool) -> Blip2QFormerModelOutput:
         query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         return self.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds, use_cache=use_cache)
@@ -1522,11 +1566,10 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
         # ITC over the global batch
         image_feats_all = _gather_with_grad(image_feats)  # [N, Q, E]
         text_feat_all = _gather_with_grad(text_feat)  # [N, E]
-        if image_feats_all.shape[0] != batch_size * world_size:
-            raise ValueError("Every process must hold the same number of pairs (use a sampler that pads evenly).")
+        offset = sum(_gather_sizes(batch_size, image_feats.device)[:rank]) if world_size > 1 else 0
         sim_i2t = torch.einsum("bqe,ne->bqn", image_feats, text_feat_all).max(dim=1).values / self.temp  # [B, N]
         sim_t2i = torch.einsum("be,nqe->bnq", text_feat, image_feats_all).max(dim=2).values / self.temp  # [B, N]
-        targets = torch.arange(batch_size, device=sim_i2t.device) + rank * batch_size
+        targets = torch.arange(batch_size, device=sim_i2t.device) + offset
         smoothing = config.itc_label_smoothing
         loss_itc = (
             nn.functional.cross_entropy(sim_i2t, targets, label_smoothing=smoothing)

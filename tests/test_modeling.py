@@ -446,3 +446,31 @@ def test_tuple_outputs():
         as_tuple = model(pixel_values=pixels(), input_ids=ids, return_dict=False)
         as_dict = model(pixel_values=pixels(), input_ids=ids)
     assert torch.equal(as_tuple[0], as_dict.logits)
+
+
+def test_cached_image_embeds_and_frozen_towers():
+    model = tiny_model("opt")
+    ids = torch.tensor([prompt_ids(model, [5, 6])] * 2)
+    images = pixels(2)
+    with torch.no_grad():
+        frozen = model.encode_image_frozen(images)  # what a frozen-feature cache stores (before post_layernorm)
+        a = model(pixel_values=images, input_ids=ids).logits
+        b = model(image_embeds=frozen, input_ids=ids).logits
+    assert torch.equal(a, b)
+    assert torch.equal(
+        model.generate(pixel_values=images, input_ids=ids, max_new_tokens=3),
+        model.generate(image_embeds=frozen, input_ids=ids, max_new_tokens=3),
+    )
+    with pytest.raises(ValueError, match="not both"):
+        model(pixel_values=images, image_embeds=frozen, input_ids=ids)
+    model.freeze_vision_encoder()
+    model.freeze_language_model()
+    model.train()
+    assert not model.vision_model.encoder.training and not model.language_model.training
+    assert model.qformer.training and model.vision_model.post_layernorm.training
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {
+        "vision_model",
+        "query_tokens",
+        "qformer",
+        "language_projection",
+    }

@@ -37,6 +37,12 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         loss = output.loss_itc.detach().clone()
         torch.distributed.all_reduce(loss)
 
+        # unequal local batches (a collator skipped an image): 2 rows on rank 0, 1 on rank 1
+        three = batch(3)
+        rows = slice(0, 2) if rank == 0 else slice(2, 3)
+        with torch.no_grad():
+            uneven = model(**{key: value[rows] for key, value in three.items()})
+
         # ITM: one pair per rank, so the only negative of each row lives on the other rank
         pairs = batch(2)
         with torch.no_grad():
@@ -48,6 +54,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
                 "sim_i2t": output.sim_i2t.detach(),
                 "sim_t2i": output.sim_t2i.detach(),
                 "logits_itm": itm.logits_itm,
+                "uneven_sim_i2t": uneven.sim_i2t,
+                "uneven_sim_t2i": uneven.sim_t2i,
             },
             f"{out_dir}/rank{rank}.pt",
         )
@@ -77,6 +85,12 @@ def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path, record_par
         for name, grad in expected_grads.items()
     )
     assert worst < 1e-5
+
+    with torch.no_grad():
+        uneven = model(**batch(3))
+    for r, rows in enumerate((slice(0, 2), slice(2, 3))):
+        assert record_parity("stage1 2-process uneven sim", ranks[r]["uneven_sim_i2t"], uneven.sim_i2t[rows]) < 1e-5
+        assert record_parity("stage1 2-process uneven sim", ranks[r]["uneven_sim_t2i"], uneven.sim_t2i[rows]) < 1e-5
 
     # ITM: rank r's rows are (positive r, text r + image of the other rank, image r + text of the other rank)
     with torch.no_grad():
