@@ -646,7 +646,8 @@ class Blip2VisionModel(Blip2PreTrainedModel):
             output_hidden_states=bool(output_hidden_states),
             output_attentions=bool(output_attentions),
         )
-        last_hidden_state = self.post_layernorm(encoder_outputs.last_hidden_state)
+        # a frozen encoder may run in half precision while `post_layernorm` trains in fp32
+        last_hidden_state = self.post_layernorm(encoder_outputs.last_hidden_state.to(self.post_layernorm.weight.dtype))
         output = BaseModelOutputWithPooling(
             last_hidden_state=last_hidden_state,
             pooler_output=self.post_layernorm(last_hidden_state[:, 0]),

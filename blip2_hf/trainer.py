@@ -1,0 +1,178 @@
+"""`transformers.Trainer` for BLIP-2's two stages.
+
+What BLIP-2 needs beyond the stock Trainer, and nothing else:
+- freezing what the paper freezes (the image encoder but its `post_layernorm`, and the LLM): no gradients, eval mode
+  (the models' `train()` keeps frozen towers in eval), optionally half precision;
+- each loss component (ITC / ITM / ITG in stage 1) logged next to the total, averaged over the logging window and
+  across processes;
+- checkpoints holding only the trained weights (the frozen ViT-g and LLM are most of the bytes and never change), with
+  an explicit key check on resume; the final `save_model` writes the full model, which `from_pretrained` loads.
+The optimizer (AdamW, betas from `TrainingArguments`, no weight decay on biases and norms) and the schedule (linear
+warmup, then cosine to `min_lr`: `lr_scheduler_type="cosine_with_min_lr"`) are the Trainer's own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import safetensors.torch
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class Blip2TrainingArguments(TrainingArguments):
+    """`TrainingArguments` with BLIP-2's defaults (paper + LAVIS): AdamW betas (0.9, 0.98), weight decay 0.05, linear
+    warmup then cosine to a minimum learning rate, raw columns kept for the collators."""
+
+    adam_beta2: float = field(default=0.98, metadata={"help": "AdamW beta2 (0.98 in the BLIP-2 paper)."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (none on biases and norms)."})
+    lr_scheduler_type: str = field(default="cosine_with_min_lr", metadata={"help": "Warmup, then cosine."})
+    min_learning_rate: float = field(
+        default=1e-5, metadata={"help": "Where the cosine ends (stage 1: 1e-5, stage 2: 5e-5 in the paper)."}
+    )
+    remove_unused_columns: bool = field(default=False, metadata={"help": "The collators read raw columns."})
+    frozen_precision: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype of the frozen image encoder and LLM: fp16, bf16, fp32, or auto (fp16 on CUDA, bf16 for "
+            "T5-family LLMs, which overflow in fp16; fp32 on CPU)."
+        },
+    )
+
+    def __post_init__(self):
+        if self.lr_scheduler_type in ("cosine_with_min_lr", "SchedulerType.COSINE_WITH_MIN_LR"):
+            self.lr_scheduler_kwargs = {"min_lr": self.min_learning_rate, **(self.lr_scheduler_kwargs or {})}
+        super().__post_init__()
+
+
+def _frozen_dtype(precision: str, model: torch.nn.Module) -> torch.dtype:
+    if precision == "auto":
+        if not torch.cuda.is_available():
+            return torch.float32
+        text_config = getattr(model.config, "text_config", None)
+        is_t5 = text_config is not None and text_config.model_type in ("t5", "mt5", "umt5")
+        return torch.bfloat16 if is_t5 else torch.float16
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    if precision not in dtypes:
+        raise ValueError(f"frozen_precision={precision!r}: expected one of auto, {', '.join(dtypes)}.")
+    return dtypes[precision]
+
+
+class Blip2Trainer(Trainer):
+    """Shared by both stages; `loss_components` names the output fields logged besides `loss`."""
+
+    loss_components: tuple[str, ...] = ()
+
+    def __init__(self, model=None, args: TrainingArguments | None = None, **kwargs):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the model
+        self._freeze(base, getattr(args, "frozen_precision", "auto"))
+        super().__init__(model=model, args=args, **kwargs)
+        self._component_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(()))
+        self._component_count = 0
+        self._saving_checkpoint = False
+
+    @staticmethod
+    def _freeze(model: torch.nn.Module, precision: str) -> None:
+        dtype = _frozen_dtype(precision, model)
+        model.freeze_vision_encoder()
+        towers = [model.vision_model.embeddings, model.vision_model.encoder]
+        if hasattr(model, "language_model"):
+            model.freeze_language_model()
+            towers.append(model.language_model)
+        for tower in towers:
+            # LoRA adapters inside a frozen LLM stay fp32 (they train); everything else takes the frozen dtype
+            for param in tower.parameters():
+                if not param.requires_grad:
+                    param.data = param.data.to(dtype)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+            inputs = {**inputs, "num_items_in_batch": num_items_in_batch}
+        outputs = model(**inputs)
+        if model.training:
+            for name in self.loss_components:
+                self._component_sums[name] = self._component_sums[name] + outputs[name].detach().float().cpu()
+            self._component_count += 1
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._component_count:  # a training log: add the components, averaged
+            for name in self.loss_components:
+                mean = (self._component_sums[name] / self._component_count).to(self.args.device)
+                logs[name] = round(self.accelerator.reduce(mean, reduction="mean").item(), 4)
+            self._component_sums.clear()
+            self._component_count = 0
+        super().log(logs, start_time)
+
+    # --- checkpoints: trained weights only, checked on resume --------------------------------------------------------
+
+    def _trainable_names(self) -> set[str]:
+        model = self.accelerator.unwrap_model(self.model)
+        return {name for name, param in model.named_parameters() if param.requires_grad}
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self._saving_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if self._saving_checkpoint and not hasattr(model, "peft_config"):
+            full = model.state_dict() if state_dict is None else state_dict
+            trainable = self._trainable_names()
+            state_dict = {name: tensor for name, tensor in full.items() if name in trainable}
+        super()._save(output_dir, state_dict=state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        weights = os.path.join(resume_from_checkpoint, "model.safetensors")
+        if hasattr(model, "peft_config") or not os.path.isfile(weights):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        state_dict = safetensors.torch.load_file(weights)
+        trainable = self._trainable_names()
+        missing, unexpected = sorted(trainable - set(state_dict)), sorted(set(state_dict) - trainable)
+        if missing or unexpected:
+            raise ValueError(
+                f"Checkpoint {weights} does not match the weights this run trains: missing {missing[:10]}"
+                f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
+                f"{' ...' if len(unexpected) > 10 else ''}. Resume with the same model and freezing settings."
+            )
+        own = model.state_dict()
+        for name, tensor in state_dict.items():
+            if own[name].shape != tensor.shape:
+                raise ValueError(
+                    f"{weights}: {name} has shape {tuple(tensor.shape)}, the model {tuple(own[name].shape)}"
+                )
+        model.load_state_dict(state_dict, strict=False)
+        logger.info(f"Resumed {len(state_dict)} trained tensors from {weights}")
+
+
+class Blip2Stage1Trainer(Blip2Trainer):
+    """Stage 1 (`Blip2ForPreTraining`): logs `loss_itc`, `loss_itm`, `loss_itg`. Its losses are batch means, so
+    gradient accumulation divides them by the number of accumulation steps (no `num_items_in_batch`)."""
+
+    loss_components = ("loss_itc", "loss_itm", "loss_itg")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False
+
+
+class Blip2Stage2Trainer(Blip2Trainer):
+    """Stage 2 (`Blip2ForConditionalGeneration`): the LM loss. For decoder-only LLMs it is normalized by the number
+    of target tokens over the whole accumulated batch (`num_items_in_batch`), so accumulation equals a bigger batch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        model = self.accelerator.unwrap_model(self.model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # T5's own loss is a batch mean: accumulation divides it instead
+        self.model_accepts_loss_kwargs = bool(base.config.use_decoder_only_language_model)
