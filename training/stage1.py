@@ -1,0 +1,127 @@
+"""BLIP-2 stage 1: train the Q-Former against a frozen image encoder with ITC + ITM + ITG (paper section 3.2).
+
+    accelerate launch training/stage1.py --config training/configs/stage1_pretrain.yaml
+    accelerate launch --multi_gpu --num_processes 8 training/stage1.py --config ... --output_dir runs/stage1
+    python training/stage1.py --config training/configs/tiny/stage1.yaml          # CPU, a minute
+
+Arguments: the three dataclasses below plus `Blip2TrainingArguments` (all of `transformers.TrainingArguments`), from a
+YAML/JSON `--config` file, overridden by `--name value` on the command line. The model is either a stage-1 folder
+(`model_name_or_path`) or built from a `Blip2Config` (`config_name`), with the frozen image encoder's weights from
+`vision_model_name_or_path` and the Q-Former initialized from a BERT masked LM (`bert_name_or_path`), as the paper
+does. Data are caption JSONs, image folders with metadata.jsonl or webdataset tar shards (`train_data`, mixed by
+`train_data_weights`), or a frozen-feature cache (`feature_cache`, built by `blip2-hf-cache-features`).
+A run killed at any point resumes from its last checkpoint with `--resume_from_checkpoint last`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from blip2_hf import Blip2Config, Blip2ForPreTraining, Blip2Processor
+from blip2_hf.data import BadImageTracker, RandomResizedCropFlip, Stage1Collator, load_training_data
+from blip2_hf.modeling_blip2 import read_safetensors_folder
+from blip2_hf.trainer import Blip2Stage1Trainer, Blip2TrainingArguments, parse_args_with_config
+
+logger = logging.getLogger("blip2_hf.training")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "A stage-1 folder to continue from."})
+    config_name: str | None = field(default=None, metadata={"help": "Blip2Config (json or folder) for a new model."})
+    vision_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Frozen image encoder weights: any folder with `vision_model.*` keys."}
+    )
+    bert_name_or_path: str | None = field(default=None, metadata={"help": "BERT masked LM to start the Q-Former."})
+    processor_name_or_path: str = field(
+        default=None, metadata={"help": "Blip2Processor folder with the image processor and the Q-Former tokenizer."}
+    )
+
+
+@dataclass
+class DataArguments:
+    train_data: list[str] = field(default_factory=list, metadata={"help": "Caption JSONs, image folders, tar shards."})
+    train_data_weights: list[float] | None = field(default=None, metadata={"help": "Sampling weights of the sources."})
+    image_root: str | None = field(default=None, metadata={"help": "Root of relative image paths in caption JSONs."})
+    feature_cache: str | None = field(default=None, metadata={"help": "Train from cached frozen-encoder outputs."})
+    max_length: int = field(default=32, metadata={"help": "Q-Former text length (LAVIS: 32)."})
+    augment: bool = field(default=True, metadata={"help": "Random resized crop (0.5-1) and horizontal flip."})
+    max_bad_fraction: float = field(default=0.5, metadata={"help": "Stop when more images than this are unreadable."})
+
+
+def build_model(args: ModelArguments) -> Blip2ForPreTraining:
+    if args.model_name_or_path is not None:
+        return Blip2ForPreTraining.from_pretrained(args.model_name_or_path)
+    if args.config_name is None:
+        raise ValueError("Give model_name_or_path (a stage-1 folder) or config_name (a Blip2Config for a new model).")
+    config = Blip2Config.from_pretrained(args.config_name)
+    if args.bert_name_or_path is not None:
+        model = Blip2ForPreTraining.from_bert(args.bert_name_or_path, config)
+    else:
+        model = Blip2ForPreTraining(config)
+    if args.vision_model_name_or_path is not None:
+        # a full BLIP-2 folder has `vision_model.*` keys; a `Blip2VisionModel` folder has them without the prefix
+        weights = read_safetensors_folder(args.vision_model_name_or_path)
+        vision = {k[len("vision_model.") :]: v for k, v in weights.items() if k.startswith("vision_model.")} or weights
+        missing, unexpected = model.vision_model.load_state_dict(vision, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{args.vision_model_name_or_path}: vision weights do not match the config: missing {missing}, "
+                f"unexpected {unexpected}"
+            )
+    else:
+        logger.warning("No vision_model_name_or_path: the frozen image encoder keeps its random initialization.")
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = HfArgumentParser((ModelArguments, DataArguments, Blip2TrainingArguments))
+    model_args, data_args, training_args = parse_args_with_config(parser, argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(training_args.seed)
+
+    processor = Blip2Processor.from_pretrained(model_args.processor_name_or_path)
+    if processor.qformer_tokenizer is None:
+        raise ValueError(f"{model_args.processor_name_or_path} has no Q-Former tokenizer (qformer_tokenizer/).")
+    model = build_model(model_args)
+
+    if data_args.feature_cache is not None:
+        from blip2_hf.feature_cache import check_cache_matches, load_feature_cache
+
+        check_cache_matches(model, data_args.feature_cache)
+        train_dataset, image_transform = load_feature_cache(data_args.feature_cache), None
+    else:
+        train_dataset = load_training_data(
+            data_args.train_data,
+            data_args.train_data_weights,
+            image_root=data_args.image_root,
+            seed=training_args.seed,
+        )
+        image_size = model.config.vision_config.image_size
+        image_transform = RandomResizedCropFlip(image_size) if data_args.augment else None
+    collator = Stage1Collator(
+        processor,
+        max_length=data_args.max_length,
+        image_transform=image_transform,
+        tracker=BadImageTracker(max_bad_fraction=data_args.max_bad_fraction),
+    )
+
+    trainer = Blip2Stage1Trainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator)
+    resume = training_args.resume_from_checkpoint
+    if resume == "last":
+        resume = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(training_args.output_dir)  # the full model: from_pretrained / AutoModelForPreTraining load it
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(training_args.output_dir)
+        tracker = collator.tracker
+        logger.info(f"Done. Unreadable images skipped: {tracker.num_bad} of {tracker.num_seen}.")
+
+
+if __name__ == "__main__":
+    main()

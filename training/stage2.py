@@ -1,0 +1,182 @@
+"""BLIP-2 stage 2: connect the stage-1 Q-Former to a frozen LLM through `language_projection` and train with the
+language-modeling loss (paper section 3.3): plain LM for decoder-only LLMs (OPT, Llama, ...: caption + "\\n" as EOS,
+prompt masked), prefix LM for encoder-decoder LLMs (Flan-T5: each caption split at a random point into an encoder
+prefix and a decoder suffix).
+
+    accelerate launch training/stage2.py --config training/configs/stage2_opt2.7b.yaml
+    python training/stage2.py --config training/configs/tiny/stage2_opt.yaml          # CPU, a minute
+
+The model is a stage-1 folder (`stage1_name_or_path`: vision encoder, query tokens, Q-Former) plus any LLM name or
+path (`language_model_name_or_path`), or a stage-2 folder to continue from (`model_name_or_path`). `lora_r > 0` adds
+LoRA adapters (peft) to the LLM and, with `lora_qformer`, to the Q-Former; they are saved next to the model and
+`PeftModel.from_pretrained(Blip2ForConditionalGeneration.from_pretrained(out), out)` reloads them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, HfArgumentParser, set_seed
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.trainer_utils import get_last_checkpoint
+
+from blip2_hf import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+from blip2_hf.data import BadImageTracker, RandomResizedCropFlip, Stage2Collator, load_training_data
+from blip2_hf.trainer import Blip2Stage2Trainer, Blip2TrainingArguments, parse_args_with_config
+
+logger = logging.getLogger("blip2_hf.training")
+
+# LoRA targets per LLM family (the attention's query and value projections, as the LoRA paper)
+LORA_TARGETS = {"t5": ("q", "v"), "mt5": ("q", "v")}
+DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
+
+
+@dataclass
+class ModelArguments:
+    stage1_name_or_path: str | None = field(default=None, metadata={"help": "A stage-1 folder (Blip2ForPreTraining)."})
+    language_model_name_or_path: str | None = field(default=None, metadata={"help": "The frozen LLM."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "A stage-2 folder to continue from."})
+    processor_name_or_path: str | None = field(
+        default=None, metadata={"help": "Blip2Processor folder (image processor + this LLM's tokenizer)."}
+    )
+    num_query_tokens: int | None = field(default=None, metadata={"help": "Default: the stage-1 model's."})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank for the LLM (0: no LoRA, the LLM stays frozen)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Default: the LLM's q/v."})
+    lora_qformer: bool = field(default=False, metadata={"help": "Also LoRA on the Q-Former's query/value."})
+
+
+@dataclass
+class DataArguments:
+    train_data: list[str] = field(default_factory=list, metadata={"help": "Caption JSONs, image folders, tar shards."})
+    train_data_weights: list[float] | None = field(default=None, metadata={"help": "Sampling weights of the sources."})
+    image_root: str | None = field(default=None, metadata={"help": "Root of relative image paths in caption JSONs."})
+    feature_cache: str | None = field(default=None, metadata={"help": "Train from cached frozen-encoder outputs."})
+    max_length: int = field(default=32, metadata={"help": "Text tokens after the image tokens (LAVIS: 32)."})
+    prompt: str = field(default="", metadata={"help": 'Text before each caption, e.g. "a photo of ".'})
+    augment: bool = field(default=True, metadata={"help": "Random resized crop (0.5-1) and horizontal flip."})
+    max_bad_fraction: float = field(default=0.5, metadata={"help": "Stop when more images than this are unreadable."})
+
+
+def build_model(args: ModelArguments, processor: Blip2Processor) -> Blip2ForConditionalGeneration:
+    if args.model_name_or_path is not None:
+        return Blip2ForConditionalGeneration.from_pretrained(args.model_name_or_path)
+    if args.stage1_name_or_path is None or args.language_model_name_or_path is None:
+        raise ValueError("Give stage1_name_or_path and language_model_name_or_path, or model_name_or_path.")
+    stage1 = Blip2Config.from_pretrained(args.stage1_name_or_path)
+    llm_config = AutoConfig.from_pretrained(args.language_model_name_or_path)
+    qformer_config = stage1.qformer_config.to_dict()
+    qformer_config["use_qformer_text_input"] = False  # stage 2 runs no text through the Q-Former (LAVIS drops it)
+    config = Blip2Config(
+        vision_config=stage1.vision_config.to_dict(),
+        qformer_config=qformer_config,
+        text_config=llm_config.to_dict(),
+        num_query_tokens=args.num_query_tokens or stage1.num_query_tokens,
+        image_token_index=processor.image_token_id,
+    )
+    model = Blip2ForConditionalGeneration(config)
+    model.init_from_stage1(args.stage1_name_or_path)
+    llm_class = (
+        AutoModelForCausalLM if llm_config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModelForSeq2SeqLM
+    )
+    model.language_model = llm_class.from_pretrained(args.language_model_name_or_path)
+    if len(processor.tokenizer) > model.language_model.get_input_embeddings().num_embeddings:
+        model.language_model.resize_token_embeddings(len(processor.tokenizer))  # room for `<image>`
+    model.config.text_config = model.language_model.config
+    return model
+
+
+def add_lora(model: Blip2ForConditionalGeneration, args: ModelArguments):
+    from peft import LoraConfig, get_peft_model
+
+    targets = args.lora_target_modules or LORA_TARGETS.get(model.config.text_config.model_type, DEFAULT_LORA_TARGETS)
+    pattern = rf".*language_model\..*\.({'|'.join(targets)})"
+    if args.lora_qformer:
+        pattern = rf"({pattern}|.*qformer\..*\.attention\.attention\.(query|value))"
+    trained = [name for name, param in model.named_parameters() if param.requires_grad]
+    lora = get_peft_model(
+        model,
+        LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=pattern),
+    )
+    # get_peft_model freezes every base weight: what stage 2 trains without LoRA trains with it too
+    names = {name.removeprefix("base_model.model."): param for name, param in lora.named_parameters()}
+    for name in trained:
+        if not (args.lora_qformer and name.startswith("qformer.")) and name in names:
+            names[name].requires_grad_(True)
+    return lora
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = HfArgumentParser((ModelArguments, DataArguments, Blip2TrainingArguments))
+    model_args, data_args, training_args = parse_args_with_config(parser, argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(training_args.seed)
+
+    processor_path = model_args.processor_name_or_path or model_args.model_name_or_path
+    processor = Blip2Processor.from_pretrained(processor_path)
+    model = build_model(model_args, processor)
+    if processor.num_query_tokens != model.config.num_query_tokens:
+        raise ValueError(
+            f"{processor_path}: the processor writes {processor.num_query_tokens} image tokens, the model has "
+            f"num_query_tokens={model.config.num_query_tokens}."
+        )
+    decoder_only = model.config.use_decoder_only_language_model
+    if decoder_only:  # LAVIS trains OPT to end captions with "\n" and stops generation there
+        newline = processor.tokenizer("\n", add_special_tokens=False).input_ids
+        eos = model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if len(newline) == 1 and newline[0] not in eos:
+            model.generation_config.eos_token_id = eos + newline
+    model.freeze_vision_encoder()
+    model.freeze_language_model()
+    if model_args.lora_r > 0:
+        model = add_lora(model, model_args)
+        model.print_trainable_parameters()
+
+    if data_args.feature_cache is not None:
+        from blip2_hf.feature_cache import check_cache_matches, load_feature_cache
+
+        check_cache_matches(model, data_args.feature_cache)
+        train_dataset, image_transform = load_feature_cache(data_args.feature_cache), None
+    else:
+        train_dataset = load_training_data(
+            data_args.train_data,
+            data_args.train_data_weights,
+            image_root=data_args.image_root,
+            seed=training_args.seed,
+        )
+        image_size = model.config.vision_config.image_size
+        image_transform = RandomResizedCropFlip(image_size) if data_args.augment else None
+    collator = Stage2Collator(
+        processor,
+        max_length=data_args.max_length,
+        prompt=data_args.prompt,
+        is_encoder_decoder=not decoder_only,
+        image_transform=image_transform,
+        tracker=BadImageTracker(max_bad_fraction=data_args.max_bad_fraction),
+    )
+
+    trainer = Blip2Stage2Trainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator)
+    resume = training_args.resume_from_checkpoint
+    if resume == "last":
+        resume = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    trainer.train(resume_from_checkpoint=resume)
+
+    output_dir = training_args.output_dir
+    if model_args.lora_r > 0:
+        # the adapters, then the base model (trained Q-Former, original LLM) beside them
+        if trainer.is_world_process_zero():
+            model.save_pretrained(output_dir)
+            model.unload().save_pretrained(output_dir)
+    else:
+        trainer.save_model(output_dir)
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(output_dir)
+        logger.info(f"Done. Unreadable images skipped: {collator.tracker.num_bad} of {collator.tracker.num_seen}.")
+
+
+if __name__ == "__main__":
+    main()
