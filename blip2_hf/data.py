@@ -23,6 +23,7 @@ augmentations. With `num_workers > 0` each worker holds its own copy of a collat
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import logging
@@ -546,8 +547,9 @@ class RandomResizedCropFlip:
     crop of the whole image clamped to `ratio`. The crop is resized to `image_size` with bicubic resampling (PIL
     `crop` then `resize`, as torchvision does on PIL images), then flipped left-right with probability `flip_prob`.
 
-    The draws use Python's `random` module (`random.uniform`, `random.randint`, `random.random`), so `random.seed`
-    reproduces them and the Trainer's checkpointed RNG state restores them on resume. Evaluation uses no transform:
+    The draws come from the `rng` given to the call (a `random.Random`; Python's `random` module by default). The
+    collators give each sample its own generator seeded by (seed, epoch, sample), so a sample's crop does not depend
+    on what ran before it: a resumed run, or one with more data-loader workers, crops exactly as an uninterrupted one. Evaluation uses no transform:
     the processor's plain bicubic resize to `image_size` is LAVIS `blip_image_eval`.
 
     Args:
@@ -568,18 +570,18 @@ class RandomResizedCropFlip:
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.flip_prob = flip_prob
 
-    def get_params(self, width: int, height: int) -> tuple[int, int, int, int]:
+    def get_params(self, width: int, height: int, rng: Any = random) -> tuple[int, int, int, int]:
         """Draw a crop box `(top, left, crop_height, crop_width)` for an image of `width` x `height` pixels."""
         area = height * width
         log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
         for _ in range(10):
-            target_area = area * random.uniform(*self.scale)
-            aspect_ratio = math.exp(random.uniform(*log_ratio))
+            target_area = area * rng.uniform(*self.scale)
+            aspect_ratio = math.exp(rng.uniform(*log_ratio))
             crop_width = int(round(math.sqrt(target_area * aspect_ratio)))
             crop_height = int(round(math.sqrt(target_area / aspect_ratio)))
             if 0 < crop_width <= width and 0 < crop_height <= height:
-                top = random.randint(0, height - crop_height)
-                left = random.randint(0, width - crop_width)
+                top = rng.randint(0, height - crop_height)
+                left = rng.randint(0, width - crop_width)
                 return top, left, crop_height, crop_width
         # Fallback: the largest centered crop whose aspect ratio lies in `ratio`.
         in_ratio = width / height
@@ -591,14 +593,14 @@ class RandomResizedCropFlip:
             crop_width, crop_height = width, height
         return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
-    def __call__(self, image: Image.Image) -> Image.Image:
+    def __call__(self, image: Image.Image, rng: Any = random) -> Image.Image:
         """Crop, resize to `image_size` and maybe flip `image`; returns a new PIL image of that size."""
-        top, left, crop_height, crop_width = self.get_params(*image.size)
+        top, left, crop_height, crop_width = self.get_params(*image.size, rng=rng)
         height, width = self.size
         image = image.crop((left, top, left + crop_width, top + crop_height)).resize(
             (width, height), Image.Resampling.BICUBIC
         )
-        if random.random() < self.flip_prob:
+        if rng.random() < self.flip_prob:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return image
 
@@ -645,34 +647,49 @@ class _CollatorBase:
         self.image_transform = image_transform
         self.tracker = tracker if tracker is not None else BadImageTracker()
         self.max_words = max_words
+        # Randomness per sample (augmentation, prefix split): seeded by (seed, epoch, sample). The Trainer sets both
+        # (`blip2_hf.trainer` updates `epoch` at each epoch's start).
+        self.seed = 0
+        self.epoch = 0
 
-    def _load_rows(self, rows: Sequence[Mapping[str, Any]]) -> tuple[list[Image.Image], list[str]]:
-        """Images (transformed) and cleaned captions of the rows that load; the others go to the tracker."""
+    def _rng(self, row: Mapping[str, Any]) -> random.Random:
+        image = row.get("image")
+        key = hashlib.sha256(image).hexdigest() if isinstance(image, bytes) else repr(image)
+        digest = hashlib.sha256(f"{self.seed}|{self.epoch}|{key}|{row.get('caption')!r}".encode()).digest()
+        return random.Random(int.from_bytes(digest[:8], "little"))
+
+    def _load_rows(
+        self, rows: Sequence[Mapping[str, Any]]
+    ) -> tuple[list[Image.Image], list[str], list[random.Random]]:
+        """Images (transformed), cleaned captions and per-sample generators of the rows that load; the others go to
+        the tracker."""
         if not rows:
             raise ValueError("Got an empty batch.")
-        images, captions = [], []
+        images, captions, rngs = [], [], []
         for row in rows:
             caption = row.get("caption")
+            rng = self._rng(row)
             try:
                 if not isinstance(caption, str):
                     raise ValueError(f"the sample has no caption string (got {caption!r})")
                 image = load_image(row.get("image"))
                 if self.image_transform is not None:
-                    image = self.image_transform(image)
+                    image = self.image_transform(image, rng)
             except Exception as error:  # any decoding failure (PIL raises many kinds) costs the sample only
                 self.tracker.record_bad(describe_image(row.get("image"), caption), error)
                 continue
             self.tracker.record_good()
             images.append(image)
             captions.append(pre_caption(caption, self.max_words))
+            rngs.append(rng)
         if not images:
             raise RuntimeError(
                 self.tracker.summary(f"and every sample of the last batch ({len(rows)} samples) was bad")
             )
-        return images, captions
+        return images, captions, rngs
 
-    def _cached_captions(self, rows: Sequence[Mapping[str, Any]]) -> list[str]:
-        return [pre_caption(row["caption"], self.max_words) for row in rows]
+    def _cached_captions(self, rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[random.Random]]:
+        return [pre_caption(row["caption"], self.max_words) for row in rows], [self._rng(row) for row in rows]
 
     def _pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
         return self.processor(images=images, return_tensors="pt")["pixel_values"]
@@ -711,9 +728,9 @@ class Stage1Collator(_CollatorBase):
         image_embeds = _image_embeds(rows)
         if image_embeds is not None:
             batch = {"image_embeds": image_embeds}
-            captions = self._cached_captions(rows)
+            captions, _ = self._cached_captions(rows)
         else:
-            images, captions = self._load_rows(rows)
+            images, captions, _ = self._load_rows(rows)
             batch = {"pixel_values": self._pixel_values(images)}
         tokens = self.processor.qformer_tokenizer(
             captions,
@@ -786,12 +803,12 @@ class Stage2Collator(_CollatorBase):
         image_embeds = _image_embeds(rows)
         if image_embeds is not None:
             batch = {"image_embeds": image_embeds}
-            captions = self._cached_captions(rows)
+            captions, rngs = self._cached_captions(rows)
         else:
-            images, captions = self._load_rows(rows)
+            images, captions, rngs = self._load_rows(rows)
             batch = {"pixel_values": self._pixel_values(images)}
         if self.is_encoder_decoder:
-            batch.update(self._encoder_decoder_text(captions))
+            batch.update(self._encoder_decoder_text(captions, rngs))
         else:
             batch.update(self._decoder_only_text(captions))
         return batch
@@ -818,16 +835,16 @@ class Stage2Collator(_CollatorBase):
         batch["labels"] = labels
         return batch
 
-    def split_caption(self, caption: str) -> tuple[str, str]:
+    def split_caption(self, caption: str, rng: Any = random) -> tuple[str, str]:
         """`(encoder text, decoder target)` of one cleaned caption for the encoder-decoder prefix LM."""
         words = caption.split()
         if not self.split_prefix or len(words) < 2:
             return self.prompt, caption
-        k = random.randint(1, max(1, len(words) // 2))
+        k = rng.randint(1, max(1, len(words) // 2))
         return self.prompt + " ".join(words[:k]), " ".join(words[k:])
 
-    def _encoder_decoder_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        encoder_texts, targets = zip(*(self.split_caption(caption) for caption in captions))
+    def _encoder_decoder_text(self, captions: list[str], rngs: list[random.Random]) -> dict[str, torch.Tensor]:
+        encoder_texts, targets = zip(*(self.split_caption(caption, rng) for caption, rng in zip(captions, rngs)))
         batch = self._encode(list(encoder_texts))
         target_tokens = self.processor.tokenizer(
             list(targets),

@@ -13,13 +13,14 @@ warmup, then cosine to `min_lr`: `lr_scheduler_type="cosine_with_min_lr"`) are t
 
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import safetensors.torch
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -64,6 +65,19 @@ def _frozen_dtype(precision: str, model: torch.nn.Module) -> torch.dtype:
     return dtypes[precision]
 
 
+class _CollatorEpoch(TrainerCallback):
+    """Tells the collator the seed and the epoch, which seed each sample's augmentation: a sample's randomness then
+    depends on nothing that ran before it, so a resumed run (or one with more workers) draws what an uninterrupted run
+    draws. (Global RNG streams cannot promise that: the data loader collates one batch ahead of the step.)"""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.seed = args.seed
+        self.collator.epoch = int(math.floor(state.epoch + 1e-6)) if state.epoch else 0
+
+
 class Blip2Trainer(Trainer):
     """Shared by both stages; `loss_components` names the output fields logged besides `loss`."""
 
@@ -73,23 +87,27 @@ class Blip2Trainer(Trainer):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the model
         self._freeze(base, getattr(args, "frozen_precision", "auto"))
         super().__init__(model=model, args=args, **kwargs)
+        if hasattr(self.data_collator, "epoch"):
+            self.add_callback(_CollatorEpoch(self.data_collator))
         self._component_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(()))
         self._component_count = 0
         self._saving_checkpoint = False
 
     @staticmethod
     def _freeze(model: torch.nn.Module, precision: str) -> None:
+        """No gradients for the image encoder (but `post_layernorm`) and the LLM, whose weights take the frozen dtype;
+        LoRA adapters inside them (`lora_*` parameters) keep training in fp32. `train()` keeps fully frozen towers in
+        eval mode."""
         dtype = _frozen_dtype(precision, model)
-        model.freeze_vision_encoder()
         towers = [model.vision_model.embeddings, model.vision_model.encoder]
         if hasattr(model, "language_model"):
-            model.freeze_language_model()
             towers.append(model.language_model)
         for tower in towers:
-            # LoRA adapters inside a frozen LLM stay fp32 (they train); everything else takes the frozen dtype
-            for param in tower.parameters():
-                if not param.requires_grad:
-                    param.data = param.data.to(dtype)
+            for name, param in tower.named_parameters():
+                if "lora_" in name:
+                    continue
+                param.requires_grad_(False)
+                param.data = param.data.to(dtype)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
@@ -124,17 +142,25 @@ class Blip2Trainer(Trainer):
             self._saving_checkpoint = False
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self._saving_checkpoint:  # the final model: everything, as `save_pretrained` writes it
+            return super()._save(output_dir, state_dict=state_dict)
+        # a checkpoint: the trained tensors only (LoRA adapters included), written atomically
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
-        if self._saving_checkpoint and not hasattr(model, "peft_config"):
-            full = model.state_dict() if state_dict is None else state_dict
-            trainable = self._trainable_names()
-            state_dict = {name: tensor for name, tensor in full.items() if name in trainable}
-        super()._save(output_dir, state_dict=state_dict)
+        full = model.state_dict() if state_dict is None else state_dict
+        trainable = self._trainable_names()
+        tensors = {name: tensor.detach().contiguous() for name, tensor in full.items() if name in trainable}
+        path = os.path.join(output_dir, "model.safetensors")
+        safetensors.torch.save_file(tensors, path + ".tmp", metadata={"format": "pt"})
+        os.replace(path + ".tmp", path)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
         weights = os.path.join(resume_from_checkpoint, "model.safetensors")
-        if hasattr(model, "peft_config") or not os.path.isfile(weights):
+        if not os.path.isfile(weights):
             return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         state_dict = safetensors.torch.load_file(weights)
         trainable = self._trainable_names()
@@ -176,3 +202,43 @@ class Blip2Stage2Trainer(Blip2Trainer):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         # T5's own loss is a batch mean: accumulation divides it instead
         self.model_accepts_loss_kwargs = bool(base.config.use_decoder_only_language_model)
+
+
+def parse_args_with_config(parser, argv: list[str] | None = None) -> tuple:
+    """The training scripts' arguments: `--config FILE` (YAML or JSON: a flat mapping of argument names to values)
+    then `--name value` overrides from the command line (values read as YAML, so `--max_steps 10` is an int and
+    `--train_data a.json b.json` a list). Unknown names are errors (`HfArgumentParser.parse_dict`)."""
+    import dataclasses
+    import sys
+    import typing
+
+    import yaml
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    values: dict = {}
+    if "--config" in argv:
+        index = argv.index("--config")
+        path = argv[index + 1]
+        del argv[index : index + 2]
+        with open(path) as handle:
+            values = yaml.safe_load(handle) or {}
+    key, items = None, []
+    for token in argv + ["--"]:
+        if token.startswith("--"):
+            if key is not None:
+                values[key] = True if not items else items[0] if len(items) == 1 else items
+            key, items = (token[2:].split("=", 1)[0], []) if token != "--" else (None, [])
+            if key and "=" in token:
+                items.append(yaml.safe_load(token.split("=", 1)[1]))
+        elif key is None:
+            raise ValueError(f"Unexpected argument {token!r}: use --config FILE and --name value pairs.")
+        else:
+            items.append(yaml.safe_load(token))
+    # YAML reads 1e-4 as a string (it wants 1.0e-4): give float fields their type
+    for dataclass_type in parser.dataclass_types:
+        hints = typing.get_type_hints(dataclass_type)
+        for field_ in dataclasses.fields(dataclass_type):
+            value = values.get(field_.name)
+            if isinstance(value, str) and hints.get(field_.name) in (float, float | None):
+                values[field_.name] = float(value)
+    return parser.parse_dict(values)

@@ -515,11 +515,15 @@ def test_stage1_collator_exact_tensors(rows):
 def test_stage1_collator_applies_the_transform_before_the_processor(rows):
     processor = build_processor()
     transform = RandomResizedCropFlip(SIZE)
+    collator = Stage1Collator(processor, image_transform=transform)
+    batch = collator(rows)
+    # each sample draws from its own generator, seeded by (seed, epoch, sample): not from the global stream
     random.seed(7)
-    batch = Stage1Collator(processor, image_transform=transform)(rows)
-    random.seed(7)
-    expected = [transform(load_image(row["image"])) for row in rows]
+    expected = [transform(load_image(row["image"]), collator._rng(row)) for row in rows]
     torch.testing.assert_close(batch["pixel_values"], processor(images=expected, return_tensors="pt")["pixel_values"])
+    assert torch.equal(collator(rows[::-1])["pixel_values"], batch["pixel_values"].flip(0))  # order-independent
+    collator.epoch = 1  # a new epoch, new crops
+    assert not torch.equal(collator(rows)["pixel_values"], batch["pixel_values"])
 
 
 def test_stage1_collator_needs_a_qformer_tokenizer():
@@ -594,10 +598,9 @@ def test_stage2_encoder_decoder_prefix_split(rows):
     tokenizer = processor.tokenizer
     collator = Stage2Collator(processor, is_encoder_decoder=True, prompt="")
     captions = [pre_caption(row["caption"]) for row in rows]
-    random.seed(11)
     batch = collator(rows)
-    random.seed(11)  # the collator draws one k per caption of >= 2 words, in order
-    ks = [random.randint(1, max(1, len(c.split()) // 2)) for c in captions]
+    # one k per caption, from the sample's own generator
+    ks = [collator._rng(row).randint(1, max(1, len(c.split()) // 2)) for row, c in zip(rows, captions)]
     assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "labels", "decoder_attention_mask"}
     eos = tokenizer.eos_token_id
     for row, (caption, k) in enumerate(zip(captions, ks)):

@@ -1,0 +1,778 @@
+"""Frozen-feature cache: run BLIP-2's frozen image encoder once per image, store its output, train from the store.
+
+In both BLIP-2 stages the image encoder (patch embedding + ViT blocks) is frozen, so its output for a given image
+never changes during training. `build_feature_cache` computes it once per distinct image of a caption dataset
+(`model.encode_image_frozen`: `[B, 1 + P, Dv]`, *before* the trainable `post_layernorm`), and
+`load_feature_cache` gives it back as a `datasets.Dataset` whose rows feed `forward(image_embeds=...)` directly.
+
+The trade-off: every image is preprocessed once, in eval mode (resize + normalize, no random crop or flip), so
+training from the cache sees the same view of each image every epoch instead of LAVIS's `RandomResizedCrop` +
+horizontal flip. In exchange, the frozen encoder (ViT-g: ~1B parameters, most of a stage-1 step) never runs.
+
+Storage format (one directory):
+
+- `features-00000.safetensors`, `features-00001.safetensors`, ...: each holds one tensor `image_embeds`
+  `[n, 1 + P, Dv]` in the cache dtype (fp16 by default), one row per distinct image, `shard_size` rows per shard
+  (the last shard may be shorter). Read by memory map, row by row.
+- `index.json`: `format`/`version`; `dtype`; `embed_shape` (`[1 + P, Dv]`); `image_size` (`[H, W]` the images were
+  resized to); `vision_config` (the architecture fields of the encoder); `vision_weights_sample` (a few weights of
+  the encoder, to tell two checkpoints of the same shape apart); `image_processor` (its settings); `source` (the
+  dataset's description) and `counts`; `shards` (`file`, `num_images`, `bytes` each); `skipped` (unreadable images
+  and why); `rows`, column-wise, one entry per kept caption row in dataset order: `shard`, `row` (within the shard),
+  `caption`, `image` (the image's key: its absolute path, or `sha256:<hex>` of its bytes), `source_row` (the row's
+  index in the source dataset).
+
+A cache is written to a hidden temporary directory beside `output_dir` and renamed into place only when complete,
+so a killed run never leaves a directory that looks like a cache (only a `.<name>.partial-*` directory to delete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .data import load_image, load_training_data
+from .modeling_blip2 import Blip2VisionModel
+
+FORMAT = "blip2_hf.feature_cache"
+VERSION = 1
+INDEX_FILE = "index.json"
+SHARD_FILE = "features-{:05d}.safetensors"
+TENSOR_NAME = "image_embeds"
+DEFAULT_SHARD_SIZE = 1024  # images per shard: ~0.74 GB for ViT-g at 224 px in fp16 (257 x 1408 x 2 bytes per image)
+
+# What must agree between a model and a cache for the cached features to be that model's.
+CHECKED_FIELDS = ("hidden_size", "image_size", "patch_size", "num_hidden_layers")
+# The vision config fields recorded in index.json (the architecture, not the generic PretrainedConfig fields).
+VISION_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "image_size",
+    "patch_size",
+    "hidden_act",
+    "layer_norm_eps",
+    "qkv_bias",
+)
+DTYPES: dict[str, torch.dtype] = {
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+_SAFETENSORS_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+_SAMPLES_PER_TENSOR = 16
+_MAX_SKIPPED_LISTED = 1000
+
+NO_AUGMENTATION_NOTE = (
+    "feature cache: each image is encoded once with eval-mode preprocessing only (resize to {size} + normalize): "
+    "training from this cache sees the same view of every image each epoch, without the random resized crop and "
+    "horizontal flip LAVIS trains with. That is the price of never running the frozen image encoder again."
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _unwrap(value: Any) -> Any:
+    """A `datasets.Image(decode=False)` cell `{"bytes", "path"}` -> its bytes if any, else its path."""
+    if isinstance(value, Mapping):
+        data = value.get("bytes")
+        return data if data is not None else value.get("path")
+    return value
+
+
+def image_key(value: Any) -> str:
+    """The identity of a row's image, for encoding each image once: the absolute path for a path, `sha256:<hex>` of
+    the encoded bytes for bytes (or of mode, size and pixels for a decoded PIL image)."""
+    value = _unwrap(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "sha256:" + hashlib.sha256(value).hexdigest()
+    if isinstance(value, (str, os.PathLike)):
+        return os.path.abspath(os.fspath(value))
+    if isinstance(value, Image.Image):
+        digest = hashlib.sha256(f"{value.mode}{value.size}".encode())
+        digest.update(value.tobytes())
+        return "sha256:" + digest.hexdigest()
+    raise TypeError(f"the `image` column holds a {type(value).__name__}; expected a path, bytes or PIL image")
+
+
+class _DistinctImages(torch.utils.data.Dataset):
+    """Item `i` = the `i`-th distinct image, decoded and preprocessed: `(i, pixel_values [3, H, W] or None, error or
+    None)`. Decoding and preprocessing failures are returned, not raised, so that DataLoader workers survive them."""
+
+    def __init__(self, images: datasets.Dataset, first_rows: list[int], processor: Any, loader: Callable):
+        self.images, self.first_rows, self.processor, self.loader = images, first_rows, processor, loader
+
+    def __len__(self) -> int:
+        return len(self.first_rows)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            image = self.loader(_unwrap(self.images[self.first_rows[index]]["image"]))
+            pixel_values = self.processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        except Exception as error:  # any unreadable image is skipped and reported, whatever the decoder raised
+            return index, None, f"{type(error).__name__}: {error}"
+        return index, pixel_values, None
+
+
+def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> dict[str, Any]:
+    good = [(index, pixels) for index, pixels, _ in items if pixels is not None]
+    return {
+        "indices": [index for index, _ in good],
+        "pixel_values": torch.stack([pixels for _, pixels in good]) if good else None,
+        "errors": {index: error for index, pixels, error in items if pixels is None},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The model's side
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _vision_tower(model: torch.nn.Module) -> Blip2VisionModel:
+    """The `Blip2VisionModel` of any of our models (or the model itself when it is one)."""
+    if isinstance(model, Blip2VisionModel):
+        return model
+    vision = getattr(model, "vision_model", None)
+    if vision is None:
+        raise TypeError(f"{type(model).__name__} has no vision_model: pass a BLIP-2 model with an image encoder")
+    return vision
+
+
+def _frozen_encoder(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    """`pixel_values [B, 3, H, W] -> [B, 1 + P, Dv]`, the frozen encoder's output before `post_layernorm`."""
+    if not isinstance(model, Blip2VisionModel):
+        return model.encode_image_frozen
+
+    def encode(pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        with torch.no_grad():
+            embeddings = model.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+            return model.encoder(embeddings).last_hidden_state
+
+    return encode
+
+
+def vision_config_dict(model: torch.nn.Module) -> dict[str, Any]:
+    """The architecture fields of the model's image encoder config (`VISION_FIELDS`)."""
+    config = _vision_tower(model).config
+    return {field: getattr(config, field, None) for field in VISION_FIELDS}
+
+
+def vision_weights_sample(model: torch.nn.Module) -> dict[str, list[float]]:
+    """A few evenly spaced values of the encoder's embeddings and last block, per tensor: enough to tell two
+    checkpoints of the same architecture apart, robust to the dtype the weights were loaded in."""
+    vision = _vision_tower(model)
+    named = dict(vision.embeddings.named_parameters(prefix="embeddings"))
+    if len(vision.encoder.layers):
+        last = len(vision.encoder.layers) - 1
+        named.update(vision.encoder.layers[last].named_parameters(prefix=f"encoder.layers.{last}"))
+    sample = {}
+    for name in sorted(named):
+        flat = named[name].detach().reshape(-1)
+        positions = torch.linspace(0, flat.numel() - 1, min(_SAMPLES_PER_TENSOR, flat.numel())).round().long()
+        sample[name] = flat[positions.to(flat.device)].float().cpu().tolist()
+    return sample
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CacheReport:
+    """What `build_feature_cache` wrote. Sizes in bytes; `embed_shape` is `[1 + P, Dv]` per image."""
+
+    output_dir: Path
+    num_rows: int
+    num_rows_cached: int
+    num_images: int
+    num_images_cached: int
+    skipped: dict[str, str]
+    num_shards: int
+    total_bytes: int
+    embed_shape: tuple[int, int]
+    image_size: tuple[int, int]
+    dtype: str
+    seconds: float
+
+    @property
+    def num_images_skipped(self) -> int:
+        return len(self.skipped)
+
+    @property
+    def num_rows_skipped(self) -> int:
+        return self.num_rows - self.num_rows_cached
+
+    @property
+    def bytes_per_image(self) -> float:
+        return self.total_bytes / max(self.num_images_cached, 1)
+
+    def summary(self) -> str:
+        shape = "x".join(str(d) for d in self.embed_shape)
+        lines = [
+            f"feature cache {self.output_dir}: {self.num_images_cached} images ({self.num_rows_cached} caption rows) "
+            f"in {self.num_shards} shard(s), {_human(self.total_bytes)} ({self.total_bytes} bytes) on disk = "
+            f"{_human(self.bytes_per_image)} per image ([{shape}] {self.dtype}); {self.seconds:.1f} s"
+        ]
+        lines.append(NO_AUGMENTATION_NOTE.format(size="x".join(str(d) for d in self.image_size)))
+        if self.skipped:
+            lines.append(
+                f"skipped {self.num_images_skipped} unreadable image(s) and their {self.num_rows_skipped} caption "
+                f"row(s), e.g. {next(iter(self.skipped.items()))}"
+            )
+        return "\n".join(lines)
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1024
+    return f"{size:.2f} TiB"
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"cache dtype must be float16, bfloat16 or float32, got {dtype}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"cache dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _json_safe(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _describe_dataset(dataset: datasets.Dataset, source: Any) -> dict[str, Any]:
+    info = dataset.info
+    return _json_safe(
+        {
+            "source": source,
+            "description": info.description or None,
+            "dataset_name": info.dataset_name,
+            "config_name": info.config_name,
+            "split": str(dataset.split) if dataset.split is not None else None,
+            "fingerprint": getattr(dataset, "_fingerprint", None),
+            "num_rows": len(dataset),
+            "columns": dataset.column_names,
+        }
+    )
+
+
+def _image_processor_settings(processor: Any) -> dict[str, Any] | None:
+    image_processor = getattr(processor, "image_processor", processor)
+    try:
+        return json.loads(image_processor.to_json_string())
+    except Exception:  # only documentation: a processor that cannot describe itself is still usable
+        return None
+
+
+def _as_dataset(dataset: Any) -> datasets.Dataset:
+    if isinstance(dataset, datasets.IterableDataset):
+        raise TypeError("build_feature_cache needs a map-style datasets.Dataset (random access), not a streaming one")
+    if not isinstance(dataset, datasets.Dataset):
+        dataset = datasets.Dataset.from_list([dict(row) for row in dataset])
+    missing = {"image", "caption"} - set(dataset.column_names)
+    if missing:
+        raise ValueError(f"the dataset needs columns `image` and `caption`; it has {dataset.column_names}")
+    feature = dataset.features.get("image")
+    if isinstance(feature, datasets.Image) and feature.decode:
+        dataset = dataset.cast_column("image", datasets.Image(decode=False))  # keys from paths/bytes, decode once
+    return dataset
+
+
+def build_feature_cache(
+    model: torch.nn.Module,
+    dataset: datasets.Dataset,
+    processor: Any,
+    output_dir: str | os.PathLike,
+    batch_size: int = 32,
+    dtype: torch.dtype | str = torch.float16,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    *,
+    num_workers: int = 0,
+    overwrite: bool = False,
+    interpolate_pos_encoding: bool = False,
+    source: Any = None,
+) -> CacheReport:
+    """Encode every distinct image of `dataset` once with the frozen encoder and write a feature cache.
+
+    Args:
+        model: any of our BLIP-2 models with a `vision_model` (or a `Blip2VisionModel`); only its frozen encoder
+            runs (in eval mode, restored afterwards), in the dtype its weights have.
+        dataset: rows with `image` (a path, encoded bytes, or a `datasets.Image` cell) and `caption`. Rows that share
+            an image (same absolute path, or same bytes) share one cached row.
+        processor: a `Blip2Processor` (or a bare image processor): `processor(images=[...], return_tensors="pt")`
+            gives `pixel_values [B, 3, H, W]`, eval-mode resizing only.
+        output_dir: the cache directory; must not exist unless `overwrite=True`.
+        batch_size: images per encoder call.
+        dtype: stored dtype (`torch.float16` default, `bfloat16`, `float32`, or "fp16"/"bf16"/"fp32").
+        shard_size: images per `features-XXXXX.safetensors` shard.
+        device: where to run the encoder; when given, the model's `vision_model` is moved there (only the vision
+            tower); default: where it already is.
+        progress: show a tqdm bar.
+        num_workers: DataLoader workers that decode and preprocess images (0: in this process).
+        overwrite: replace an existing `output_dir` (after the new cache is complete).
+        interpolate_pos_encoding: passed to the encoder, for images larger than `vision_config.image_size`.
+        source: free-form description of where the data came from, stored in `index.json` (e.g. file names).
+
+    Returns:
+        A `CacheReport` (also printed, with the disk cost and the no-augmentation trade-off).
+    """
+    started = time.perf_counter()
+    dtype = _as_dtype(dtype)
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"batch_size and shard_size must be positive, got {batch_size} and {shard_size}")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    dataset = _as_dataset(dataset)
+    vision = _vision_tower(model)
+    encode = _frozen_encoder(model)
+    if device is not None:
+        vision.to(device)
+    device = vision.embeddings.patch_embedding.weight.device
+
+    # Pass 1: one key per row; each distinct image remembers the first row that has it.
+    key_ids: dict[str, int] = {}
+    first_rows: list[int] = []
+    row_images: list[int] = []
+    captions: list[Any] = []
+    columns = dataset.select_columns(["image", "caption"])
+    for start, batch in zip(range(0, len(columns), 1024), columns.iter(batch_size=1024)):
+        for offset, (value, caption) in enumerate(zip(batch["image"], batch["caption"])):
+            key = image_key(value)
+            if key not in key_ids:
+                key_ids[key] = len(first_rows)
+                first_rows.append(start + offset)
+            row_images.append(key_ids[key])
+            captions.append(caption)
+    keys = list(key_ids)
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = output_dir.parent / f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    partial.mkdir()
+    modes = {module: module.training for module in vision.modules()}
+    vision.eval()
+    try:
+        # Pass 2: encode the distinct images in batches, in order of first appearance; write full shards as we go.
+        loader = torch.utils.data.DataLoader(
+            _DistinctImages(dataset.select_columns(["image"]), first_rows, processor, load_image),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=_collate,
+        )
+        slots: dict[int, int] = {}  # distinct image -> its row in the concatenated shards
+        skipped: dict[int, str] = {}
+        pending: list[torch.Tensor] = []
+        shards: list[dict[str, Any]] = []
+        image_size: list[int] | None = None
+        embed_shape: list[int] | None = None
+        bar = tqdm(total=len(first_rows), unit="img", desc="encoding images", disable=not progress)
+        for batch in loader:
+            skipped.update(batch["errors"])
+            if batch["pixel_values"] is not None:
+                pixel_values = batch["pixel_values"].to(device)
+                if image_size is None:
+                    image_size = list(pixel_values.shape[-2:])
+                embeds = encode(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+                stored = embeds.to(dtype)
+                if not torch.isfinite(stored).all() and torch.isfinite(embeds).all():
+                    raise ValueError(
+                        f"the encoder's output overflows {_dtype_name(dtype)} (max |x| = {embeds.abs().max():.4g}); "
+                        "store the cache in bf16 or fp32"
+                    )
+                embed_shape = list(stored.shape[1:])
+                for index in batch["indices"]:
+                    slots[index] = len(slots)
+                pending.append(stored.cpu())
+                while sum(len(t) for t in pending) >= shard_size:
+                    pending = _flush(partial, shards, pending, shard_size)
+            bar.update(len(batch["indices"]) + len(batch["errors"]))
+            bar.set_postfix(skipped=len(skipped), refresh=False)
+        bar.close()
+        while pending:
+            pending = _flush(partial, shards, pending, shard_size)
+        if not slots:
+            raise ValueError(f"none of the {len(first_rows)} images could be read: {_first(skipped, keys)}")
+
+        rows: dict[str, list[Any]] = {"shard": [], "row": [], "caption": [], "image": [], "source_row": []}
+        for source_row, (image, caption) in enumerate(zip(row_images, captions)):
+            if image in slots:
+                shard, row = divmod(slots[image], shard_size)
+                rows["shard"].append(shard)
+                rows["row"].append(row)
+                rows["caption"].append(caption)
+                rows["image"].append(keys[image])
+                rows["source_row"].append(source_row)
+        skipped_by_key = {keys[index]: error for index, error in sorted(skipped.items())}
+        total_bytes = sum(shard["bytes"] for shard in shards)
+        index = {
+            "format": FORMAT,
+            "version": VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "dtype": _dtype_name(dtype),
+            "embed_shape": embed_shape,
+            "image_size": image_size,
+            "interpolate_pos_encoding": interpolate_pos_encoding,
+            "model": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+            "model_class": type(model).__name__,
+            "encoder_dtype": _dtype_name(vision.embeddings.patch_embedding.weight.dtype),
+            "vision_config": vision_config_dict(model),
+            "vision_weights_sample": vision_weights_sample(model),
+            "image_processor": _image_processor_settings(processor),
+            "augmentation": None,
+            "source": _describe_dataset(dataset, source),
+            "counts": {
+                "rows": len(row_images),
+                "rows_cached": len(rows["caption"]),
+                "rows_skipped": len(row_images) - len(rows["caption"]),
+                "images": len(first_rows),
+                "images_cached": len(slots),
+                "images_skipped": len(skipped),
+                "bytes": total_bytes,
+            },
+            "shard_size": shard_size,
+            "shards": shards,
+            "skipped": dict(list(skipped_by_key.items())[:_MAX_SKIPPED_LISTED]),
+            "rows": rows,
+        }
+        index_path = partial / INDEX_FILE
+        index_path.write_text(json.dumps(_json_safe(index), ensure_ascii=False) + "\n")
+        _fsync(index_path)
+        _publish(partial, output_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+    report = CacheReport(
+        output_dir=output_dir,
+        num_rows=len(row_images),
+        num_rows_cached=len(rows["caption"]),
+        num_images=len(first_rows),
+        num_images_cached=len(slots),
+        skipped=skipped_by_key,
+        num_shards=len(shards),
+        total_bytes=total_bytes,
+        embed_shape=tuple(embed_shape),
+        image_size=tuple(image_size),
+        dtype=_dtype_name(dtype),
+        seconds=time.perf_counter() - started,
+    )
+    print(report.summary())
+    return report
+
+
+def _first(skipped: dict[int, str], keys: list[str]) -> str:
+    return next((f"{keys[index]}: {error}" for index, error in skipped.items()), "no images")
+
+
+def _flush(directory: Path, shards: list[dict[str, Any]], pending: list[torch.Tensor], shard_size: int) -> list:
+    """Write the first `shard_size` pending rows as the next shard; return the rest."""
+    rows = torch.cat(pending)
+    name = SHARD_FILE.format(len(shards))
+    path = directory / name
+    save_file({TENSOR_NAME: rows[:shard_size].contiguous()}, path, metadata={"format": FORMAT})
+    _fsync(path)
+    shards.append({"file": name, "num_images": min(len(rows), shard_size), "bytes": path.stat().st_size})
+    rest = rows[shard_size:]
+    return [rest] if len(rest) else []
+
+
+def _publish(partial: Path, output_dir: Path) -> None:
+    """Rename the finished `partial` directory to `output_dir` (replacing an old cache only now)."""
+    old = None
+    if output_dir.exists():
+        old = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(output_dir, old)
+    os.rename(partial, output_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading and checking
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_cache_index(cache_dir: str | os.PathLike) -> dict[str, Any]:
+    """`index.json` of a cache, validated against its shards: every shard exists, has the recorded size, holds
+    `image_embeds [num_images, *embed_shape]` in the recorded dtype; every row points inside its shard. Raises
+    `FileNotFoundError` / `ValueError` naming the offending file."""
+    cache_dir = Path(cache_dir)
+    index_path = cache_dir / INDEX_FILE
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{index_path} not found: {cache_dir} is not a (complete) feature cache")
+    try:
+        index = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{index_path} is not valid JSON: {error}") from error
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise ValueError(f"{index_path} is not a {FORMAT} index")
+    if index.get("version") != VERSION:
+        raise ValueError(f"{index_path} has format version {index.get('version')}; this code reads {VERSION}")
+    dtype_code = _SAFETENSORS_DTYPES.get(index["dtype"])
+    embed_shape = list(index["embed_shape"])
+    for shard in index["shards"]:
+        path = cache_dir / shard["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"feature cache shard {path} is missing (listed in {index_path})")
+        size = path.stat().st_size
+        if size != shard["bytes"]:
+            raise ValueError(
+                f"feature cache shard {path} has {size} bytes, {index_path} records {shard['bytes']}: the file is "
+                "truncated or was modified"
+            )
+        expected = [shard["num_images"], *embed_shape]
+        try:
+            with safe_open(path, framework="pt") as handle:
+                if TENSOR_NAME not in handle.keys():
+                    raise ValueError(f"feature cache shard {path} has no tensor {TENSOR_NAME!r}")
+                tensor = handle.get_slice(TENSOR_NAME)
+                shape, dtype = list(tensor.get_shape()), tensor.get_dtype()
+        except ValueError:
+            raise
+        except Exception as error:  # SafetensorError, OSError: a damaged file
+            raise ValueError(f"feature cache shard {path} cannot be read: {error}") from error
+        if shape != expected:
+            raise ValueError(
+                f"feature cache shard {path} holds {TENSOR_NAME} {shape}, {index_path} expects {expected}"
+            )
+        if dtype != dtype_code:
+            raise ValueError(f"feature cache shard {path} is {dtype}, {index_path} records {index['dtype']}")
+    rows = index["rows"]
+    lengths = {name: len(column) for name, column in rows.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"{index_path}: the row columns have different lengths {lengths}")
+    shard_ids, row_ids = np.asarray(rows["shard"], dtype=np.int64), np.asarray(rows["row"], dtype=np.int64)
+    bad_shard = (shard_ids < 0) | (shard_ids >= len(index["shards"]))
+    if bad_shard.any():
+        at = int(bad_shard.nonzero()[0][0])
+        raise ValueError(
+            f"{index_path}: row {at} points at shard {shard_ids[at]}, the cache has {len(index['shards'])}"
+        )
+    sizes = np.asarray([shard["num_images"] for shard in index["shards"]], dtype=np.int64)
+    bad_row = (row_ids < 0) | (row_ids >= sizes[shard_ids])
+    if bad_row.any():
+        at = int(bad_row.nonzero()[0][0])
+        shard = index["shards"][shard_ids[at]]
+        raise ValueError(
+            f"{index_path}: row {at} points at row {row_ids[at]} of {cache_dir / shard['file']}, which holds "
+            f"{shard['num_images']} images"
+        )
+    return index
+
+
+class _CacheReader:
+    """The `datasets` transform of a loaded cache: the `image_embeds` column's cache positions -> tensors
+    `[1 + P, Dv]`, each read from its memory-mapped shard (`safe_open`, opened on first use in each process)."""
+
+    def __init__(self, cache_dir: Path, files: list[str], offsets: list[int]):
+        self.cache_dir, self.files, self.offsets = cache_dir, files, offsets
+        self._handles: dict[int, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_handles": {}}  # open files do not travel to DataLoader workers
+
+    def _handle(self, shard: int) -> Any:
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(self.cache_dir / self.files[shard], framework="pt")
+        return self._handles[shard]
+
+    def read(self, position: int) -> torch.Tensor:
+        shard = bisect.bisect_right(self.offsets, position) - 1
+        row = position - self.offsets[shard]
+        return self._handle(shard).get_slice(TENSOR_NAME)[row : row + 1][0]
+
+    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        output = dict(batch)
+        output[TENSOR_NAME] = [self.read(int(position)) for position in batch[TENSOR_NAME]]
+        return output
+
+
+def load_feature_cache(cache_dir: str | os.PathLike) -> datasets.Dataset:
+    """A cache as a `datasets.Dataset` with columns `image_embeds` and `caption`, one row per cached caption row.
+
+    `dataset[i]["image_embeds"]` is a `[1 + P, Dv]` tensor in the cache dtype, read lazily from the memory-mapped
+    shards by a `set_transform` (the Arrow column itself holds the row's position in the cache, an int64). The
+    transform survives `select`, `shuffle`, `train_test_split`, `filter` and `map` (new columns pass through); with
+    `transformers.Trainer` set `remove_unused_columns=False`. `index.json` is checked against the shards first (see
+    `read_cache_index`)."""
+    cache_dir = Path(cache_dir)
+    index = read_cache_index(cache_dir)
+    files = [shard["file"] for shard in index["shards"]]
+    offsets = np.concatenate([[0], np.cumsum([shard["num_images"] for shard in index["shards"]])]).tolist()
+    rows = index["rows"]
+    positions = np.asarray(offsets[:-1], dtype=np.int64)[np.asarray(rows["shard"], dtype=np.int64)]
+    positions = positions + np.asarray(rows["row"], dtype=np.int64)
+    dataset = datasets.Dataset.from_dict(
+        {TENSOR_NAME: positions, "caption": rows["caption"]},
+        info=datasets.DatasetInfo(description=f"BLIP-2 frozen-feature cache {cache_dir}"),
+    )
+    dataset.set_transform(_CacheReader(cache_dir, files, offsets[:-1]))
+    return dataset
+
+
+def check_cache_matches(model: torch.nn.Module, cache_dir: str | os.PathLike, check_weights: bool = True) -> None:
+    """Raise `ValueError` unless `cache_dir` holds features of this model's image encoder: same hidden size, image
+    size, patch size and number of layers (`CHECKED_FIELDS`) and, with `check_weights`, the same weights (a sample
+    of them, compared with a 1% tolerance so that fp16/bf16/fp32 copies of one checkpoint agree)."""
+    index = read_cache_index(cache_dir)
+    ours, theirs = vision_config_dict(model), index["vision_config"]
+    problems = [
+        f"{field}: model {ours.get(field)} != cache {theirs.get(field)}"
+        for field in CHECKED_FIELDS
+        if ours.get(field) != theirs.get(field)
+    ]
+    if not problems and check_weights and index.get("vision_weights_sample") is not None:
+        cached = index["vision_weights_sample"]
+        current = vision_weights_sample(model)
+        if set(cached) != set(current):
+            problems.append("the encoder's parameter names differ")
+        else:
+            differing = [
+                name
+                for name in sorted(cached)
+                if len(cached[name]) != len(current[name])
+                or not torch.allclose(torch.tensor(current[name]), torch.tensor(cached[name]), rtol=1e-2, atol=1e-6)
+            ]
+            if differing:
+                problems.append(f"the encoder's weights differ ({', '.join(differing[:3])}, ...)")
+    if problems:
+        raise ValueError(
+            f"the feature cache {cache_dir} was not made by this model's image encoder: " + "; ".join(problems)
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Console command
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_model_for_cache(model_dir: str | os.PathLike, dtype: torch.dtype | str | None = None) -> torch.nn.Module:
+    """Any of our BLIP-2 folders (or a transformers-format one), as the class its `config.json` `architectures`
+    names (`Blip2ForPreTraining`, `Blip2ForConditionalGeneration`, `Blip2VisionModel`, ...; `Blip2Model` when none).
+    The whole checkpoint is loaded; only its vision tower is used."""
+    import blip2_hf
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    candidates = [getattr(blip2_hf, name, None) for name in config.get("architectures") or []]
+    model_class = next((cls for cls in candidates if cls is not None), None)
+    if model_class is None:
+        vision_only = config.get("model_type") == blip2_hf.Blip2VisionConfig.model_type
+        model_class = blip2_hf.Blip2VisionModel if vision_only else blip2_hf.Blip2Model
+    kwargs = {} if dtype is None else {"dtype": _as_dtype(dtype) if dtype != "auto" else "auto"}
+    return model_class.from_pretrained(model_dir, **kwargs).eval()
+
+
+def load_sources(sources: Sequence[str], image_root: str | None = None) -> datasets.Dataset:
+    """Every row of every source once, in order: `blip2_hf.data.load_training_data` per source (map-style), then
+    concatenated. (`load_training_data` of several sources mixes them by weight, repeating the smaller ones: right
+    for sampling a training stream, wrong for a cache, which wants each row exactly once.)"""
+    parts = [load_training_data(source, image_root=image_root, streaming=False) for source in sources]
+    if len({repr(part.features["image"]) for part in parts}) > 1:  # paths and bytes: the Image struct holds both
+        parts = [part.cast_column("image", datasets.Image(decode=False)) for part in parts]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blip2-hf-cache-features",
+        description="Encode every distinct image of a caption dataset once with a BLIP-2 model's frozen image encoder "
+        "and store the features (safetensors shards + index.json) for training without the encoder. Images get "
+        "eval-mode resizing only: no augmentation.",
+    )
+    parser.add_argument("--model", required=True, help="a BLIP-2 model folder (any stage; only the vision tower runs)")
+    parser.add_argument("--processor", help="processor folder (default: --model)")
+    parser.add_argument("--data", required=True, nargs="+", help="caption data source(s)")
+    parser.add_argument("--image-root", help="folder that relative image paths are relative to")
+    parser.add_argument("--output", required=True, help="cache folder to create")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="stored dtype")
+    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per shard")
+    parser.add_argument("--device", help="where the encoder runs (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--model-dtype",
+        choices=("auto", "fp32", "fp16", "bf16"),
+        default="fp32",
+        help="dtype the model is loaded and the encoder run in (LAVIS runs the frozen ViT in fp16 on GPU)",
+    )
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`blip2-hf-cache-features --model DIR --data SOURCE [SOURCE ...] [--image-root DIR] --output DIR
+    [--batch-size N] [--dtype fp16|bf16|fp32]` (see `--help` for the rest)."""
+    from .processing_blip2 import Blip2Processor
+
+    args = _parser().parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model_for_cache(args.model, dtype=args.model_dtype)
+    processor = Blip2Processor.from_pretrained(args.processor or args.model)
+    dataset = load_sources(args.data, image_root=args.image_root)
+    build_feature_cache(
+        model,
+        dataset,
+        processor,
+        args.output,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        shard_size=args.shard_size,
+        device=device,
+        progress=not args.no_progress,
+        num_workers=args.num_workers,
+        overwrite=args.overwrite,
+        source={"data": list(args.data), "image_root": args.image_root, "model": str(args.model)},
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

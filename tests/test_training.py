@@ -1,0 +1,155 @@
+"""The training scripts end to end on the tiny setup (`training/tiny_setup.py`): stage 1 then stage 2 (OPT and T5)
+with falling losses, two processes through `accelerate launch`, a SIGKILLed run resumed to the same losses, LoRA, and
+the Trainer's checkpoint rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import blip2_hf
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "training" / "configs" / "tiny"
+pytestmark = pytest.mark.slow
+
+
+def run(script: str, config: str, cwd: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "training" / script), "--config", str(TINY / config), *overrides]
+    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def losses(output_dir: Path, key: str = "loss") -> list[float]:
+    """Logged training losses, from the last checkpoint's trainer state or the run's own."""
+    states = sorted(output_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    history = json.loads(states[-1].read_text())["log_history"]
+    return [entry[key] for entry in history if key in entry]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("tiny")
+    subprocess.run(
+        [sys.executable, str(ROOT / "training" / "tiny_setup.py"), "--output", "tiny_work"], cwd=work, check=True
+    )
+    return work
+
+
+@pytest.fixture(scope="module")
+def stage1(tiny: Path) -> Path:
+    run("stage1.py", "stage1.yaml", tiny)
+    return tiny / "tiny_work" / "stage1"
+
+
+def test_stage1_trains_and_saves_a_loadable_model(stage1: Path):
+    logged = losses(stage1)
+    assert logged[-1] < logged[0] - 0.5, logged
+    itg = losses(stage1, "loss_itg")
+    assert itg[-1] < itg[0] and len(losses(stage1, "loss_itc")) == len(itg)  # components logged next to the loss
+    model = blip2_hf.Blip2ForPreTraining.from_pretrained(stage1)
+    assert model.vision_model.encoder.layers[0].mlp.fc1.weight.dtype == torch.float32
+    # checkpoints hold the trained tensors only (no frozen ViT), the final folder everything
+    from safetensors.torch import load_file
+
+    checkpoint = load_file(next(stage1.glob("checkpoint-*")) / "model.safetensors")
+    assert not any(k.startswith(("vision_model.encoder", "vision_model.embeddings")) for k in checkpoint)
+    assert "query_tokens" in checkpoint and "vision_model.post_layernorm.weight" in checkpoint
+    full = load_file(stage1 / "model.safetensors")
+    assert "vision_model.encoder.layers.0.mlp.fc1.weight" in full
+
+
+@pytest.mark.parametrize("llm", ["opt", "t5"])
+def test_stage2_trains_from_stage1(stage1: Path, llm: str):
+    work = stage1.parent.parent
+    run("stage2.py", f"stage2_{llm}.yaml", work)
+    output = work / "tiny_work" / f"stage2_{llm}"
+    logged = losses(output)
+    assert logged[-1] < logged[0], logged
+    model = blip2_hf.Blip2ForConditionalGeneration.from_pretrained(output).eval()
+    processor = blip2_hf.Blip2Processor.from_pretrained(output)
+    stage1_model = blip2_hf.Blip2ForPreTraining.from_pretrained(stage1)
+    frozen = model.vision_model.encoder.layers[0].self_attn.qkv.weight
+    assert torch.equal(frozen, stage1_model.vision_model.encoder.layers[0].self_attn.qkv.weight)  # stayed frozen
+    from PIL import Image
+
+    image = Image.open(work / "tiny_work" / "data" / "images" / "0000.png")
+    ids = model.generate(**processor(images=image, return_tensors="pt"), max_new_tokens=5)
+    assert ids.shape[0] == 1
+
+
+def test_two_processes_with_accelerate(stage1: Path):
+    work = stage1.parent.parent
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        str(ROOT / "training" / "stage1.py"), "--config", str(TINY / "stage1.yaml"),
+        "--output_dir", "tiny_work/stage1_ddp", "--max_steps", "6", "--logging_steps", "2", "--save_steps", "6",
+        "--per_device_train_batch_size", "8",
+    ]  # fmt: skip
+    proc = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    state = json.loads((work / "tiny_work" / "stage1_ddp" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["train_batch_size"] == 8 and state["global_step"] == 6
+    assert "world_size=2" in proc.stderr or "num_processes" in proc.stderr or "loss_itc" in proc.stdout + proc.stderr
+    assert any("loss_itc" in entry for entry in state["log_history"])
+
+
+def test_killed_run_resumes_to_the_same_losses(stage1: Path):
+    work = stage1.parent.parent
+    common = ["--max_steps", "24", "--logging_steps", "1", "--save_steps", "8", "--save_total_limit", "5"]
+    run("stage1.py", "stage1.yaml", work, "--output_dir", "tiny_work/uninterrupted", *common)
+    reference = losses(work / "tiny_work" / "uninterrupted")
+
+    command = [
+        sys.executable, str(ROOT / "training" / "stage1.py"), "--config", str(TINY / "stage1.yaml"),
+        "--output_dir", "tiny_work/killed", *common,
+    ]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = work / "tiny_work" / "killed" / "checkpoint-8" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists()
+    run(
+        "stage1.py",
+        "stage1.yaml",
+        work,
+        "--output_dir",
+        "tiny_work/killed",
+        *common,
+        "--resume_from_checkpoint",
+        "last",
+    )
+    resumed = losses(work / "tiny_work" / "killed")
+    assert len(resumed) == len(reference) == 24
+    assert resumed == pytest.approx(reference, abs=1e-6)  # every step, the ones after the kill included
+
+
+def test_lora_adapter_saves_reloads_and_generates(stage1: Path):
+    work = stage1.parent.parent
+    run("stage2.py", "stage2_opt.yaml", work, "--output_dir", "tiny_work/lora", "--max_steps", "6", "--lora_r", "4")
+    output = work / "tiny_work" / "lora"
+    assert (output / "adapter_config.json").is_file() and (output / "adapter_model.safetensors").is_file()
+    from PIL import Image
+
+    # from_pretrained finds adapter_config.json beside the weights and loads the adapters itself
+    model = blip2_hf.Blip2ForConditionalGeneration.from_pretrained(output).eval()
+    assert hasattr(model, "peft_config")
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # the adapters trained (B starts at zero)
+    processor = blip2_hf.Blip2Processor.from_pretrained(output)
+    image = Image.open(work / "tiny_work" / "data" / "images" / "0001.png")
+    ids = model.generate(**processor(images=image, return_tensors="pt"), max_new_tokens=4)
+    assert ids.shape[0] == 1
