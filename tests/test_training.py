@@ -153,3 +153,27 @@ def test_lora_adapter_saves_reloads_and_generates(stage1: Path):
     image = Image.open(work / "tiny_work" / "data" / "images" / "0001.png")
     ids = model.generate(**processor(images=image, return_tensors="pt"), max_new_tokens=4)
     assert ids.shape[0] == 1
+
+
+def test_training_from_the_feature_cache(stage1: Path):
+    work = stage1.parent.parent
+    command = [
+        sys.executable, "-m", "blip2_hf.feature_cache", "--model", "tiny_work/stage1", "--data",
+        "tiny_work/data/train.json", "--output", "tiny_work/cache", "--no-progress",
+    ]  # fmt: skip
+    proc = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "horizontal flip" in proc.stdout + proc.stderr  # the trade-off (no augmentation) is printed
+    for script, config in (("stage1.py", "stage1.yaml"), ("stage2.py", "stage2_opt.yaml")):
+        output = f"tiny_work/{script[:-3]}_cached"
+        run(script, config, work, "--feature_cache", "tiny_work/cache", "--output_dir", output, "--max_steps", "6",
+            "--logging_steps", "1", "--save_steps", "6")  # fmt: skip
+        assert len(losses(work / output)) == 6
+
+
+def test_accelerate_configs_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = sorted((ROOT / "training" / "accelerate").glob("*.yaml"))
+    kinds = {str(load_config_from_file(str(path)).distributed_type) for path in configs}
+    assert {"DistributedType.MULTI_GPU", "DistributedType.FSDP", "DistributedType.DEEPSPEED"} <= kinds
