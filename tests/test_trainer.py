@@ -104,3 +104,28 @@ def test_stage1_accumulation_divides_batch_means(tmp_path):
     name = "itm_head.weight"
     assert accumulated[name].norm() == pytest.approx(single[name].norm().item(), rel=0.3)
     assert accumulated["temp"].item() == pytest.approx(single["temp"].item(), rel=1e-4, abs=1e-6)
+
+
+def test_resume_checks_the_checkpoint_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    proc = processor()
+    config = no_dropout(tiny_config_dict("opt", image_token_index=proc.image_token_id))
+    config["text_config"].update(vocab_size=len(proc.tokenizer) + 4, bos_token_id=2, eos_token_id=2, pad_token_id=1)
+    model = blip2_hf.Blip2ForConditionalGeneration(blip2_hf.Blip2Config(**config))
+    args = Blip2TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
+    trainer = Blip2Stage2Trainer(
+        model=model, args=args, train_dataset=rows(tmp_path), data_collator=Stage2Collator(proc)
+    )
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    checkpoint = tmp_path / "checkpoint-1"
+    checkpoint.mkdir()
+    broken = {n: t for n, t in trained.items() if n != "query_tokens"}
+    broken["language_model.lm_head.weight"] = torch.zeros(1)  # a frozen weight has no place in a checkpoint
+    save_file(broken, str(checkpoint / "model.safetensors"))
+    with pytest.raises(
+        ValueError, match=r"missing \['query_tokens'\], unexpected \['language_model.lm_head.weight'\]"
+    ):
+        trainer._load_from_checkpoint(str(checkpoint))
+    save_file(trained, str(checkpoint / "model.safetensors"))
+    trainer._load_from_checkpoint(str(checkpoint))  # the right keys load

@@ -56,7 +56,10 @@ def test_stage1_trains_and_saves_a_loadable_model(stage1: Path):
     assert logged[-1] < logged[0] - 0.5, logged
     itg = losses(stage1, "loss_itg")
     assert itg[-1] < itg[0] and len(losses(stage1, "loss_itc")) == len(itg)  # components logged next to the loss
-    model = blip2_hf.Blip2ForPreTraining.from_pretrained(stage1)
+    import transformers
+
+    model = transformers.AutoModelForPreTraining.from_pretrained(stage1)  # the final folder: Auto* loads it
+    assert type(model) is blip2_hf.Blip2ForPreTraining
     assert model.vision_model.encoder.layers[0].mlp.fc1.weight.dtype == torch.float32
     # checkpoints hold the trained tensors only (no frozen ViT), the final folder everything
     from safetensors.torch import load_file
@@ -75,7 +78,10 @@ def test_stage2_trains_from_stage1(stage1: Path, llm: str):
     output = work / "tiny_work" / f"stage2_{llm}"
     logged = losses(output)
     assert logged[-1] < logged[0], logged
-    model = blip2_hf.Blip2ForConditionalGeneration.from_pretrained(output).eval()
+    import transformers
+
+    model = transformers.AutoModelForImageTextToText.from_pretrained(output).eval()
+    assert type(model) is blip2_hf.Blip2ForConditionalGeneration
     processor = blip2_hf.Blip2Processor.from_pretrained(output)
     stage1_model = blip2_hf.Blip2ForPreTraining.from_pretrained(stage1)
     frozen = model.vision_model.encoder.layers[0].self_attn.qkv.weight
