@@ -8,7 +8,7 @@ install:
 	$(PYTHON) -m pip install -q -e ".[test]"
 
 test: install
-	$(PYTHON) -m ruff check blip2_hf tests benchmarks
+	$(PYTHON) -m ruff check blip2_hf tests benchmarks training evaluation
 	$(PYTHON) -m pytest -q -p no:cacheprovider
 
 bench: install
