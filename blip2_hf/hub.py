@@ -1,0 +1,572 @@
+"""Publishing: a model card built from a trained folder and the evaluation scripts' `results.json` files, and one
+atomic Hub commit that carries everything a user needs to load the model where `blip2_hf` is not installed.
+
+- `build_model_card(folder, repo_id, results)` renders the Jinja2 template shipped in `blip2_hf/templates/`
+  (`model_cards/blip2.md` in the repository is the same file, to copy and edit; pass `template_path=`). Metadata
+  (`library_name`, `pipeline_tag`, `base_model`, `datasets`, `tags`, `license`) and the `model-index` come from
+  `huggingface_hub.ModelCardData` + `EvalResult`: transformers' own `Trainer` card keeps neither image-to-text nor VQA
+  results, nor CIDEr/SPICE.
+- `push_folder(folder, repo_id)` creates the repo (`exist_ok`) and publishes the folder in ONE `create_commit`:
+  safetensors weights, `config.json` with the complete `auto_map` and `image-to-text` pipeline entry, the remote code,
+  processor and tokenizer files (`qformer_tokenizer/` included) and the generated README.md. The Hub applies a commit
+  whole or not at all, so a failed push never leaves a half-published model.
+
+`model.push_to_hub(...)` / `processor.push_to_hub(...)` need nothing from here: our `save_pretrained` adds the remote
+code and `auto_map`, and transformers' `PushToHubMixin` saves through it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+import transformers
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import get_token as get_stored_token
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from . import __version__, modeling_blip2
+from .configuration_blip2 import Blip2Config
+from .modeling_blip2 import AUTO_MAP, IMAGE_TO_TEXT_PIPELINE, REMOTE_CODE_FILES
+
+logger = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(__file__).parent
+DEFAULT_TEMPLATE = PACKAGE_DIR / "templates" / "model_card.md"
+# The upstream BLIP-2 checkpoints (Salesforce/blip2-*) are published under MIT; the LLM's own license applies too.
+DEFAULT_LICENSE = "mit"
+# A flat JSON of hyperparameters beside the weights, shown as the card's training recipe when present.
+RECIPE_FILE = "training_recipe.json"
+PROCESSOR_CODE_FILE = "processing_blip2.py"
+
+# config.json `architectures[0]` -> (the card's kind, the Hub pipeline tag). Stage 1 and retrieval map to zero-shot-image-classification, the task transformers serves Blip2ForImageTextRetrieval
+# with (the Hub has no image-text-retrieval pipeline tag).
+ARCHITECTURES = {
+    "Blip2ForConditionalGeneration": ("stage2", "image-text-to-text"),
+    "Blip2Model": ("stage2", "image-text-to-text"),
+    "Blip2ForPreTraining": ("stage1", "zero-shot-image-classification"),
+    "Blip2ForImageTextRetrieval": ("retrieval", "zero-shot-image-classification"),
+}
+BASE_TAGS = {
+    "stage2": ["blip-2", "blip2-hf", "vision-language", "image-captioning", "visual-question-answering"],
+    "stage1": ["blip-2", "blip2-hf", "vision-language", "q-former", "image-text-retrieval", "image-captioning"],
+    "retrieval": ["blip-2", "blip2-hf", "vision-language", "image-text-retrieval"],
+}
+
+# Files a folder must not publish: pickles can run code when loaded (safetensors only). Training state written by
+# `Trainer` is never part of a model repo and is left out rather than refused.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+TRAINING_STATE = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth")
+SKIPPED_DIRS = ("checkpoint-*", "runs", "__pycache__", ".*")
+# Weight files a re-push replaces: stale ones are deleted in the same commit so that no loader finds a mix.
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation results -> EvalResult (model-index)
+# ---------------------------------------------------------------------------------------------------------------------
+
+# results.json `dataset` -> (dataset name on the card, default split). Types are the evaluation scripts' names.
+VQA_DATASETS = {"vqav2": "VQAv2", "okvqa": "OK-VQA", "gqa": "GQA"}
+CAPTION_DATASETS = {"coco": ("COCO Karpathy", "test"), "nocaps": ("NoCaps", "validation")}
+RETRIEVAL_DATASETS = {"coco": ("COCO Karpathy 5K", "test"), "flickr30k": ("Flickr30K 1K", "test")}
+# blip2_hf.metrics.coco_caption_scores key -> (model-index metric type, display name); values are its `_x100` keys.
+CAPTION_METRICS = {"CIDEr": ("cider", "CIDEr"), "Bleu_4": ("bleu", "BLEU-4"), "SPICE": ("spice", "SPICE")}
+RETRIEVAL_METRIC = re.compile(r"^(?P<direction>txt|img)_r(?P<k>\d+)$")
+
+
+def _score(value: Any) -> float | None:
+    """A metric value as the card shows it (2 decimals), None for a metric that was not computed."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return None
+    return round(float(value), 2)
+
+
+def eval_results_from_json(path: str | os.PathLike) -> list[EvalResult]:
+    """The model-index entries of one evaluation `results.json` (`evaluation/{vqa,caption,retrieval}.py`; a folder
+    means its `results.json`). VQA accuracy -> visual-question-answering; caption CIDEr / BLEU-4 / SPICE (x100, as
+    the paper prints them) -> image-to-text, NoCaps also per domain; retrieval TR@K / IR@K -> image-text-retrieval.
+    A run without scores (predictions only) gives none."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such results file (write one with evaluation/vqa.py, caption.py, ...).")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    task, dataset, metrics = data.get("task"), data.get("dataset"), data.get("metrics")
+    settings = data.get("settings") or {}
+    if task not in ("vqa", "caption", "retrieval"):
+        raise ValueError(
+            f"{path}: unknown task {task!r}; expected a results.json of evaluation/vqa.py, caption.py or "
+            "retrieval.py ('task': 'vqa' | 'caption' | 'retrieval')."
+        )
+    if not metrics:
+        logger.warning("%s has no scores (%s run without references): nothing for the model card.", path, task)
+        return []
+    results: list[EvalResult] = []
+
+    if task == "vqa":
+        accuracy = _score(metrics.get("accuracy"))
+        if accuracy is not None:
+            name = VQA_DATASETS.get(dataset, str(dataset))
+            results.append(
+                EvalResult(
+                    task_type="visual-question-answering",
+                    task_name="Visual Question Answering",
+                    dataset_type=str(dataset),
+                    dataset_name=name,
+                    dataset_split=data.get("split") or settings.get("split"),
+                    metric_type="accuracy",
+                    metric_name="Accuracy (exact match)" if dataset == "gqa" else "VQA accuracy",
+                    metric_value=accuracy,
+                )
+            )
+    elif task == "caption":
+        name, split = CAPTION_DATASETS.get(dataset, (str(dataset), "test"))
+        # {"overall": scores, "<domain>": scores} (NoCaps adds its domains); a flat dict of scores is the overall.
+        parts = metrics if isinstance(metrics.get("overall"), dict) else {"overall": metrics}
+        for part, scores in parts.items():
+            if not isinstance(scores, dict):
+                continue
+            for key, (metric_type, metric_name) in CAPTION_METRICS.items():
+                raw = scores.get(key)
+                value = _score(scores.get(f"{key}_x100", None if raw is None else 100.0 * raw))
+                if value is None:  # SPICE skipped, METEOR off, ...
+                    continue
+                results.append(
+                    EvalResult(
+                        task_type="image-to-text",
+                        task_name="Image Captioning",
+                        dataset_type=str(dataset),
+                        dataset_name=name if part == "overall" else f"{name} ({part})",
+                        dataset_config=None if part == "overall" else part,
+                        dataset_split=split,
+                        metric_type=metric_type,
+                        metric_name=metric_name,
+                        metric_value=value,
+                    )
+                )
+    else:  # retrieval
+        name, split = RETRIEVAL_DATASETS.get(dataset, (str(dataset), "test"))
+        for key, raw in metrics.items():
+            match, value = RETRIEVAL_METRIC.match(key), _score(raw)
+            if match is None or value is None:
+                continue
+            direction = "TR" if match["direction"] == "txt" else "IR"  # image->text (text retrieval) / text->image
+            results.append(
+                EvalResult(
+                    task_type="image-text-retrieval",
+                    task_name="Image-Text Retrieval",
+                    dataset_type=str(dataset),
+                    dataset_name=name,
+                    dataset_split=settings.get("split") or split,
+                    metric_type="recall",
+                    metric_name=f"{direction}@{match['k']}",
+                    metric_config=key,
+                    metric_value=value,
+                )
+            )
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading a folder
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FolderInfo:
+    """What the card and the push need to know about a saved folder, read from its config.json alone."""
+
+    folder: Path
+    config: dict[str, Any]
+    architecture: str
+    kind: str  # "stage2" | "stage1" | "retrieval"
+    pipeline_tag: str
+    recorded_base_models: list[str] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike) -> FolderInfo:
+        folder = Path(folder)
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise PushError(f"{folder} has no config.json: save the model with `save_pretrained(folder)` first.")
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        if config.get("model_type") not in ("blip2_hf", "blip-2"):
+            raise PushError(f"{folder} is not a BLIP-2 folder (model_type {config.get('model_type')!r}).")
+        architecture = (config.get("architectures") or ["Blip2ForConditionalGeneration"])[0]
+        if architecture not in ARCHITECTURES:
+            raise PushError(
+                f"{folder}: unsupported architecture {architecture!r} (expected one of {list(ARCHITECTURES)})."
+            )
+        kind, pipeline_tag = ARCHITECTURES[architecture]
+        # Sub-configs keep the `_name_or_path` of the checkpoint they came from (stage 2 takes the LLM's config):
+        # a Hub id there is a base model; a local path is not publishable and is skipped.
+        recorded = [
+            (config.get(sub) or {}).get("_name_or_path") for sub in ("vision_config", "text_config", "qformer_config")
+        ]
+        return cls(folder, config, architecture, kind, pipeline_tag, [n for n in recorded if _is_hub_id(n)])
+
+
+def _is_hub_id(name: Any) -> bool:
+    if not isinstance(name, str) or "/" not in name or os.path.exists(name) or name.startswith((".", "/", "~")):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _describe_towers(config: Blip2Config, kind: str) -> dict[str, str]:
+    """One line per tower for the card; the LLM only for stage 2 (a stage-1 config keeps an unused text_config)."""
+    vision, qformer = config.vision_config, config.qformer_config
+    text = config.text_config if kind == "stage2" else None
+    towers = {
+        "vision": f"ViT, {vision.num_hidden_layers} layers, width {vision.hidden_size}, "
+        f"{vision.image_size}px images in {vision.patch_size}px patches",
+        "qformer": f"{qformer.num_hidden_layers} layers, width {qformer.hidden_size}, "
+        f"{config.num_query_tokens} learned queries, cross-attention every {qformer.cross_attention_frequency} layers",
+    }
+    if text is not None:
+        layers = getattr(text, "num_hidden_layers", None) or getattr(text, "num_layers", None)
+        width = getattr(text, "hidden_size", None) or getattr(text, "d_model", None)
+        towers["llm"] = f"{text.model_type}, {layers} layers, width {width}, vocabulary {text.vocab_size}"
+    return towers
+
+
+def _training_recipe(folder: Path) -> tuple[list[tuple[str, str]], str | None]:
+    """`(rows, source)` of the training recipe shown on the card: `training_recipe.json` (any flat JSON of
+    hyperparameters) and/or a `trainer_state.json` (the folder's, else its latest `checkpoint-*`'s). Never
+    `training_args.bin`: unpickling runs arbitrary code."""
+    rows: list[tuple[str, str]] = []
+    sources = []
+    recipe_file = folder / RECIPE_FILE
+    if recipe_file.is_file():
+        recipe = json.loads(recipe_file.read_text(encoding="utf-8"))
+        if isinstance(recipe, dict):
+            rows += [(str(k), v if isinstance(v, str) else json.dumps(v)) for k, v in recipe.items()]
+            sources.append(RECIPE_FILE)
+    state_file = folder / "trainer_state.json"
+    if not state_file.is_file():
+        checkpoints = sorted(folder.glob("checkpoint-*/trainer_state.json"), key=lambda p: _step(p.parent.name))
+        state_file = checkpoints[-1] if checkpoints else state_file
+    if state_file.is_file():
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        history = state.get("log_history") or []
+        losses = [entry["loss"] for entry in history if "loss" in entry]
+        rates = [entry["learning_rate"] for entry in history if "learning_rate" in entry]
+        for key, value in (
+            ("optimizer steps", state.get("global_step")),
+            ("epochs", _score(state.get("epoch"))),
+            ("batch size per device", state.get("train_batch_size")),
+            ("peak learning rate (logged)", f"{max(rates):.3g}" if rates else None),
+            ("last logged training loss", f"{losses[-1]:.4f}" if losses else None),
+        ):
+            if value is not None:
+                rows.append((key, str(value)))
+        sources.append(str(state_file.relative_to(folder)))
+    return rows, ", ".join(sources) or None
+
+
+def _step(name: str) -> int:
+    tail = name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The card
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_model_card(
+    folder: str | os.PathLike,
+    repo_id: str,
+    results: Sequence[str | os.PathLike] | None = None,
+    *,
+    license: str = DEFAULT_LICENSE,
+    datasets: Sequence[str] | None = None,
+    base_models: Sequence[str] | None = None,
+    tags: Sequence[str] | None = None,
+    language: str | None = "en",
+    model_name: str | None = None,
+    template_path: str | os.PathLike | None = None,
+) -> ModelCard:
+    """The model card of a saved BLIP-2 folder, to publish as `repo_id`.
+
+    Args:
+        folder: a `save_pretrained` folder (stage 2 `Blip2ForConditionalGeneration`, stage 1 `Blip2ForPreTraining`
+            or `Blip2ForImageTextRetrieval`); its config.json gives the pipeline tag, the towers and the base models
+            it records, its `training_recipe.json` / `trainer_state.json` the training recipe.
+        repo_id: where it is published (`namespace/name`), used in the usage snippets.
+        results: evaluation `results.json` files (or folders holding one) -> the `model-index`. None or no scores:
+            no model-index, and the card says that nothing was evaluated.
+        license: a Hub license id.
+        datasets: Hub ids of the training datasets.
+        base_models: Hub ids of the vision encoder / LLM / stage-1 model, added to those the config records.
+        tags: more tags, after the BLIP-2 ones.
+        language: the text language(s).
+        model_name: the `model-index` name and the card title (default: the repo name).
+        template_path: a Jinja2 template to use instead of the shipped one (see `model_cards/README.md`).
+    """
+    info = FolderInfo.read(folder)
+    config = Blip2Config.from_pretrained(info.folder)
+    eval_results = [entry for path in results or () for entry in eval_results_from_json(path)]
+    name = model_name or repo_id.split("/")[-1]
+    base = list(dict.fromkeys([*info.recorded_base_models, *(base_models or ())]))
+    for model_id in base:
+        if not _is_hub_id(model_id):
+            raise ValueError(f"base model {model_id!r} is not a Hub repo id (namespace/name).")
+    card_data = ModelCardData(
+        # model-index needs a model name; without results the card carries none (no empty model-index).
+        model_name=name if eval_results else None,
+        eval_results=eval_results or None,
+        library_name="transformers",
+        pipeline_tag=info.pipeline_tag,
+        base_model=(base[0] if len(base) == 1 else base) or None,
+        datasets=list(datasets) if datasets else None,
+        tags=[*BASE_TAGS[info.kind], *(tags or ())],
+        license=license,
+        language=language,
+    )
+    recipe, recipe_source = _training_recipe(info.folder)
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path or DEFAULT_TEMPLATE),
+        title=name,
+        repo_id=repo_id,
+        kind=info.kind,
+        architecture=info.architecture,
+        towers=_describe_towers(config, info.kind),
+        num_query_tokens=config.num_query_tokens,
+        decoder_only=bool(info.kind == "stage2" and config.use_decoder_only_language_model),
+        base_models=base,
+        results=eval_results,
+        recipe=recipe,
+        recipe_source=recipe_source,
+        blip2_hf_version=__version__,
+        transformers_version=transformers.__version__,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Publishing
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class PushError(RuntimeError):
+    """Publishing failed; the message says why and what to do. Never contains the token."""
+
+
+class HubAuthError(PushError, PermissionError):
+    """No token, a token the Hub refuses (401), or one without the right to write the repo (403)."""
+
+
+@contextmanager
+def _explained_hub_errors(repo_id: str, step: str) -> Iterator[None]:
+    """Turn the Hub's HTTP errors into messages that name the repo and the missing right. The token is never part
+    of them: huggingface_hub's errors carry the URL and the server's message, not the request headers."""
+    try:
+        yield
+    except HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else None
+        server = err.response.headers.get("X-Error-Message") if err.response is not None else None
+        said = f" The Hub said: {server}" if server else ""
+        if status == 401:
+            raise HubAuthError(
+                f"The Hub refused the token while trying to {step} {repo_id} (401 Unauthorized): it is invalid, "
+                f"expired or revoked. Log in again with `hf auth login` or set HF_TOKEN to a valid token with write "
+                f"access.{said}"
+            ) from None
+        if status == 403:
+            namespace = repo_id.split("/")[0] if "/" in repo_id else "your namespace"
+            raise HubAuthError(
+                f"The token may not {step} {repo_id} (403 Forbidden): it lacks write access to the namespace "
+                f"{namespace!r}. Use a token with the 'write' role, or a fine-grained token allowed to write repos "
+                f"of {namespace!r} (and be a member of that organization with write rights).{said}"
+            ) from None
+        raise PushError(
+            f"Could not {step} {repo_id}: {type(err).__name__} (HTTP {status}).{said} Nothing was published by this "
+            f"step: a commit is applied whole or not at all."
+        ) from err
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch(name, pattern) for pattern in patterns)
+
+
+def _folder_files(folder: Path, allow_pickle: bool) -> dict[str, Path]:
+    """`{path in repo: local path}` of what the folder publishes. Checkpoints, logs, hidden files, a README.md (the
+    card replaces it) and Trainer state are left out; any other pickle is refused unless `allow_pickle`."""
+    files, skipped, pickles = {}, [], []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if any(_matches(part, SKIPPED_DIRS) for part in relative.parts[:-1]) or not path.is_file():
+            continue
+        name = relative.as_posix()
+        if name == "README.md" or relative.name.startswith("."):
+            continue
+        if _matches(relative.name, TRAINING_STATE):
+            skipped.append(name)
+        elif relative.name.endswith(PICKLE_SUFFIXES) and not allow_pickle:
+            pickles.append(name)
+        else:
+            files[name] = path
+    if skipped:
+        logger.info("Not published (training state, not part of the model): %s", ", ".join(skipped))
+    if pickles:
+        raise PushError(
+            f"{folder} holds pickled files: {', '.join(pickles)}. Only safetensors are published (a pickle runs code "
+            f"when loaded). Re-save the model with `save_pretrained` (safetensors by default) and remove them, or "
+            f"pass allow_pickle=True (`--allow-pickle`) to publish them anyway."
+        )
+    if not any(_matches(name, WEIGHT_PATTERNS) for name in files):
+        raise PushError(f"{folder} has no safetensors weights (model.safetensors or an index with shards).")
+    return files
+
+
+def _completed_config(info: FolderInfo) -> bytes | None:
+    """config.json with the complete `auto_map` and, for models that generate, the `image-to-text` pipeline entry;
+    None when the folder's config already has them. A folder saved by transformers' BLIP-2 (or an older save) is
+    completed through our `Blip2Config`, as our `save_pretrained` would have written it."""
+    config = info.config
+    generates = getattr(modeling_blip2, info.architecture).can_generate()
+    complete = all((config.get("auto_map") or {}).get(k) == v for k, v in AUTO_MAP.items())
+    if generates:
+        complete &= (config.get("custom_pipelines") or {}).get("image-to-text") == IMAGE_TO_TEXT_PIPELINE
+    if complete:
+        return None
+    logger.warning(
+        "%s/config.json lacks the complete auto_map%s: publishing it completed (the local folder is unchanged).",
+        info.folder,
+        " or the image-to-text pipeline entry" if generates else "",
+    )
+    fixed = Blip2Config.from_pretrained(info.folder)
+    fixed.architectures = config.get("architectures") or [info.architecture]
+    fixed.auto_map = dict(AUTO_MAP)
+    if generates:
+        fixed.custom_pipelines = {"image-to-text": dict(IMAGE_TO_TEXT_PIPELINE)}
+    return fixed.to_json_string().encode("utf-8")
+
+
+def _processor_files(folder: Path, staging: Path) -> dict[str, Path]:
+    """Processor files to publish instead of the folder's when they cannot load as remote code (no `auto_map` or no
+    processing_blip2.py): the processor re-saved by our class into `staging`. Empty when nothing needs fixing."""
+    processor_config = folder / "processor_config.json"
+    if not processor_config.is_file():
+        logger.warning(
+            "%s has no processor_config.json: AutoProcessor and pipeline() will not load from the repo. Save the "
+            "processor into the folder (`processor.save_pretrained(folder)`) to publish it.",
+            folder,
+        )
+        return {}
+    auto_map = json.loads(processor_config.read_text(encoding="utf-8")).get("auto_map") or {}
+    if "AutoProcessor" in auto_map and (folder / PROCESSOR_CODE_FILE).is_file():
+        return {}
+    from .processing_blip2 import Blip2Processor
+
+    logger.warning("%s: the processor carries no remote code; publishing it re-saved by Blip2Processor.", folder)
+    Blip2Processor.from_pretrained(folder).save_pretrained(staging)
+    return {path.relative_to(staging).as_posix(): path for path in staging.rglob("*") if path.is_file()}
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str | None = None,
+    results: Sequence[str | os.PathLike] | None = None,
+    license: str = DEFAULT_LICENSE,
+    datasets: Sequence[str] | None = None,
+    base_models: Sequence[str] | None = None,
+    tags: Sequence[str] | None = None,
+    template_path: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+) -> str:
+    """Publish a saved BLIP-2 folder as `repo_id` in one commit and return the commit's URL.
+
+    The commit holds the folder's files (safetensors weights, config.json completed if its `auto_map` or pipeline
+    entry is missing, the remote code, processor/tokenizer files and `qformer_tokenizer/`), the package's remote
+    code files the folder lacks, and a README.md from `build_model_card` (`results`, `license`, `datasets`,
+    `base_models`, `tags`, `template_path` go there). Weight files left in the repo by an earlier push and absent
+    now are deleted in the same commit.
+
+    Args:
+        token: a Hub token with write access; default: `HF_TOKEN` or the token `hf auth login` stored.
+        private: create the repo private (ignored when it exists).
+        allow_pickle: publish pickled files (`.bin`, `.pt`, ...) too; refused by default.
+        revision: the branch to commit to (default `main`).
+
+    Raises:
+        HubAuthError: no token, a refused token (401) or no write access (403); the message names the repo.
+        PushError: a folder that cannot be published (no weights, pickles, not BLIP-2) or a failed commit, after
+            which the repo is as it was before.
+    """
+    info = FolderInfo.read(folder)
+    files = _folder_files(info.folder, allow_pickle)
+    token = token or get_stored_token()
+    if not token:
+        raise HubAuthError(
+            f"No Hugging Face token: publishing {repo_id} needs one with write access. Run `hf auth login`, or set "
+            "HF_TOKEN=hf_... (tokens: https://huggingface.co/settings/tokens), or pass `token=` in Python."
+        )
+    api = HfApi(token=token)
+    if "/" not in repo_id:  # the Hub creates it in the token's namespace; the card's snippets need the full id
+        with _explained_hub_errors(repo_id, "find the namespace for"):
+            repo_id = f"{api.whoami()['name']}/{repo_id}"
+    # Everything local comes first (results, card, completed config, processor): an error there leaves the Hub as
+    # it was, not with an empty repo.
+    card = build_model_card(
+        info.folder,
+        repo_id,
+        results,
+        license=license,
+        datasets=datasets,
+        base_models=base_models,
+        tags=tags,
+        template_path=template_path,
+    )
+    with tempfile.TemporaryDirectory() as staging:
+        files.update(_processor_files(info.folder, Path(staging)))
+        for name in (*REMOTE_CODE_FILES, PROCESSOR_CODE_FILE):
+            if name not in files and (PACKAGE_DIR / name).is_file():
+                files[name] = PACKAGE_DIR / name
+        config_bytes = _completed_config(info)
+        operations: list[CommitOperationAdd | CommitOperationDelete] = [
+            CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+            for name, path in files.items()
+            if not (name == "config.json" and config_bytes is not None)
+        ]
+        if config_bytes is not None:
+            operations.append(CommitOperationAdd(path_in_repo="config.json", path_or_fileobj=config_bytes))
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))
+
+        with _explained_hub_errors(repo_id, "create the repo"):
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision is not None:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+        with _explained_hub_errors(repo_id, "list the files of"):
+            existing = api.list_repo_files(repo_id, revision=revision)
+        operations += [
+            CommitOperationDelete(path_in_repo=name)
+            for name in existing
+            if _matches(name, WEIGHT_PATTERNS) and name not in files
+        ]
+        message = commit_message or f"Upload BLIP-2 ({info.architecture}) with blip2-hf {__version__}"
+        with _explained_hub_errors(repo_id, "commit to"):
+            commit = api.create_commit(repo_id, operations, commit_message=message, revision=revision)
+    logger.info("Published %s: %s", repo_id, commit.commit_url)
+    return commit.commit_url
