@@ -26,3 +26,17 @@ def test_generation_benchmark_quick_run(tmp_path):
     assert "| tiny-opt" in proc.stdout and "ratio" in proc.stdout
     result = json.loads(out.read_text())
     assert result, "the benchmark wrote no results"
+
+
+@pytest.mark.slow
+def test_training_benchmark_quick_run(tmp_path):
+    out = tmp_path / "training.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_training.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert all(entry["fp32_cache_loss_identical"] for entry in result["results"])
