@@ -872,3 +872,25 @@ __all__ = [
     "load_webdataset",
     "pre_caption",
 ]
+
+
+def training_dataset(
+    model: torch.nn.Module,
+    sources: Sequence[str],
+    weights: Sequence[float] | None = None,
+    image_root: str | None = None,
+    feature_cache: str | None = None,
+    augment: bool = True,
+    seed: int = 42,
+) -> tuple[Any, RandomResizedCropFlip | None]:
+    """The training scripts' data: `(dataset, image_transform)`. From a frozen-feature cache (checked against the
+    model's vision encoder; no augmentation: the cache holds one view of each image) or from `sources` (mixed by
+    `weights`) with LAVIS's random resized crop and flip at the model's image size."""
+    if feature_cache is not None:
+        from .feature_cache import check_cache_matches, load_feature_cache
+
+        check_cache_matches(model, feature_cache)
+        return load_feature_cache(feature_cache), None
+    dataset = load_training_data(list(sources), list(weights) if weights else None, image_root=image_root, seed=seed)
+    transform = RandomResizedCropFlip(model.config.vision_config.image_size) if augment else None
+    return dataset, transform

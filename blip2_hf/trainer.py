@@ -109,6 +109,16 @@ class Blip2Trainer(Trainer):
                 param.requires_grad_(False)
                 param.data = param.data.to(dtype)
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`Trainer.train`; `resume_from_checkpoint="last"` resumes from the newest checkpoint in `output_dir` when
+        there is one and starts afresh otherwise, so one command both starts a run and continues a killed one."""
+        if resume_from_checkpoint == "last":
+            from transformers.trainer_utils import get_last_checkpoint
+
+            output_dir = self.args.output_dir
+            resume_from_checkpoint = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
             inputs = {**inputs, "num_items_in_batch": num_items_in_batch}

@@ -16,14 +16,12 @@ A run killed at any point resumes from its last checkpoint with `--resume_from_c
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from blip2_hf import Blip2Config, Blip2ForPreTraining, Blip2Processor
-from blip2_hf.data import BadImageTracker, RandomResizedCropFlip, Stage1Collator, load_training_data
+from blip2_hf.data import BadImageTracker, Stage1Collator, training_dataset
 from blip2_hf.modeling_blip2 import read_safetensors_folder
 from blip2_hf.trainer import Blip2Stage1Trainer, Blip2TrainingArguments, parse_args_with_config
 
@@ -90,20 +88,15 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"{model_args.processor_name_or_path} has no Q-Former tokenizer (qformer_tokenizer/).")
     model = build_model(model_args)
 
-    if data_args.feature_cache is not None:
-        from blip2_hf.feature_cache import check_cache_matches, load_feature_cache
-
-        check_cache_matches(model, data_args.feature_cache)
-        train_dataset, image_transform = load_feature_cache(data_args.feature_cache), None
-    else:
-        train_dataset = load_training_data(
-            data_args.train_data,
-            data_args.train_data_weights,
-            image_root=data_args.image_root,
-            seed=training_args.seed,
-        )
-        image_size = model.config.vision_config.image_size
-        image_transform = RandomResizedCropFlip(image_size) if data_args.augment else None
+    train_dataset, image_transform = training_dataset(
+        model,
+        data_args.train_data,
+        data_args.train_data_weights,
+        image_root=data_args.image_root,
+        feature_cache=data_args.feature_cache,
+        augment=data_args.augment,
+        seed=training_args.seed,
+    )
     collator = Stage1Collator(
         processor,
         max_length=data_args.max_length,
@@ -112,10 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     trainer = Blip2Stage1Trainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator)
-    resume = training_args.resume_from_checkpoint
-    if resume == "last":
-        resume = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)  # "last": the newest, if any
     trainer.save_model(training_args.output_dir)  # the full model: from_pretrained / AutoModelForPreTraining load it
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)

@@ -15,15 +15,13 @@ LoRA adapters (peft) to the LLM and, with `lora_qformer`, to the Q-Former; they 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, HfArgumentParser, set_seed
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from transformers.trainer_utils import get_last_checkpoint
 
 from blip2_hf import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
-from blip2_hf.data import BadImageTracker, RandomResizedCropFlip, Stage2Collator, load_training_data
+from blip2_hf.data import BadImageTracker, Stage2Collator, training_dataset
 from blip2_hf.trainer import Blip2Stage2Trainer, Blip2TrainingArguments, parse_args_with_config
 
 logger = logging.getLogger("blip2_hf.training")
@@ -136,20 +134,15 @@ def main(argv: list[str] | None = None) -> None:
         model = add_lora(model, model_args)
         model.print_trainable_parameters()
 
-    if data_args.feature_cache is not None:
-        from blip2_hf.feature_cache import check_cache_matches, load_feature_cache
-
-        check_cache_matches(model, data_args.feature_cache)
-        train_dataset, image_transform = load_feature_cache(data_args.feature_cache), None
-    else:
-        train_dataset = load_training_data(
-            data_args.train_data,
-            data_args.train_data_weights,
-            image_root=data_args.image_root,
-            seed=training_args.seed,
-        )
-        image_size = model.config.vision_config.image_size
-        image_transform = RandomResizedCropFlip(image_size) if data_args.augment else None
+    train_dataset, image_transform = training_dataset(
+        model,
+        data_args.train_data,
+        data_args.train_data_weights,
+        image_root=data_args.image_root,
+        feature_cache=data_args.feature_cache,
+        augment=data_args.augment,
+        seed=training_args.seed,
+    )
     collator = Stage2Collator(
         processor,
         max_length=data_args.max_length,
@@ -160,10 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     trainer = Blip2Stage2Trainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator)
-    resume = training_args.resume_from_checkpoint
-    if resume == "last":
-        resume = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)  # "last": the newest, if any
 
     output_dir = training_args.output_dir
     if model_args.lora_r > 0:
