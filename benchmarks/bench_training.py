@@ -140,7 +140,9 @@ def make_batch(stage: int, config: dict, batch_size: int) -> dict[str, torch.Ten
     return batch
 
 
-def step_inputs(batch: dict[str, torch.Tensor], cache: torch.Tensor, source: str, device: torch.device) -> dict:
+def step_inputs(
+    batch: dict[str, torch.Tensor], cache: torch.Tensor | None, source: str, device: torch.device
+) -> dict[str, torch.Tensor]:
     """The model's inputs for one step, moved to `device`: the text, plus the images or the cached features (fp16 in
     the cache, float32 to the model, as the collator casts them)."""
     inputs = {name: tensor.to(device) for name, tensor in batch.items() if name != "pixel_values"}
@@ -222,6 +224,7 @@ def inspected_step(
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - start, flop_counter.get_total_flops()
     # CPU: replay the allocator's events (+bytes on allocation, -bytes on free) that the profiler recorded, in order.
+    # They are read from the raw `kineto_results`: the public `events()` folds allocations into the ops they ran in.
     activities = [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities, profile_memory=True) as profiler, flop_counter:
         train_step(model, optimizer, step_inputs(batch, cache, source, device))
