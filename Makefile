@@ -1,7 +1,7 @@
-# `make test` is the README's test command: it installs what is missing, then runs the whole suite.
+# The README's two commands: `make demo` (the main job) and `make test`. Both install what is missing first.
 PYTHON ?= python3
 
-.PHONY: install test lint bench
+.PHONY: install test lint bench demo
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
@@ -10,6 +10,10 @@ install:
 test: install
 	$(PYTHON) -m ruff check blip2_hf tests benchmarks training evaluation
 	$(PYTHON) -m pytest -q -p no:cacheprovider
+
+# `make demo` is the README's main command: a miniature BLIP-2 end to end on CPU (see `blip2-hf demo --help`).
+demo: install
+	$(PYTHON) -m blip2_hf.cli demo $(DEMO_ARGS)
 
 bench: install
 	$(PYTHON) benchmarks/bench_generation.py

@@ -1,11 +1,22 @@
 """`blip2-hf`: the package's command line, one subcommand per task.
 
+    blip2-hf demo [--quick] [--seeds N] [--output DIR]
     blip2-hf push FOLDER REPO_ID [--results results.json ...] [--private] [--license mit] [--dataset ID ...]
     blip2-hf card FOLDER REPO_ID [--results results.json ...] [--output README.md]
+    blip2-hf caption IMAGE [IMAGE ...] [--model M] [--prompt TEXT] [--num-beams 3] [--max-new-tokens 30]
+    blip2-hf ask IMAGE QUESTION [--model M] [--prompt-template "Question: {} Short answer:"] [--num-beams 5]
+    blip2-hf retrieve --images DIR --text TEXT [--model M] [--top-k 5] [--rerank-k 16]
 
-The token comes from `HF_TOKEN` or `hf auth login`, never from the command line (where shell history and `ps` would
-keep it). Adding a subcommand: write `add_<name>_command(subparsers)`, which registers its parser and sets `func` (a
-function of the parsed arguments returning the exit code), and call it in `build_parser`.
+`push` / `card`: the token comes from `HF_TOKEN` or `hf auth login`, never from the command line (where shell history
+and `ps` would keep it).
+
+`caption` / `ask` / `retrieve` load `--model` (a folder or a Hub id); without it, the checkpoints that `blip2-hf demo`
+leaves in its demo dir (see `blip2_hf.demo`). Their exit codes: 0 done; 1 some inputs failed (each named on stderr, the
+others still processed); 2 nothing could run (no model, no readable image, unusable arguments).
+
+Adding a subcommand: write `add_<name>_command(subparsers)`, which registers its parser and sets `func` (a function of
+the parsed arguments returning the exit code), and call it in `build_parser`. Import torch, transformers and the models
+inside the command functions, not at the top (`blip2-hf --help` should not wait for the model code it does not run).
 """
 
 from __future__ import annotations
@@ -13,10 +24,19 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from .demo import CAPTION_MODEL_SUBDIR, RETRIEVAL_MODEL_SUBDIR, VQA_PROMPT, demo_dir
 from .hub import DEFAULT_LICENSE, DEFAULT_TEMPLATE, PushError, build_model_card, push_folder
+
+if TYPE_CHECKING:  # for the annotations only: the commands import these when they run
+    import torch
+    from PIL import Image
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from .processing_blip2 import Blip2HFProcessor
 
 
 def _add_card_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,11 +140,418 @@ def run_card(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Inference: caption, ask, retrieve
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Shown when there is no default model: a Hub checkpoint each command can load instead.
+CAPTION_MODEL_EXAMPLE = "Salesforce/blip2-opt-2.7b"
+RETRIEVAL_MODEL_EXAMPLE = "Salesforce/blip2-itm-vit-g"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+# LAVIS's Q-Former text length for retrieval (`compute_sim_matrix`, `max_length=35`), as evaluation/retrieval.py.
+RETRIEVAL_TEXT_MAX_LENGTH = 35
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (0 beams or 0 new tokens would fail deep inside `generate`)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, default: str, example: str) -> None:
+    """`--model` and `--device`, shared by `caption`, `ask` and `retrieve`."""
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME_OR_PATH",
+        help=f"A from_pretrained folder or Hub id (e.g. {example}). Default: {default} (what `blip2-hf demo` "
+        "trains; the demo dir is $BLIP2_HF_DEMO_DIR, else ./blip2_demo).",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="Where the model runs; auto: cuda if available, else cpu (default: auto).",
+    )
+
+
+def _model_name(args: argparse.Namespace, subdir: str, example: str) -> str | None:
+    """`--model`, else the demo checkpoint `<demo dir>/<subdir>`; None (after saying why on stderr) when that is
+    missing, so the user learns how to make it rather than reading a Hub "repository not found" error."""
+    if args.model is not None:
+        return args.model
+    folder = demo_dir() / subdir
+    if folder.is_dir():
+        return str(folder)
+    print(
+        f"blip2-hf {args.command}: error: no --model given and the default model {folder} does not exist. Run "
+        "`blip2-hf demo` first (it trains this checkpoint on CPU in a few minutes; set BLIP2_HF_DEMO_DIR if it lives "
+        f"elsewhere) or pass --model NAME_OR_PATH, e.g. --model {example}",
+        file=sys.stderr,
+    )
+    return None
+
+
+def _device(args: argparse.Namespace) -> torch.device | None:
+    """`--device` as a `torch.device`; None (after an error on stderr) for cuda without a GPU."""
+    import torch
+
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(f"blip2-hf {args.command}: error: --device cuda, but CUDA is not available here.", file=sys.stderr)
+        return None
+    return torch.device(args.device)
+
+
+def _load_model(
+    args: argparse.Namespace, model_class: type[PreTrainedModel], subdir: str, example: str
+) -> tuple[PreTrainedModel, Blip2HFProcessor, torch.device] | None:
+    """`(model, processor, device)`: `--model` (else the demo checkpoint `subdir`) loaded, the model in eval mode on
+    `--device`. None, after an error on stderr, when there is no such model (a missing folder, a Hub id that does not
+    resolve, files missing) or no such device."""
+    from . import Blip2Processor
+
+    name = _model_name(args, subdir, example)
+    device = _device(args) if name is not None else None
+    if device is None:
+        return None
+    try:
+        model = model_class.from_pretrained(name)
+        processor = Blip2Processor.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        print(f"blip2-hf {args.command}: error: cannot load {name}: {err}", file=sys.stderr)
+        return None
+    return model.to(device).eval(), processor, device
+
+
+def _read_image(path: Path, command: str) -> Image.Image | None:
+    """The image at `path` as RGB, or None after naming the file and the error on stderr."""
+    from .data import load_image
+
+    try:
+        return load_image(path)
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... for broken files
+        print(f"blip2-hf {command}: cannot read {path}: {type(err).__name__}: {err}", file=sys.stderr)
+        return None
+
+
+def _one_line(text: str) -> str:
+    """`text` with its tabs and line breaks as spaces: `PATH<TAB>caption` stays one line whatever the LLM emits."""
+    return " ".join(text.replace("\t", " ").splitlines())
+
+
+def _generate_texts(
+    model: PreTrainedModel,
+    processor: Blip2HFProcessor,
+    images: list[Image.Image],
+    prompt: str,
+    device: torch.device,
+    **generate_kwargs: Any,
+) -> list[str]:
+    """Generate for each image after `prompt` ("" = caption from the image alone) and return the new text only,
+    stripped."""
+    # Always through the processor, even without a prompt: "" tokenizes to `[<image> x Q, BOS]` (T5: `</s>`), what
+    # the model builds for image-only input, and the input length is then known for cutting the prompt off below.
+    inputs = processor(images=images, text=[prompt] * len(images), padding=True, return_tensors="pt").to(device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.vision_model.dtype)
+    ids = model.generate(**inputs, **generate_kwargs)
+    if model.config.use_decoder_only_language_model:  # decoder-only LLMs return the input ids, then the new tokens
+        ids = ids[:, inputs["input_ids"].shape[1] :]
+    return [text.strip() for text in processor.batch_decode(ids, skip_special_tokens=True)]
+
+
+def add_caption_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "caption",
+        help="Caption images with a BLIP-2 model (one `PATH<TAB>caption` line per image).",
+        description="Caption each IMAGE (optionally continuing --prompt) by beam search (--num-beams) with a "
+        "Blip2ForConditionalGeneration and print `PATH<TAB>caption` lines, in order: the generated text only, never "
+        "the prompt. Unreadable images are named on stderr and skipped (exit code 1 at the end). Other generation "
+        "settings come from the checkpoint's generation_config.",
+    )
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="Image files.")
+    parser.add_argument(
+        "--prompt", default="", metavar="TEXT", help="Text the caption continues, e.g. 'a photo of' (default: none)."
+    )
+    parser.add_argument("--num-beams", type=_positive_int, metavar="N", default=3, help="Beam width (default: 3).")
+    parser.add_argument(
+        "--max-new-tokens", type=_positive_int, metavar="N", default=30, help="Caption length limit (default: 30)."
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, metavar="N", default=16, help="Images per generate call (default: 16)."
+    )
+    _add_model_arguments(parser, f"<demo dir>/{CAPTION_MODEL_SUBDIR}", CAPTION_MODEL_EXAMPLE)
+    parser.set_defaults(func=run_caption)
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    """Print `PATH<TAB>caption` per readable image; 1 if any image could not be read, 2 if no model."""
+    import torch
+
+    from . import Blip2ForConditionalGeneration
+
+    loaded = _load_model(args, Blip2ForConditionalGeneration, CAPTION_MODEL_SUBDIR, CAPTION_MODEL_EXAMPLE)
+    if loaded is None:
+        return 2
+    model, processor, device = loaded
+    failed = 0
+    batch: list[tuple[Path, Image.Image]] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        captions = _generate_texts(
+            model,
+            processor,
+            [image for _, image in batch],
+            args.prompt,
+            device,
+            num_beams=args.num_beams,
+            max_new_tokens=args.max_new_tokens,
+        )
+        for (path, _), caption in zip(batch, captions):
+            print(f"{path}\t{_one_line(caption)}")
+        sys.stdout.flush()  # each batch's lines as soon as they exist (long runs, pipes)
+        batch.clear()
+
+    with torch.inference_mode():
+        for path in args.images:
+            image = _read_image(path, args.command)
+            if image is None:
+                failed += 1
+                continue
+            batch.append((path, image))
+            if len(batch) == args.batch_size:
+                flush()
+        flush()
+    if failed:
+        print(f"blip2-hf caption: {failed} of {len(args.images)} images could not be read.", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def add_ask_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "ask",
+        help="Answer a question about an image (zero-shot VQA, as BLIP-2 is evaluated).",
+        description="Zero-shot VQA as LAVIS's `predict_answers`: the question goes into --prompt-template, the model "
+        "generates by beam search, and the answer (the generated text only) is printed.",
+    )
+    parser.add_argument("image", type=Path, metavar="IMAGE", help="Image file.")
+    parser.add_argument("question", metavar="QUESTION", help="The question, e.g. 'what color is the circle?'.")
+    parser.add_argument(
+        "--prompt-template",
+        default=VQA_PROMPT,
+        metavar="TEMPLATE",
+        help=f"The prompt, with {{}} where the question goes (default: {VQA_PROMPT!r}).",
+    )
+    parser.add_argument("--num-beams", type=_positive_int, metavar="N", default=5, help="Beam width (default: 5).")
+    parser.add_argument(
+        "--max-new-tokens", type=_positive_int, metavar="N", default=10, help="Answer length limit (default: 10)."
+    )
+    _add_model_arguments(parser, f"<demo dir>/{CAPTION_MODEL_SUBDIR}", CAPTION_MODEL_EXAMPLE)
+    parser.set_defaults(func=run_ask)
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    """Print the answer; 1 if the image cannot be read, 2 if no model or an unusable template."""
+    import torch
+
+    from . import Blip2ForConditionalGeneration
+
+    try:  # LAVIS formats its prompt with `str.format`; a template without {} would silently drop the question
+        if "{}" not in args.prompt_template:
+            raise ValueError("it has no {}")
+        prompt = args.prompt_template.format(args.question)
+    except (IndexError, KeyError, ValueError) as err:
+        print(f"blip2-hf ask: error: unusable --prompt-template {args.prompt_template!r}: {err}", file=sys.stderr)
+        return 2
+    loaded = _load_model(args, Blip2ForConditionalGeneration, CAPTION_MODEL_SUBDIR, CAPTION_MODEL_EXAMPLE)
+    if loaded is None:
+        return 2
+    model, processor, device = loaded
+    image = _read_image(args.image, args.command)
+    if image is None:
+        return 1
+    with torch.inference_mode():
+        (answer,) = _generate_texts(
+            model, processor, [image], prompt, device, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens
+        )
+    print(answer)
+    return 0
+
+
+def add_retrieve_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "retrieve",
+        help="Rank the images of a folder against a text (ITC, then ITM re-ranking).",
+        description="Score every image of DIR against TEXT as BLIP-2 retrieval does (blip2_hf.retrieval, LAVIS "
+        "`compute_sim_matrix`): ITC similarity for all, then the ITC top --rerank-k re-ranked by ITM. Prints the "
+        "top --top-k as `RANK<TAB>SCORE<TAB>PATH` lines, best first. SCORE is the re-ranked score the order follows: "
+        "the ITM head's raw 'match' logit plus the ITC cosine (max over the queries), unbounded, comparable only "
+        "within one run. TEXT is cleaned as LAVIS does (lowercase, punctuation dropped) and cut to "
+        f"{RETRIEVAL_TEXT_MAX_LENGTH} Q-Former tokens. Unreadable images are named on stderr and skipped.",
+    )
+    parser.add_argument(
+        "--images",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help=f"Folder of images ({', '.join(ext[1:] for ext in IMAGE_EXTENSIONS)}, any case; not recursive).",
+    )
+    parser.add_argument("--text", required=True, help="The query text.")
+    parser.add_argument("--top-k", type=_positive_int, metavar="N", default=5, help="Images printed (default: 5).")
+    parser.add_argument(
+        "--rerank-k",
+        type=_positive_int,
+        metavar="N",
+        default=16,
+        help="ITC candidates re-ranked by ITM (default: 16; raised to --top-k so every printed score is re-ranked).",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        metavar="N",
+        default=16,
+        help="Images per encoding pass and pairs per ITM pass (16).",
+    )
+    _add_model_arguments(parser, f"<demo dir>/{RETRIEVAL_MODEL_SUBDIR}", RETRIEVAL_MODEL_EXAMPLE)
+    parser.set_defaults(func=run_retrieve)
+
+
+def _qformer_tokenizer(processor: Blip2HFProcessor) -> PreTrainedTokenizerBase | None:
+    """The Q-Former (BERT) tokenizer: the processor's `qformer_tokenizer`, else its tokenizer when that is BERT-like
+    (transformers' Salesforce/blip2-itm-vit-g ships its BERT tokenizer as the processor's only tokenizer, as
+    evaluation/retrieval.py also accepts)."""
+    if getattr(processor, "qformer_tokenizer", None) is not None:
+        return processor.qformer_tokenizer
+    if getattr(processor.tokenizer, "cls_token", None) is not None:
+        return processor.tokenizer
+    return None
+
+
+def run_retrieve(args: argparse.Namespace) -> int:
+    """Print the top `--top-k` images; 2 if no model, no Q-Former tokenizer or no readable image."""
+    import torch
+
+    from . import Blip2ForImageTextRetrieval
+    from .data import pre_caption
+    from .retrieval import ImageIndex, encode_images, encode_texts, itc_similarity, itm_rerank
+
+    if not args.images.is_dir():
+        print(
+            f"blip2-hf retrieve: error: --images {args.images} is not a folder (or does not exist).", file=sys.stderr
+        )
+        return 2
+    paths = sorted(
+        (path for path in args.images.iterdir() if path.suffix.lower() in IMAGE_EXTENSIONS and not path.is_dir()),
+        key=lambda path: path.name,
+    )
+    if not paths:
+        print(
+            f"blip2-hf retrieve: error: {args.images} holds no image files ({', '.join(IMAGE_EXTENSIONS)}).",
+            file=sys.stderr,
+        )
+        return 2
+    loaded = _load_model(args, Blip2ForImageTextRetrieval, RETRIEVAL_MODEL_SUBDIR, RETRIEVAL_MODEL_EXAMPLE)
+    if loaded is None:
+        return 2
+    model, processor, device = loaded
+    tokenizer = _qformer_tokenizer(processor)
+    if tokenizer is None:
+        print(
+            "blip2-hf retrieve: error: the model's processor has no Q-Former tokenizer (no qformer_tokenizer/ "
+            "subfolder, as stage-1 folders have, and its tokenizer is not BERT-like), so the text cannot be encoded.",
+            file=sys.stderr,
+        )
+        return 2
+    progress = sys.stderr.isatty()  # tqdm bars for people, not for logs
+    kept: list[Path] = []  # the readable images, in the order they are encoded
+
+    def pixel_batches() -> Iterator[torch.Tensor]:
+        """Decode one batch at a time (a large folder never sits in memory as pixels), skipping unreadable files."""
+        for start in range(0, len(paths), args.batch_size):
+            images, batch_paths = [], []
+            for path in paths[start : start + args.batch_size]:
+                image = _read_image(path, args.command)
+                if image is not None:
+                    images.append(image)
+                    batch_paths.append(path)
+            if images:
+                kept.extend(batch_paths)
+                yield processor(images=images, return_tensors="pt")["pixel_values"]
+
+    with torch.inference_mode():
+        try:
+            images = encode_images(model, pixel_batches(), device=device, progress=progress)
+        except ValueError:
+            if kept:  # not the "no image batches" case
+                raise
+            print(f"blip2-hf retrieve: error: no readable image in {args.images}.", file=sys.stderr)
+            return 2
+        tokens = tokenizer(
+            [pre_caption(args.text)], truncation=True, max_length=RETRIEVAL_TEXT_MAX_LENGTH, return_tensors="pt"
+        )
+        texts = encode_texts(model, [tokens], device=device, progress=False)
+        itc = itc_similarity(images.image_feats, texts.text_feats)  # [N_img, 1]
+        k = min(max(args.rerank_k, args.top_k), len(kept))
+        # `itm_rerank` scores both directions; with one text its image-to-text side would send *every* image
+        # through ITM. Handing it only the text's ITC top-k images gives the same text-to-image scores for k passes.
+        candidates = itc[:, 0].topk(k).indices
+        candidate_index = ImageIndex(
+            images.image_feats[candidates], images.image_embeds[candidates.to(images.image_embeds.device)]
+        )
+        _, score_t2i = itm_rerank(
+            model, candidate_index, texts, itc[candidates], k=k, batch_size=args.batch_size, progress=progress
+        )
+        # Stable: equal scores keep the ITC order.
+        scores, order = torch.sort(score_t2i[0], descending=True, stable=True)
+    for rank, (score, index) in enumerate(zip(scores[: args.top_k].tolist(), order[: args.top_k].tolist()), 1):
+        print(f"{rank}\t{score:.4f}\t{kept[int(candidates[index])]}")
+    return 0
+
+
+def add_demo_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="A miniature BLIP-2 reproduced end to end on CPU: synthetic world, frozen towers, both stages, "
+        "evaluation, the no-stage-1 ablation, a report.",
+        description="Generate a synthetic world of colored shapes; pretrain a small ViT (contrastive, no language "
+        "model) and a small OPT-style LLM (text only) and freeze them; train BLIP-2 stage 1 (ITC + ITM + ITG) and "
+        "stage 2, and stage 2 without stage 1 (the paper's Figure 5 ablation); evaluate captioning (CIDEr, BLEU-4), "
+        "zero-shot VQA and retrieval; write checkpoints, results.json, plots and report.md into --output. The "
+        "`caption`, `ask` and `retrieve` commands then use its checkpoints.",
+    )
+    parser.add_argument("--quick", action="store_true", help="A smaller world and budget (about 2 minutes on CPU).")
+    parser.add_argument(
+        "--seeds", type=_positive_int, default=1, help="BLIP-2 training seeds; 3 gives mean +- std (default 1)."
+    )
+    parser.add_argument(
+        "--output", type=Path, default=None, help="Output folder (default: $BLIP2_HF_DEMO_DIR, else ./blip2_demo)."
+    )
+    parser.set_defaults(func=run_demo_command)
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from .demo.run import run_demo
+
+    output = args.output if args.output is not None else demo_dir()
+    run_demo(output, seeds=args.seeds, quick=args.quick)
+    print(f"report: {output / 'report.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip2-hf", description="BLIP-2 on the Hugging Face stack.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_demo_command(subparsers)
     add_push_command(subparsers)
     add_card_command(subparsers)
+    add_caption_command(subparsers)
+    add_ask_command(subparsers)
+    add_retrieve_command(subparsers)
     return parser
 
 

@@ -880,7 +880,7 @@ class Blip2Model(Blip2PreTrainedModel):
         def groups(
             keys: list[str],
         ) -> list[str]:  # "qformer.encoder.layer.3.output.dense.weight" -> "...layer.*.output"
-            return sorted({".".join(re.sub(r"\.\d+(?=\.)", ".*", key).split(".")[:-1][:5]) for key in keys})
+            return sorted({".".join(re.sub(r"\.\d+(?=\.)", ".*", key).split(".")[:-1][:5]) or key for key in keys})
 
         new_roots, dropped_roots = groups(report["new"]), groups(report["dropped"])
         logger.warning(

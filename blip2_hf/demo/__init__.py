@@ -1,0 +1,24 @@
+"""`blip2-hf demo`: a miniature BLIP-2 reproduced end to end on CPU (synthetic world, "off-the-shelf" unimodal towers
+pretrained on the spot, stage 1, stage 2, evaluation, the no-stage-1 ablation, a report).
+
+Where the demo leaves its checkpoints, which the `caption` / `ask` / `retrieve` commands use when no `--model` is
+given: `<demo dir>/model` (stage 2, seed 0: captions and answers) and `<demo dir>/retrieval_model` (stage 1, seed 0:
+ITC + ITM). The demo dir is `$BLIP2_HF_DEMO_DIR`, else `./blip2_demo`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEMO_DIR_ENV = "BLIP2_HF_DEMO_DIR"
+DEFAULT_DEMO_DIR = "blip2_demo"
+CAPTION_MODEL_SUBDIR = "model"
+RETRIEVAL_MODEL_SUBDIR = "retrieval_model"
+# LAVIS's zero-shot VQA prompt for OPT-based BLIP-2 (`Blip2OPT.predict_answers`).
+VQA_PROMPT = "Question: {} Short answer:"
+
+
+def demo_dir() -> Path:
+    """`$BLIP2_HF_DEMO_DIR`, else `./blip2_demo`."""
+    return Path(os.environ.get(DEMO_DIR_ENV) or DEFAULT_DEMO_DIR)

@@ -1,0 +1,130 @@
+"""`blip2-hf demo`: the synthetic world is what its captions and answers say, the language model's corpus never asks
+what its context does not tell, and the quick demo runs end to end into loadable checkpoints, results, plots and a
+report that the `caption` / `ask` / `retrieve` commands then use."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import numpy as np
+import pytest
+
+from blip2_hf import cli
+from blip2_hf.demo.pretrain import scene_documents
+from blip2_hf.demo.world import COLORS, COUNT_WORDS, SHAPES, make_world, random_scene, write_split
+
+
+def _color_pixels(image, color, tolerance=40) -> int:
+    pixels = np.asarray(image, dtype=np.int16)
+    return int((np.abs(pixels - np.array(color)).max(-1) < tolerance).sum())
+
+
+def test_scenes_are_what_their_captions_and_answers_say():
+    rng = random.Random(0)
+    for _ in range(200):
+        scene = random_scene(rng)
+        image = scene.draw()
+        assert image.size == (64, 64) and image.mode == "RGB"
+        shapes = {group.shape for group in scene.groups}
+        assert len(shapes) == len(scene.groups) and len({group.color for group in scene.groups}) == len(scene.groups)
+        for group in scene.groups:
+            # every group's color is in the pixels (a small object covers > 40 pixels at 64 x 64)
+            assert _color_pixels(image, COLORS[group.color]) > 40 * group.count * 0.6
+            for caption in scene.captions():
+                assert group.color in caption.split()
+                assert re.search(rf"\b{group.shape}s?\b", caption)
+        for other in set(COLORS) - {group.color for group in scene.groups}:
+            assert _color_pixels(image, COLORS[other], tolerance=25) < 10, other
+        answers = {qa["question"]: qa["answer"] for qa in scene.questions()}
+        for group in scene.groups:
+            plural = group.count > 1
+            the = f"are the {group.shape}s" if plural else f"is the {group.shape}"
+            assert answers[f"what color {the}?"] == group.color
+            assert answers[f"what size {the}?"] == group.size
+            assert answers[f"how many {group.shape}s are there?"] == COUNT_WORDS[group.count]
+            assert answers[f"which shape is {group.color}?"] == group.shape
+            if group.side is not None:
+                assert answers[f"where {the}?"] == group.side
+                # the group really stands in that half
+                half = np.asarray(image, dtype=np.int16)[:, :32] if group.side == "left" else np.asarray(image)[:, 32:]
+                assert _color_pixels(half, COLORS[group.color]) > 30
+        for shape in SHAPES:
+            assert answers[f"is there a {shape}?"] == ("yes" if shape in shapes else "no")
+
+
+def test_world_is_deterministic_and_held_out_scenes_are_distinct(tmp_path):
+    first, second = make_world(50, 20, 30, seed=3), make_world(50, 20, 30, seed=3)
+    assert [s.key() for s in first["train"]] == [s.key() for s in second["train"]]
+    assert np.array_equal(np.asarray(first["test"][0].draw()), np.asarray(second["test"][0].draw()))
+    assert [s.key() for s in make_world(50, 20, 30, seed=4)["train"]] != [s.key() for s in first["train"]]
+    for split in ("validation", "test"):
+        keys = [scene.key() for scene in first[split]]
+        assert len(keys) == len(set(keys))
+    records = write_split(first["test"], tmp_path / "test")
+    assert json.loads((tmp_path / "test" / "annotations.json").read_text()) == records
+    assert (tmp_path / "test" / records[5]["image"]).is_file()
+
+
+def test_language_model_corpus_only_asks_what_its_context_tells():
+    scenes = make_world(100, 1, 1, seed=0)["train"]
+    documents = scene_documents(
+        [s.captions() for s in scenes], [s.questions() for s in scenes], per_scene=3, separator="</s>"
+    )
+    assert len(documents) == 300
+    kinds = set()
+    for document in documents:
+        context, continuation = document.split("</s>")
+        assert context.endswith("\n") and context.count("\n") == 1
+        words = set(context.split())
+        assert words & {"small", "large"}  # a context that names the sizes
+        lines = continuation.rstrip("\n").split("\n")
+        kind = "qa" if lines[0].startswith("Question: ") else "caption"
+        kinds.add(kind)
+        assert len(lines) == 1 if kind == "caption" else 2 <= len(lines) <= 4
+        for line in lines:
+            if not line.startswith("Question: "):
+                continue
+            question, answer = line.removeprefix("Question: ").split(" Short answer: ")
+            if question.startswith(("what color", "what size", "which shape", "where")):
+                assert answer in words or answer + "s" in words, (context, question, answer)
+    assert kinds == {"qa", "caption"}
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path, monkeypatch, capsys):
+    output = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--seeds", "1", "--output", str(output)]) == 0
+    results = json.loads((output / "results.json").read_text())
+    for arm in ("stage1+2", "stage2_only"):
+        for metric in ("VQA", "CIDEr", "BLEU-4", "caption_exact_match"):
+            mean, std = results["summary"][arm][metric]
+            assert 0 <= mean <= 1000 and std == 0.0
+    assert 0 <= results["summary"]["stage1+2"]["text_R@1"][0] <= 100
+    # every loss the demo trains with falls
+    curves = results["curves"][0]
+    for key in ("loss_itc", "loss_itm", "loss_itg"):
+        values = [entry[key] for entry in curves["stage1"] if key in entry]
+        assert values[-1] < values[0], key
+    for arm in ("stage1+2", "stage2_only"):
+        values = [entry["loss"] for entry in curves[arm] if "loss" in entry]
+        assert values[-1] < values[0], arm
+    report = (output / "report.md").read_text()
+    for plot in re.findall(r"\]\((plots/[^)]+)\)", report):
+        assert (output / plot).is_file(), plot
+    assert {"losses.png", "examples.png", "cross_attention.png", "results.png"} <= {
+        path.name for path in (output / "plots").iterdir()
+    }
+
+    # the commands use the demo's checkpoints when no --model is given
+    monkeypatch.setenv("BLIP2_HF_DEMO_DIR", str(output))
+    images = sorted((output / "data" / "test" / "images").iterdir())[:2]
+    capsys.readouterr()
+    assert cli.main(["caption", *map(str, images)]) == 0
+    lines = capsys.readouterr().out.strip().split("\n")
+    assert [line.split("\t")[0] for line in lines] == list(map(str, images))
+    assert cli.main(["ask", str(images[0]), "what color is the circle?"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert cli.main(["retrieve", "--images", str(images[0].parent), "--text", "a red circle", "--top-k", "3"]) == 0
+    assert len(capsys.readouterr().out.strip().split("\n")) == 3
