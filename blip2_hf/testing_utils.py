@@ -378,3 +378,28 @@ def draw_images(n: int, size: tuple[int, int] = (40, 30), seed: int = 0, mode: s
                 draw.polygon([(box[0], box[3]), ((box[0] + box[2]) // 2, box[1]), (box[2], box[3])], fill=color)
         images.append(image if mode == "RGB" else image.convert(mode))
     return images
+
+
+def save_tiny_generation_checkpoint(folder, text: str = "opt", num_query_tokens: int = 4) -> torch.nn.Module:
+    """Save a tiny stage-2 folder (`Blip2ForConditionalGeneration` + `Blip2Processor`, 30 px images) whose vocabulary
+    fits the processor's OPT- or T5-style tokenizer, its weights moved well off their initialization (`perturb_`,
+    scale 0.2) so that generations differ per image; returns the model."""
+    from .configuration_blip2 import Blip2Config
+    from .modeling_blip2 import Blip2ForConditionalGeneration
+    from .processing_blip2 import Blip2HFProcessor
+
+    tokenizer = make_opt_tokenizer() if text == "opt" else make_t5_tokenizer()
+    processor = Blip2HFProcessor(
+        image_processor=Blip2HFProcessor.default_image_processor(30),
+        tokenizer=tokenizer,
+        num_query_tokens=num_query_tokens,
+    )
+    config = tiny_config_dict(text, num_query_tokens=num_query_tokens, image_token_index=processor.image_token_id)
+    config["text_config"]["vocab_size"] = len(processor.tokenizer) + 4
+    if text == "opt":  # the tokenizer's ids: `</s>` 2 is BOS and EOS, `<pad>` 1
+        config["text_config"].update(bos_token_id=2, eos_token_id=2, pad_token_id=1)
+    torch.manual_seed(0)
+    model = perturb_(Blip2ForConditionalGeneration(Blip2Config(**config)), scale=0.2)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model

@@ -8,35 +8,22 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 import transformers
-from utils import draw_images, make_opt_tokenizer, make_t5_tokenizer
+from utils import draw_images
 
 import blip2_hf
-from blip2_hf.testing_utils import perturb_, tiny_config_dict
+from blip2_hf.testing_utils import save_tiny_generation_checkpoint
 
 NEW_TOKENS = 5
 
 
 def build_checkpoint(folder, text: str) -> blip2_hf.Blip2ForConditionalGeneration:
-    tokenizer = make_opt_tokenizer() if text == "opt" else make_t5_tokenizer()
-    processor = blip2_hf.Blip2Processor(
-        image_processor=blip2_hf.Blip2Processor.default_image_processor(30), tokenizer=tokenizer, num_query_tokens=4
-    )
-    config = tiny_config_dict(text, image_token_index=processor.image_token_id)
-    config["text_config"]["vocab_size"] = len(processor.tokenizer) + 4
-    if text == "opt":  # the tokenizer's ids: `</s>` 2 is BOS and EOS, `<pad>` 1
-        config["text_config"].update(bos_token_id=2, eos_token_id=2, pad_token_id=1)
-    torch.manual_seed(0)
-    model = perturb_(blip2_hf.Blip2ForConditionalGeneration(blip2_hf.Blip2Config(**config)), scale=0.2)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    model = save_tiny_generation_checkpoint(folder, text)
     draw_images(1, size=(40, 30))[0].save(folder / "image.png")
     return model
 
 
-@pytest.fixture(scope="module", params=["opt", "t5"])
 def checkpoint(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"ckpt_{request.param}")
     return folder, build_checkpoint(folder, request.param), request.param

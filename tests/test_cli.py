@@ -19,8 +19,8 @@ from blip2_hf.testing_utils import (
     draw_images,
     make_bert_tokenizer,
     make_opt_tokenizer,
-    make_t5_tokenizer,
     perturb_,
+    save_tiny_generation_checkpoint,
     tiny_config_dict,
 )
 
@@ -33,20 +33,7 @@ GALLERY = ("a.png", "b.jpg", "c.PNG", "d.jpeg", "e.png", "f.JPG")
 
 def build_generation_checkpoint(folder: Path, text: str) -> None:
     """A stage-2 folder: tiny OPT- or T5-style LLM, weights moved well off their init so captions differ per image."""
-    tokenizer = make_opt_tokenizer() if text == "opt" else make_t5_tokenizer()
-    processor = blip2_hf.Blip2Processor(
-        image_processor=blip2_hf.Blip2Processor.default_image_processor(30),
-        tokenizer=tokenizer,
-        num_query_tokens=NUM_QUERY_TOKENS,
-    )
-    config = tiny_config_dict(text, num_query_tokens=NUM_QUERY_TOKENS, image_token_index=processor.image_token_id)
-    config["text_config"]["vocab_size"] = len(processor.tokenizer) + 4
-    if text == "opt":  # the tokenizer's ids: `</s>` 2 is BOS and EOS, `<pad>` 1
-        config["text_config"].update(bos_token_id=2, eos_token_id=2, pad_token_id=1)
-    torch.manual_seed(0)
-    model = perturb_(blip2_hf.Blip2ForConditionalGeneration(blip2_hf.Blip2Config(**config)), scale=0.2)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    save_tiny_generation_checkpoint(folder, text, num_query_tokens=NUM_QUERY_TOKENS)
 
 
 def build_retrieval_checkpoint(folder: Path, tokenizers: str = "opt+bert") -> None:

@@ -25,8 +25,8 @@ from blip2_hf.testing_utils import (
     draw_images,
     make_bert_tokenizer,
     make_opt_tokenizer,
-    make_t5_tokenizer,
     perturb_,
+    save_tiny_generation_checkpoint,
     tiny_config_dict,
 )
 
@@ -75,18 +75,7 @@ def our_row(markdown: str, name: str) -> list[str]:
 
 def build_generation_checkpoint(folder: Path, text: str) -> None:
     """As tests/test_auto_and_pipelines.py: a tiny stage-2 model whose vocabulary fits the processor's tokenizer."""
-    tokenizer = make_opt_tokenizer() if text == "opt" else make_t5_tokenizer()
-    processor = blip2_hf.Blip2Processor(
-        image_processor=blip2_hf.Blip2Processor.default_image_processor(30), tokenizer=tokenizer, num_query_tokens=4
-    )
-    config = tiny_config_dict(text, image_token_index=processor.image_token_id)
-    config["text_config"]["vocab_size"] = len(processor.tokenizer) + 4
-    if text == "opt":  # the tokenizer's ids: `</s>` 2 is BOS and EOS, `<pad>` 1
-        config["text_config"].update(bos_token_id=2, eos_token_id=2, pad_token_id=1)
-    torch.manual_seed(0)
-    model = perturb_(blip2_hf.Blip2ForConditionalGeneration(blip2_hf.Blip2Config(**config)), scale=0.2)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    save_tiny_generation_checkpoint(folder, text)
 
 
 def build_stage1_checkpoint(folder: Path) -> None:

@@ -3,8 +3,7 @@
 - an image encoder (`Blip2VisionModel`, a small ViT) trained without any language model, contrastively against a
   small text tower of its own, as CLIP trained the EVA-CLIP ViT-g that BLIP-2 uses. The text tower is thrown away;
 - an OPT-style language model (`OPTForCausalLM`) trained on text alone: short "documents" about training scenes,
-  a caption, then (after a `</s>`, as documents follow one another in OPT's pretraining stream) another caption or
-  question/answer pairs about it. It learns what captions and answers look like and to answer from the text before
+  one or two captions, then question/answer pairs about them. It learns what captions and answers look like and to answer from the text before
   a question; it never sees an image.
 
 Neither model knows the other: connecting them is BLIP-2's job.
@@ -32,6 +31,32 @@ def _cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _optimize(
+    parameters: list[nn.Parameter],
+    loss_at: Callable[[], torch.Tensor],
+    steps: int,
+    learning_rate: float,
+    description: str,
+    log: Callable[[dict], None] | None,
+) -> float:
+    """AdamW (betas 0.9/0.98, weight decay 0.05, gradients clipped at 1) with a linear warmup over the first tenth,
+    then cosine to a tenth of `learning_rate`; `loss_at()` draws a batch and returns its loss. Returns the last loss."""
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.05, betas=(0.9, 0.98))
+    for step in (bar := tqdm(range(steps), desc=description, leave=False)):
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine_lr(step, steps, learning_rate, warmup=max(1, steps // 10))
+        loss = loss_at()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        if step % 10 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if log is not None:
+                log({"step": step, "loss": loss.item()})
+    return loss.item()
 
 
 class TextTower(nn.Module):
@@ -89,16 +114,12 @@ def pretrain_vision_encoder(
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
     modules = nn.ModuleList([vision, text_tower, image_proj, text_proj])
     params = list(modules.parameters()) + [logit_scale]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.05, betas=(0.9, 0.98))
     key_ids = {key: index for index, key in enumerate(dict.fromkeys(scene_keys))}
     keys = torch.tensor([key_ids[key] for key in scene_keys])
-    modules.train()
-    for step in (bar := tqdm(range(steps), desc="image encoder (contrastive)", leave=False)):
-        for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(step, steps, learning_rate, warmup=max(1, steps // 10))
+
+    def contrastive_loss() -> torch.Tensor:
         index = torch.randperm(len(pixel_values), generator=generator)[:batch_size]
-        texts = [rng.choice(captions[i]) for i in index.tolist()]
-        tokens = tokenizer(texts, padding=True, return_tensors="pt")
+        tokens = tokenizer([rng.choice(captions[i]) for i in index.tolist()], padding=True, return_tensors="pt")
         image_out = vision(pixel_values=pixel_values[index]).last_hidden_state
         image_feat = F.normalize(image_proj(image_out.mean(1)), dim=-1)
         text_feat = F.normalize(text_proj(text_tower(tokens["input_ids"], tokens["attention_mask"])), dim=-1)
@@ -107,17 +128,12 @@ def pretrain_vision_encoder(
         targets = same / same.sum(1, keepdim=True)
         loss_i2t = torch.sum(-targets * logits.log_softmax(1), 1).mean()
         loss_t2i = torch.sum(-targets * logits.t().log_softmax(1), 1).mean()
-        loss = (loss_i2t + loss_t2i) / 2
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        if step % 10 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if log is not None:
-                log({"step": step, "loss": loss.item()})
+        return (loss_i2t + loss_t2i) / 2
+
+    modules.train()
+    final_loss = _optimize(params, contrastive_loss, steps, learning_rate, "image encoder (contrastive)", log)
     modules.eval()
-    metrics = {"final_loss": loss.item()}
+    metrics = {"final_loss": final_loss}
     if validation is not None:
         with torch.no_grad():
             val_pixels, val_captions = validation
@@ -132,35 +148,22 @@ def pretrain_vision_encoder(
 
 
 def scene_documents(
-    captions: Sequence[Sequence[str]],
-    questions: Sequence[Sequence[dict]],
-    per_scene: int,
-    separator: str,
-    seed: int = 0,
+    captions: Sequence[Sequence[str]], questions: Sequence[Sequence[dict]], per_scene: int, seed: int = 0
 ) -> list[str]:
-    """The language model's corpus: per scene, `per_scene` documents `context + separator + continuation`, lines ended
-    by "\n". The context is one of the scene's captions that name every attribute; the continuation is another of
-    its captions (a third of the documents) or two to four "Question: ... Short answer: ..." lines (LAVIS's zero-shot
-    VQA prompt for OPT) about it. Only text: the answers come from the context.
-
-    `separator` is the tokenizer's BOS (OPT's `</s>`, which also separates documents in OPT's own pretraining
-    stream): the model learns to continue from text that stands before a BOS, which is where BLIP-2 puts the soft
-    prompt (`[queries][BOS][text]`). Stage 2 then only has to make the queries read like a context caption."""
+    """The language model's corpus: per scene, `per_scene` documents of one or two of its captions (ones that name
+    every attribute), then two to four "Question: ... Short answer: ..." lines about it (LAVIS's zero-shot VQA prompt
+    for OPT), each line ended by "\n". Only text: the answers come from the captions before them. A second caption
+    restates the first: predicting it rewards copying from the context, which answering from it needs too."""
     rng = random.Random(seed)
     documents = []
     for scene_captions, scene_questions in zip(captions, questions):
         # the context must hold every answer: captions that leave out the sizes would teach the model to guess
         complete = [caption for caption in scene_captions if any(size in caption.split() for size in SIZES)]
         for _ in range(per_scene):
-            context = rng.choice(complete)
-            if rng.random() < 1 / 3:
-                lines = [rng.choice(list(scene_captions))]
-            else:
-                lines = [
-                    f"Question: {qa['question']} Short answer: {qa['answer']}"
-                    for qa in rng.sample(list(scene_questions), k=rng.randint(2, 4))
-                ]
-            documents.append(context + "\n" + separator + "".join(line + "\n" for line in lines))
+            lines = rng.sample(complete, k=min(len(complete), rng.choice((1, 2))))
+            for qa in rng.sample(list(scene_questions), k=rng.randint(2, 4)):
+                lines.append(f"Question: {qa['question']} Short answer: {qa['answer']}")
+            documents.append("".join(line + "\n" for line in lines))
     rng.shuffle(documents)
     return documents
 
@@ -179,22 +182,14 @@ def pretrain_language_model(
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = OPTForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.05, betas=(0.9, 0.98))
-    model.train()
-    for step in (bar := tqdm(range(steps), desc="language model (text only)", leave=False)):
-        for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(step, steps, learning_rate, warmup=max(1, steps // 10))
+
+    def lm_loss() -> torch.Tensor:
         index = torch.randint(len(documents), (batch_size,), generator=generator).tolist()
         tokens = tokenizer([documents[i] for i in index], padding=True, padding_side="right", return_tensors="pt")
         labels = tokens["input_ids"].masked_fill(tokens["attention_mask"] == 0, -100)
-        loss = model(**tokens, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if step % 10 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if log is not None:
-                log({"step": step, "loss": loss.item()})
+        return model(**tokens, labels=labels).loss
+
+    model.train()
+    _optimize(list(model.parameters()), lm_loss, steps, learning_rate, "language model (text only)", log)
     model.eval()
     return model

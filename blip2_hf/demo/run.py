@@ -202,7 +202,6 @@ def pretrain_towers(output: Path, world: dict, processor: Blip2Processor, settin
         [record["caption"] for record in train],
         [record["questions"] for record in train],
         per_scene=settings.documents_per_scene,
-        separator=tokenizer.bos_token,
     )
     llm_curve: list[dict] = []
     llm = pretrain_language_model(
@@ -226,7 +225,7 @@ def text_only_vqa(llm: OPTForCausalLM, tokenizer: Any, test: Sequence[dict], bat
     questions = [(record, qa) for record in test for qa in record["questions"]]
     newline = tokenizer("\n", add_special_tokens=False).input_ids[0]
     result = {}
-    contexts = {"with_caption": lambda r: r["caption"][0] + "\n" + tokenizer.bos_token, "without_context": lambda r: ""}
+    contexts = {"with_caption": lambda r: r["caption"][0] + "\n", "without_context": lambda r: ""}
     for name, context in contexts.items():
         prompts = [context(record) + VQA_PROMPT.format(qa["question"]) for record, qa in questions]
         answers = []
@@ -276,25 +275,34 @@ def stage1_config(vision_config: Blip2VisionConfig, qformer_tokenizer: Any, sett
     )
 
 
-def train_stage1(
-    output_dir: Path, pretrained: Path, cache: Path, processor: Blip2Processor, settings: DemoSettings, seed: int
-) -> list[dict]:
-    """Stage 1 from a random Q-Former (there is no BERT in this world) against the frozen image encoder, on the
-    frozen-feature cache; saves a `Blip2ForPreTraining` folder and returns the Trainer's log history."""
-    torch.manual_seed(seed)
-    vision = Blip2VisionModel.from_pretrained(pretrained / "vision_encoder")
-    model = Blip2ForPreTraining(stage1_config(vision.config, processor.qformer_tokenizer, settings))
-    model.vision_model.load_state_dict(vision.state_dict())
-    trainer = Blip2Stage1Trainer(
+def _train(trainer_class: type, model: Any, collator: Any, processor: Blip2Processor, output_dir: Path,
+           steps: int, cache: Path, settings: DemoSettings, seed: int) -> list[dict]:  # fmt: skip
+    """Train on the frozen-feature cache, save the model and its processor in `output_dir`, return the log history."""
+    trainer = trainer_class(
         model=model,
-        args=_trainer_args(output_dir, settings.stage1_steps, settings, seed),
+        args=_trainer_args(output_dir, steps, settings, seed),
         train_dataset=load_feature_cache(cache),
-        data_collator=Stage1Collator(processor, max_length=32),
+        data_collator=collator,
     )
     trainer.train()
     trainer.save_model(str(output_dir))
     processor.save_pretrained(output_dir)
     return trainer.state.log_history
+
+
+def train_stage1(
+    output_dir: Path, pretrained: Path, cache: Path, processor: Blip2Processor, settings: DemoSettings, seed: int
+) -> list[dict]:
+    """Stage 1 from a random Q-Former (there is no BERT in this world) against the frozen image encoder; saves a
+    `Blip2ForPreTraining` folder and returns the Trainer's log history."""
+    torch.manual_seed(seed)
+    vision = Blip2VisionModel.from_pretrained(pretrained / "vision_encoder")
+    model = Blip2ForPreTraining(stage1_config(vision.config, processor.qformer_tokenizer, settings))
+    model.vision_model.load_state_dict(vision.state_dict())
+    collator = Stage1Collator(processor, max_length=32)
+    return _train(
+        Blip2Stage1Trainer, model, collator, processor, output_dir, settings.stage1_steps, cache, settings, seed
+    )
 
 
 def stage2_model(
@@ -342,16 +350,10 @@ def train_stage2(
     torch.manual_seed(seed)
     model = stage2_model(pretrained, processor, settings, stage1_dir)
     processor = without_qformer_tokenizer(processor)
-    trainer = Blip2Stage2Trainer(
-        model=model,
-        args=_trainer_args(output_dir, settings.stage2_steps, settings, seed),
-        train_dataset=load_feature_cache(cache),
-        data_collator=Stage2Collator(processor, max_length=32),
+    collator = Stage2Collator(processor, max_length=32)
+    return _train(
+        Blip2Stage2Trainer, model, collator, processor, output_dir, settings.stage2_steps, cache, settings, seed
     )
-    trainer.train()
-    trainer.save_model(str(output_dir))
-    processor.save_pretrained(output_dir)
-    return trainer.state.log_history
 
 
 # =====================================================================================================================
