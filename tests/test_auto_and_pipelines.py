@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 import transformers
 from utils import draw_images
@@ -24,6 +25,7 @@ def build_checkpoint(folder, text: str) -> blip2_hf.Blip2ForConditionalGeneratio
     return model
 
 
+@pytest.fixture(scope="module", params=["opt", "t5"])
 def checkpoint(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"ckpt_{request.param}")
     return folder, build_checkpoint(folder, request.param), request.param
