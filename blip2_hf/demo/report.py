@@ -67,7 +67,7 @@ def plot_losses(path: Path, towers: dict, curves: Sequence[dict]) -> None:
 def plot_examples(path: Path, test: Sequence[dict], images: Sequence[Image.Image], run: dict, count: int = 8) -> None:
     """Test images with both arms' captions and the stage-1+2 model's answers to two questions each."""
     plt = _pyplot()
-    fig, axes = plt.subplots(2, count // 2, figsize=(3.6 * count // 2, 10))
+    fig, axes = plt.subplots(2, count // 2, figsize=(3.6 * count // 2, 12))
     for index, ax in enumerate(axes.flat):
         record = test[index]
         ax.imshow(images[index].resize((256, 256), Image.NEAREST))
