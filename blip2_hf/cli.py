@@ -516,7 +516,7 @@ def run_retrieve(args: argparse.Namespace) -> int:
 def add_demo_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="A miniature BLIP-2 reproduced end to end on CPU: synthetic world, frozen towers, both stages, "
+        help="A miniature BLIP-2 trained and evaluated end to end on CPU: synthetic world, frozen towers, both stages, "
         "evaluation, the no-stage-1 ablation, a report.",
         description="Generate a synthetic world of colored shapes; pretrain a small ViT (contrastive, no language "
         "model) and a small OPT-style LLM (text only) and freeze them; train BLIP-2 stage 1 (ITC + ITM + ITG) and "
