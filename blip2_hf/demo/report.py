@@ -11,8 +11,7 @@ from PIL import Image
 
 from ..modeling_blip2 import Blip2ForConditionalGeneration
 from ..processing_blip2 import Blip2HFProcessor as Blip2Processor
-from . import VQA_PROMPT
-from .run import ARMS
+from . import ARMS, VQA_PROMPT
 
 ARM_COLORS = {"stage1+2": "tab:blue", "stage2_only": "tab:red"}
 

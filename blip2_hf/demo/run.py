@@ -38,13 +38,12 @@ from ..processing_blip2 import Blip2HFProcessor as Blip2Processor
 from ..retrieval import encode_images, encode_texts, itc_similarity, itm_rerank, recall_at_k
 from ..testing_utils import make_bert_tokenizer, make_opt_tokenizer
 from ..trainer import Blip2Stage1Trainer, Blip2Stage2Trainer, Blip2TrainingArguments
-from . import CAPTION_MODEL_SUBDIR, RETRIEVAL_MODEL_SUBDIR, VQA_PROMPT
+from . import ARMS, CAPTION_MODEL_SUBDIR, RETRIEVAL_MODEL_SUBDIR, VQA_PROMPT
 from .pretrain import pretrain_language_model, pretrain_vision_encoder, scene_documents
+from .report import write_report
 from .world import IMAGE_SIZE, make_world, write_split
 
 logger = logging.getLogger("blip2_hf.demo")
-
-ARMS = {"stage1+2": "stage 1 + stage 2 (BLIP-2)", "stage2_only": "stage 2 only (no representation learning)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,23 +309,23 @@ def stage2_model(
 ) -> Blip2ForConditionalGeneration:
     """The frozen image encoder and LLM bridged by a Q-Former: from stage 1 (`stage1_dir`), or fresh (the ablation:
     query tokens and Q-Former randomly initialized, the same towers)."""
-    vision = Blip2VisionModel.from_pretrained(pretrained / "vision_encoder")
+    vision_config = Blip2VisionConfig.from_pretrained(pretrained / "vision_encoder")
     llm = OPTForCausalLM.from_pretrained(pretrained / "language_model")
-    qformer_config = stage1_config(vision.config, processor.qformer_tokenizer, settings).qformer_config.to_dict()
+    qformer_config = stage1_config(vision_config, processor.qformer_tokenizer, settings).qformer_config.to_dict()
     qformer_config["use_qformer_text_input"] = False  # stage 2 runs no text through the Q-Former (LAVIS drops it)
     config = Blip2Config(
-        vision_config=vision.config.to_dict(),
+        vision_config=vision_config.to_dict(),
         qformer_config=qformer_config,
         text_config=llm.config.to_dict(),
         num_query_tokens=settings.num_query_tokens,
         image_token_index=processor.image_token_id,
     )
     model = Blip2ForConditionalGeneration(config)
-    if stage1_dir is not None:
+    model.language_model = llm
+    if stage1_dir is not None:  # the image encoder (with stage 1's trained post_layernorm), queries, Q-Former
         model.init_from_stage1(stage1_dir)
     else:
-        model.vision_model.load_state_dict(vision.state_dict())
-    model.language_model.load_state_dict(llm.state_dict())
+        model.vision_model = Blip2VisionModel.from_pretrained(pretrained / "vision_encoder")
     # LAVIS trains OPT to end a caption with "\n" and stops generating there
     newline = processor.tokenizer("\n", add_special_tokens=False).input_ids[0]
     model.generation_config.eos_token_id = [llm.config.eos_token_id, newline]
@@ -577,8 +576,6 @@ def _run_demo(output: Path, seeds: int, settings: DemoSettings) -> dict[str, Any
     }
     (output / "results.json").write_text(json.dumps(results, indent=1))
     print("[demo] 5/5 plots and report", flush=True)
-    from .report import write_report
-
     write_report(output, results, world, test_images, per_seed, curves, towers)
     phase("report")
     results["timings_s"] = timings
