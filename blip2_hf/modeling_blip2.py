@@ -318,6 +318,7 @@ class Blip2QFormerMultiHeadAttention(nn.Module):
     """BERT attention. Self-attention over `[queries; text]`, or cross-attention from the queries to the image
     (`key`/`value` then read `encoder_hidden_size`-wide image features). Self-attention can append its keys/values
     to a `Cache`, so that text run later (ITG, Q-Former generation) attends to the queries without running them again.
+    Cross-attention can project each distinct image once and hand it to several rows (`encoder_index`).
     """
 
     def __init__(self, config: Blip2QFormerConfig, is_cross_attention: bool = False, layer_idx: int | None = None):
@@ -340,10 +341,12 @@ class Blip2QFormerMultiHeadAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         cache: Cache | None = None,
+        encoder_index: torch.LongTensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states `[B, L, D]`; encoder_hidden_states `[B, P, Dv]` for cross-attention; additive mask
-        `[B, 1, L, L_keys]`. Returns `[B, L, D]` and the attention probabilities (eager only)."""
+        """hidden_states `[B, L, D]`; encoder_hidden_states `[B, P, Dv]` for cross-attention, or `[B_images, P, Dv]`
+        with `encoder_index [B]` the image row each row attends to; additive mask `[B, 1, L, L_keys]` (per row, also
+        with `encoder_index`). Returns `[B, L, D]` and the attention probabilities (eager only)."""
         batch_size, seq_len, _ = hidden_states.shape
         kv_states = hidden_states if encoder_hidden_states is None else encoder_hidden_states
 
@@ -351,6 +354,8 @@ class Blip2QFormerMultiHeadAttention(nn.Module):
             return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
         query, key, value = heads(self.query(hidden_states)), heads(self.key(kv_states)), heads(self.value(kv_states))
+        if encoder_index is not None:  # keys/values were projected once per distinct image: give each row its own
+            key, value = key[encoder_index], value[encoder_index]
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -397,8 +402,11 @@ class Blip2QFormerAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         cache: Cache | None = None,
+        encoder_index: torch.LongTensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn_output, attn_weights = self.attention(hidden_states, attention_mask, encoder_hidden_states, cache)
+        attn_output, attn_weights = self.attention(
+            hidden_states, attention_mask, encoder_hidden_states, cache, encoder_index=encoder_index
+        )
         return self.output(attn_output, hidden_states), attn_weights
 
 
@@ -415,7 +423,9 @@ class Blip2QFormerIntermediate(nn.Module):
 class Blip2QFormerLayer(GradientCheckpointingLayer):
     """One Q-Former layer. Self-attention is shared by queries and text (the mask decides who sees whom); then the
     first `query_length` positions (the queries) cross-attend to the image, if this layer has cross-attention, and go
-    through the query FFN, while the text positions go through the text FFN (BERT's)."""
+    through the query FFN, while the text positions go through the text FFN (BERT's). With `encoder_index [B]`,
+    `encoder_hidden_states [B_images, P, Dv]` holds distinct images and row b attends to image `encoder_index[b]`;
+    `encoder_attention_mask` stays per row, `[B, 1, Q, P]`."""
 
     def __init__(self, config: Blip2QFormerConfig, layer_idx: int):
         super().__init__()
@@ -437,6 +447,7 @@ class Blip2QFormerLayer(GradientCheckpointingLayer):
         encoder_attention_mask: torch.Tensor | None = None,
         query_length: int = 0,
         cache: Cache | None = None,
+        encoder_index: torch.LongTensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         attention_output, self_weights = self.attention(hidden_states, attention_mask, cache=cache)
         query_part, text_part = attention_output[:, :query_length], attention_output[:, query_length:]
@@ -444,7 +455,10 @@ class Blip2QFormerLayer(GradientCheckpointingLayer):
         if query_length > 0:
             if self.has_cross_attention:
                 query_part, cross_weights = self.crossattention(
-                    query_part, encoder_attention_mask, encoder_hidden_states=encoder_hidden_states
+                    query_part,
+                    encoder_attention_mask,
+                    encoder_hidden_states=encoder_hidden_states,
+                    encoder_index=encoder_index,
                 )
             outputs.append(self.output_query(self.intermediate_query(query_part), query_part))
         if text_part.shape[1] > 0:
@@ -728,6 +742,7 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        encoder_index: torch.LongTensor | None = None,
         self_attention_mask: SelfAttentionMask = "bidirectional",
         cache: Cache | None = None,
         use_cache: bool = False,
@@ -742,8 +757,13 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
             text_embeds: `[B, T, D]` embedded text (`Blip2TextEmbeddings`), or None for queries alone.
             attention_mask: padding mask, 1 = real token: `[B, T]` for the text alone (queries and cached positions
                 are never padding), or `[B, past + Q + T]` for everything.
-            encoder_hidden_states: `[B, P, Dv]` image embeddings, needed whenever queries are given.
-            encoder_attention_mask: `[B, P]` image padding mask (all ones for BLIP-2 images).
+            encoder_hidden_states: `[B, P, Dv]` image embeddings, needed whenever queries are given; with
+                `encoder_index`, `[B_images, P, Dv]` distinct images.
+            encoder_attention_mask: `[B, P]` image padding mask (all ones for BLIP-2 images); with `encoder_index`,
+                `[B_images, P]`, one per image.
+            encoder_index: `[B]` which row of `encoder_hidden_states` each row cross-attends to, or None for row b to
+                image b. Several rows on one image (ITM's positives and negatives) then share one key/value
+                projection of it, instead of each projecting its own copy.
             self_attention_mask: "bidirectional" (ITM), "unimodal" (ITC) or "multimodal_causal" (ITG).
             cache / use_cache: keep and reuse the self-attention keys/values (a `DynamicCache` is made if needed).
         Returns:
@@ -758,6 +778,13 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
         query_length = 0 if query_embeds is None else query_embeds.shape[1]
         if query_length > 0 and encoder_hidden_states is None and self.config.num_hidden_layers > 0:
             raise ValueError("Queries cross-attend to the image: pass encoder_hidden_states [batch, patches, width].")
+        if encoder_index is not None and encoder_hidden_states is None:
+            raise ValueError("encoder_index picks rows of encoder_hidden_states: pass encoder_hidden_states too.")
+        if encoder_index is not None and encoder_index.shape != (batch_size,):
+            raise ValueError(
+                f"encoder_index has shape {tuple(encoder_index.shape)}; expected [{batch_size}]: the image row of "
+                "each row of the batch."
+            )
 
         if use_cache and cache is None:
             cache = DynamicCache()
@@ -786,6 +813,8 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
         if encoder_hidden_states is not None:
             encoder_hidden_states = encoder_hidden_states.to(dtype)
             if encoder_attention_mask is not None and not bool(encoder_attention_mask.all()):
+                if encoder_index is not None:  # the layers index the keys per row: index their mask once, here
+                    encoder_attention_mask = encoder_attention_mask[encoder_index]
                 cross_mask = _additive_mask(
                     encoder_attention_mask[:, None, :].bool().expand(-1, query_length, -1), dtype
                 )
@@ -802,6 +831,7 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
                 encoder_attention_mask=cross_mask,
                 query_length=query_length,
                 cache=cache,
+                encoder_index=encoder_index,
             )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
@@ -1422,7 +1452,8 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
 
     Deviations from LAVIS, each exact or documented: gathers across processes are differentiable on both sides (exact
     gradients of the global-batch loss; LAVIS drops the gradient through the other processes' features); negatives are
-    sampled in one vectorized call; NaN similarities and a global batch of one pair do not crash (no negative is drawn
+    sampled in one vectorized call; ITM projects each distinct image's cross-attention keys/values once, not once per
+    row (same result, less compute); NaN similarities and a global batch of one pair do not crash (no negative is drawn
     for a row without candidates); retrieval fine-tuning's `image_id` soft targets are not implemented.
     """
 
@@ -1589,14 +1620,24 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
         local_mask = nn.functional.pad(attention_mask, (0, width - attention_mask.shape[1]), value=0)
         itm_ids = torch.cat([local_ids, local_ids[text_has_negative], ids_all[negative_text[image_has_negative]]])
         itm_mask = torch.cat([local_mask, local_mask[text_has_negative], mask_all[negative_text[image_has_negative]]])
-        itm_images = torch.cat(
-            [image_embeds, image_embeds_all[negative_image[text_has_negative]], image_embeds[image_has_negative]]
-        )
+        # The ITM rows' images (positives, negative images, positives again for the negative texts) are copies of at
+        # most 2B distinct images, B in one process. The Q-Former projects each distinct image's cross-attention
+        # keys/values once and `encoder_index` hands them to the rows (LAVIS projects all 3B copies).
+        local_images = torch.arange(batch_size, device=image_embeds.device)
+        if world_size == 1:  # image_embeds_all is image_embeds: the negatives are local images
+            itm_images = image_embeds
+            negative_images = negative_image[text_has_negative]
+        else:  # negatives may live on other processes: append them, gathered with their gradient
+            negatives = image_embeds_all[negative_image[text_has_negative]]
+            itm_images = torch.cat([image_embeds, negatives])
+            negative_images = batch_size + torch.arange(negatives.shape[0], device=image_embeds.device)
+        itm_image_index = torch.cat([local_images, negative_images, local_images[image_has_negative]])
         joint_output = self.qformer(
-            query_embeds=self.query_tokens.expand(itm_images.shape[0], -1, -1),
+            query_embeds=self.query_tokens.expand(itm_ids.shape[0], -1, -1),
             text_embeds=self.embeddings(itm_ids),
             attention_mask=itm_mask,
             encoder_hidden_states=itm_images,
+            encoder_index=itm_image_index,
             self_attention_mask="bidirectional",
         )
         logits_itm = self.itm_head(joint_output.last_hidden_state[:, :num_queries]).mean(dim=1)
