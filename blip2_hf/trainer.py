@@ -119,6 +119,13 @@ class Blip2Trainer(Trainer):
             resume_from_checkpoint = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
+    def end_training(self) -> None:
+        """Call last in a training script: every process waits for the others (rank 0 may still be writing the final
+        folder), then the process group is destroyed. A rank that simply exits first aborts in gloo's destructor
+        ("terminate called without an active exception", SIGABRT), and torchrun then kills rank 0 mid-write."""
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
             inputs = {**inputs, "num_items_in_batch": num_items_in_batch}

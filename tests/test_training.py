@@ -104,6 +104,7 @@ def test_two_processes_with_accelerate(stage1: Path):
     ]  # fmt: skip
     proc = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "terminate called" not in proc.stderr  # no rank aborted on exit (trainer.end_training())
     state = json.loads((work / "tiny_work" / "stage1_ddp" / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["train_batch_size"] == 8 and state["global_step"] == 6
     assert "world_size=2" in proc.stderr or "num_processes" in proc.stderr or "loss_itc" in proc.stdout + proc.stderr

@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         processor.save_pretrained(training_args.output_dir)
         tracker = collator.tracker
         logger.info(f"Done. Unreadable images skipped: {tracker.num_bad} of {tracker.num_seen}.")
+    trainer.end_training()
 
 
 if __name__ == "__main__":

@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     if trainer.is_world_process_zero():
         processor.save_pretrained(output_dir)
         logger.info(f"Done. Unreadable images skipped: {collator.tracker.num_bad} of {collator.tracker.num_seen}.")
+    trainer.end_training()
 
 
 if __name__ == "__main__":
