@@ -10,9 +10,11 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from blip2_hf import cli
 from blip2_hf.demo.pretrain import scene_documents
+from blip2_hf.demo.probe import attribute_labels, linear_probe
 from blip2_hf.demo.world import COLORS, COUNT_WORDS, SHAPES, make_world, random_scene, write_split
 
 
@@ -84,6 +86,30 @@ def test_language_model_corpus_only_asks_what_its_context_tells():
                 assert answer in words or answer + "s" in words, (context, question, answer)
 
 
+def test_attribute_labels_follow_the_scene():
+    scene = [
+        {"shape": "circle", "color": "red", "size": "small", "count": 2, "side": "left"},
+        {"shape": "square", "color": "blue", "size": "large", "count": 1, "side": "right"},
+    ]
+    names, labels = attribute_labels([scene])
+    on = {name for name, value in zip(names, labels[0].tolist()) if value == 1}
+    assert on == {
+        "a circle", "a circle on the left", "two or more circles", "a square", "a large square",
+        "something red", "something blue",
+    }  # fmt: skip
+
+
+def test_linear_probe_reads_an_encoded_attribute_and_not_an_absent_one():
+    generator = torch.Generator().manual_seed(0)
+    labels = (torch.rand(1200, 2, generator=generator) < 0.3).float()
+    features = torch.randn(1200, 16, generator=generator)
+    features[:, 3] += 4 * labels[:, 0]  # label 0 is in the features, label 1 is not
+    accuracy, majority = linear_probe(features[:800], labels[:800], features[800:], labels[800:])
+    assert accuracy[0] > 0.95
+    assert abs(majority[1].item() - max(labels[800:, 1].mean().item(), 1 - labels[800:, 1].mean().item())) < 1e-6
+    assert accuracy[1] <= majority[1] + 0.03  # no better than always answering the frequent value
+
+
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path, monkeypatch, capsys):
     output = tmp_path / "demo"
@@ -102,7 +128,10 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch, capsys):
     for arm in ("stage1+2", "stage2_only"):
         values = [entry["loss"] for entry in curves[arm] if "loss" in entry]
         assert values[-1] < values[0], arm
+    probe = results["towers"]["vision"]["probe"]
+    assert len(probe) == 18 and all(0 <= m["accuracy"] <= 100 and 50 <= m["majority"] <= 100 for m in probe.values())
     report = (output / "report.md").read_text()
+    assert "## What the frozen image encoder carries" in report and "| a circle on the left |" in report
     for plot in re.findall(r"\]\((plots/[^)]+)\)", report):
         assert (output / plot).is_file(), plot
     assert {"losses.png", "examples.png", "cross_attention.png", "results.png"} <= {

@@ -80,11 +80,14 @@ def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path, record_par
         assert record_parity("stage1 2-process sim_t2i", ranks[r]["sim_t2i"], output.sim_t2i[rows]) < 1e-5
     assert set(ranks[0]["grads"]) == set(expected_grads)
     assert "query_tokens" in expected_grads and "temp" in expected_grads
-    worst = max(
+    for name, grad in expected_grads.items():
         record_parity("stage1 2-process ITC gradients", ranks[0]["grads"][name], grad)
-        for name, grad in expected_grads.items()
-    )
-    assert worst < 1e-5
+        # Float32 rounding of a different summation order only: `temp`'s gradient (|g| ~ 2) sums over every logit of
+        # the global batch and moves by ~1.6e-5 relative on some CPUs; a missing or gradient-less gather is off by
+        # the size of the gradient itself.
+        torch.testing.assert_close(
+            ranks[0]["grads"][name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
     with torch.no_grad():
         uneven = model(**batch(3))

@@ -215,6 +215,9 @@ def write_report(
         f"| {name} | {per_type_a[name]:.1f} | {per_type_b.get(name, float('nan')):.1f} |"
         for name in sorted(per_type_a)
     ]
+    probe = ["| attribute | linear probe accuracy (%) | majority rate (%) |", "|---|---:|---:|"] + [
+        f"| {name} | {m['accuracy']:.1f} | {m['majority']:.1f} |" for name, m in towers["vision"]["probe"].items()
+    ]
     timings = "\n".join(f"| {name} | {seconds:.0f} |" for name, seconds in results["timings_s"].items())
     total = sum(results["timings_s"].values())
     report = f"""# blip2-hf demo: a miniature BLIP-2, end to end on CPU
@@ -240,6 +243,14 @@ prior). The image encoder's own contrastive zero-shot retrieval on validation: R
 {towers["vision"]["val_i2t_r1"]:.1f}%, text->image {towers["vision"]["val_t2i_r1"]:.1f}%.
 
 ![results](plots/results.png)
+
+## What the frozen image encoder carries
+
+BLIP-2 passes on only what the frozen image encoder saw. A logistic regression on the mean of its output tokens
+(trained on the training images, scored on the test images), per attribute, next to the majority rate (always
+answering the more frequent value): an attribute near its majority rate is out of reach of both arms.
+
+{chr(10).join(probe)}
 
 ## Zero-shot VQA per question type (seed 0)
 

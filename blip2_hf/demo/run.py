@@ -40,6 +40,7 @@ from ..testing_utils import make_bert_tokenizer, make_opt_tokenizer
 from ..trainer import Blip2Stage1Trainer, Blip2Stage2Trainer, Blip2TrainingArguments
 from . import ARMS, CAPTION_MODEL_SUBDIR, RETRIEVAL_MODEL_SUBDIR, VQA_PROMPT
 from .pretrain import pretrain_language_model, pretrain_vision_encoder, scene_documents
+from .probe import probe_image_encoder
 from .report import write_report
 from .world import IMAGE_SIZE, make_world, write_split
 
@@ -177,6 +178,16 @@ def pretrain_towers(output: Path, world: dict, processor: Blip2Processor, settin
     logger.warning(
         f"image encoder: contrastive zero-shot retrieval on validation, R@1 image->text "
         f"{vision_metrics['val_i2t_r1']:.1f}%, text->image {vision_metrics['val_t2i_r1']:.1f}%"
+    )
+    # What BLIP-2 can pass on at all: each attribute read from the frozen features by a linear probe (the report's
+    # table). An attribute the probe cannot read is out of reach of both arms of the ablation.
+    test_pixels = processor(images=load_images(data / "test", world["test"]), return_tensors="pt")["pixel_values"]
+    vision_metrics["probe"] = probe_image_encoder(
+        vision, pixel_values, [r["scene"] for r in train], test_pixels, [r["scene"] for r in world["test"]]
+    )
+    logger.warning(
+        "image encoder, linear probe on test images (accuracy / majority rate, %): "
+        + ", ".join(f"{name} {m['accuracy']:.0f}/{m['majority']:.0f}" for name, m in vision_metrics["probe"].items())
     )
 
     tokenizer = processor.tokenizer
