@@ -146,9 +146,12 @@ def load_images(folder: Path, records: Sequence[dict]) -> list[Image.Image]:
     return [Image.open(folder / record["image"]).convert("RGB") for record in records]
 
 
-def pretrain_towers(output: Path, world: dict, processor: Blip2Processor, settings: DemoSettings) -> dict[str, Any]:
+def pretrain_towers(
+    output: Path, world: dict, processor: Blip2Processor, settings: DemoSettings, test_images: Sequence[Image.Image]
+) -> dict[str, Any]:
     """Train and save the frozen image encoder (`pretrained/vision_encoder`) and LLM (`pretrained/language_model`);
-    returns their loss curves and quality checks."""
+    returns their loss curves and quality checks. `test_images` (the test split's) score the image encoder's linear
+    probe."""
     train, validation = world["train"], world["validation"]
     data = output / "data"
     pixel_values = processor(images=load_images(data / "train", train), return_tensors="pt")["pixel_values"]
@@ -181,7 +184,7 @@ def pretrain_towers(output: Path, world: dict, processor: Blip2Processor, settin
     )
     # What BLIP-2 can pass on at all: each attribute read from the frozen features by a linear probe (the report's
     # table). An attribute the probe cannot read is out of reach of both arms of the ablation.
-    test_pixels = processor(images=load_images(data / "test", world["test"]), return_tensors="pt")["pixel_values"]
+    test_pixels = processor(images=list(test_images), return_tensors="pt")["pixel_values"]
     vision_metrics["probe"] = probe_image_encoder(
         vision, pixel_values, [r["scene"] for r in train], test_pixels, [r["scene"] for r in world["test"]]
     )
@@ -520,7 +523,9 @@ def _run_demo(output: Path, seeds: int, settings: DemoSettings) -> dict[str, Any
     phase("world")
 
     print("[demo] 2/5 off-the-shelf towers: a ViT (contrastive, no language model), an OPT-style LLM (text only)")
-    towers = pretrain_towers(output, world, processor, settings)
+    test = world["test"]
+    test_images = load_images(output / "data" / "test", test)  # for the encoder probe and the evaluations
+    towers = pretrain_towers(output, world, processor, settings, test_images)
     phase("unimodal pretraining")
 
     print("[demo] 3/5 frozen-feature cache: the frozen image encoder runs once over the training images")
@@ -533,8 +538,6 @@ def _run_demo(output: Path, seeds: int, settings: DemoSettings) -> dict[str, Any
     phase("feature cache")
 
     stage2_processor = without_qformer_tokenizer(processor)
-    test = world["test"]
-    test_images = load_images(output / "data" / "test", test)
     per_seed, curves = [], []
     for seed in range(seeds):
         runs = output / "runs" / f"seed{seed}"
