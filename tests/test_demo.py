@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from blip2_hf import cli
-from blip2_hf.demo.pretrain import scene_documents
+from blip2_hf.demo.pretrain import length_grouped_batches, scene_documents
 from blip2_hf.demo.probe import attribute_labels, linear_probe
 from blip2_hf.demo.world import COLORS, COUNT_WORDS, SHAPES, make_world, random_scene, write_split
 
@@ -84,6 +84,21 @@ def test_language_model_corpus_only_asks_what_its_context_tells():
             question, answer = line.removeprefix("Question: ").split(" Short answer: ")
             if question.startswith(("what color", "what size", "which shape", "where")):
                 assert answer in words or answer + "s" in words, (context, question, answer)
+
+
+def test_length_grouped_batches_pad_less_and_draw_every_document():
+    lengths = torch.randint(10, 90, (1000,), generator=torch.Generator().manual_seed(0)).tolist()
+    batches = length_grouped_batches(lengths, 32, torch.Generator().manual_seed(1))
+    drawn = [next(batches) for _ in range(400)]
+    assert all(len(batch) == 32 and all(0 <= i < 1000 for i in batch) for batch in drawn)
+    # 12,800 draws with replacement reach nearly every document
+    assert len({i for batch in drawn for i in batch}) > 990
+    padded = sum(32 * max(lengths[i] for i in batch) for batch in drawn)
+    real = sum(lengths[i] for batch in drawn for i in batch)
+    assert padded < 1.1 * real  # random batches of 32 pad to ~1.8x here
+    # the batches of one group come in random order, not shortest first
+    group_maxima = [max(lengths[i] for i in batch) for batch in drawn[:8]]
+    assert group_maxima != sorted(group_maxima)
 
 
 def test_attribute_labels_follow_the_scene():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +168,20 @@ def scene_documents(
     return documents
 
 
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, generator: torch.Generator, group: int = 8
+) -> Iterator[list[int]]:
+    """Endless batches of indices into `lengths`, grouped by length as the Trainer's `group_by_length`: `group`
+    batches' worth of indices are drawn at random (with replacement), sorted by length, cut into batches, and the
+    batches yielded in random order."""
+    lengths = torch.as_tensor(lengths)
+    while True:
+        index = torch.randint(len(lengths), (group * batch_size,), generator=generator)
+        batches = index[lengths[index].argsort(stable=True)].split(batch_size)
+        for position in torch.randperm(group, generator=generator).tolist():
+            yield batches[position].tolist()
+
+
 def pretrain_language_model(
     config: OPTConfig,
     documents: Sequence[str],
@@ -178,14 +192,20 @@ def pretrain_language_model(
     seed: int = 0,
     log: Callable[[dict], None] | None = None,
 ) -> OPTForCausalLM:
-    """Next-token prediction on `documents` (BOS + text, every token a target)."""
+    """Next-token prediction on `documents` (BOS + text, every token a target).
+
+    Batches are grouped by length (`length_grouped_batches`): random batches of 32 documents padded to ~1.5x their
+    mean length (86 tokens for a mean of 58, measured), so a third of the compute went to padding."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = OPTForCausalLM(config)
+    encoded = tokenizer(list(documents))["input_ids"]  # once, not at every step
+    batches = length_grouped_batches([len(ids) for ids in encoded], batch_size, generator)
 
     def lm_loss() -> torch.Tensor:
-        index = torch.randint(len(documents), (batch_size,), generator=generator).tolist()
-        tokens = tokenizer([documents[i] for i in index], padding=True, padding_side="right", return_tensors="pt")
+        tokens = tokenizer.pad(
+            {"input_ids": [encoded[i] for i in next(batches)]}, padding_side="right", return_tensors="pt"
+        )
         labels = tokens["input_ids"].masked_fill(tokens["attention_mask"] == 0, -100)
         return model(**tokens, labels=labels).loss
 
