@@ -376,9 +376,12 @@ def run_ask(args: argparse.Namespace) -> int:
     if image is None:
         return 1
     with torch.inference_mode():
+        # min_new_tokens=1 is LAVIS's `min_len=1`: an end-of-answer ("\n" or EOS) cannot come first, so a model
+        # unsure of the answer still gives one instead of an empty line
         (answer,) = _generate_texts(
-            model, processor, [image], prompt, device, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens
-        )
+            model, processor, [image], prompt, device, num_beams=args.num_beams,
+            max_new_tokens=args.max_new_tokens, min_new_tokens=1,
+        )  # fmt: skip
     print(answer)
     return 0
 
