@@ -4,6 +4,7 @@ report that the `caption` / `ask` / `retrieve` commands then use."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -15,7 +16,15 @@ import torch
 from blip2_hf import cli
 from blip2_hf.demo.pretrain import length_grouped_batches, scene_documents
 from blip2_hf.demo.probe import attribute_labels, linear_probe
-from blip2_hf.demo.world import COLORS, COUNT_WORDS, SHAPES, make_world, random_scene, write_split
+from blip2_hf.demo.world import (
+    COLORS,
+    COUNT_WORDS,
+    SHAPES,
+    caption_content_accuracy,
+    make_world,
+    random_scene,
+    write_split,
+)
 
 
 def _color_pixels(image, color, tolerance=40) -> int:
@@ -54,6 +63,37 @@ def test_scenes_are_what_their_captions_and_answers_say():
                 assert _color_pixels(half, COLORS[group.color]) > 30
         for shape in SHAPES:
             assert answers[f"is there a {shape}?"] == ("yes" if shape in shapes else "no")
+
+
+def test_caption_content_accuracy_reads_what_a_caption_claims():
+    rng = random.Random(1)
+    scenes = [random_scene(rng) for _ in range(100)]
+    groups = [[dataclasses.asdict(group) for group in scene.groups] for scene in scenes]
+    # every reference caption, in every style, says everything right
+    for style in range(6):
+        captions = [scene.captions()[style % len(scene.captions())] for scene in scenes]
+        scores = caption_content_accuracy(captions, groups)
+        assert all(value == 100.0 for name, value in scores.items() if name != "size" or style % 3 != 2), (
+            style,
+            scores,
+        )
+    truth = [
+        {"shape": "circle", "color": "red", "size": "large", "count": 2, "side": "left"},
+        {"shape": "triangle", "color": "blue", "size": "small", "count": 1, "side": "right"},
+    ]
+    # right: red's count and side, blue's count; wrong: blue's shape, red's size, blue's side (none said)
+    scores = caption_content_accuracy(["there are two small red circles on the left and a blue square"], [truth])
+    assert scores == {"groups": 100.0, "color": 100.0, "shape": 50.0, "count": 100.0, "size": 0.0, "side": 50.0}
+    # one group of two named; the other group's attributes are not scored; no size stated at all
+    scores = caption_content_accuracy(["a green circle and a blue triangle on the right"], [truth])
+    assert scores["groups"] == 100.0 and scores["color"] == 50.0 and scores["shape"] == 100.0
+    assert scores["side"] == 100.0 and np.isnan(scores["size"])
+    assert caption_content_accuracy(["three red squares"], [truth])["groups"] == 0.0
+    assert caption_content_accuracy(["nothing"], [truth]) == pytest.approx(
+        {"groups": 0.0, "color": 0.0, "shape": np.nan, "count": np.nan, "size": np.nan, "side": np.nan}, nan_ok=True
+    )
+    with pytest.raises(ValueError):
+        caption_content_accuracy(["a red circle"], [truth, truth])
 
 
 def test_world_is_deterministic_and_held_out_scenes_are_distinct(tmp_path):
@@ -143,6 +183,10 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch, capsys):
     for arm in ("stage1+2", "stage2_only"):
         values = [entry["loss"] for entry in curves[arm] if "loss" in entry]
         assert values[-1] < values[0], arm
+    # the Q-Former's dropout per stage, as the settings say (none in stage 1, LAVIS's 0.1 in stage 2)
+    for run, dropout in (("stage1", 0.0), ("stage2", 0.1), ("stage2_without_stage1", 0.1)):
+        qformer = json.loads((output / "runs" / "seed0" / run / "config.json").read_text())["qformer_config"]
+        assert qformer["hidden_dropout_prob"] == qformer["attention_probs_dropout_prob"] == dropout, run
     probe = results["towers"]["vision"]["probe"]
     assert len(probe) == 18 and all(0 <= m["accuracy"] <= 100 and 50 <= m["majority"] <= 100 for m in probe.values())
     report = (output / "report.md").read_text()

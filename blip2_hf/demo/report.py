@@ -12,6 +12,7 @@ from PIL import Image
 from ..modeling_blip2 import Blip2ForConditionalGeneration
 from ..processing_blip2 import Blip2HFProcessor as Blip2Processor
 from . import ARMS, VQA_PROMPT
+from .world import CAPTION_ATTRIBUTES
 
 ARM_COLORS = {"stage1+2": "tab:blue", "stage2_only": "tab:red"}
 
@@ -165,6 +166,19 @@ def results_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def caption_content_table(summary: dict) -> str:
+    """What each arm's captions say, attribute by attribute (`caption_content_accuracy`), mean ± std over the seeds."""
+    rows = [
+        "| model | " + " | ".join(CAPTION_ATTRIBUTES) + " |",
+        "|---|" + "---:|" * len(CAPTION_ATTRIBUTES),
+    ]
+    for arm in ARMS:
+        rows.append(
+            f"| {ARMS[arm]} | " + " | ".join(_pm(summary[arm][f"caption_{a}"]) for a in CAPTION_ATTRIBUTES) + " |"
+        )
+    return "\n".join(rows)
+
+
 def write_report(
     output: Path,
     results: dict,
@@ -243,6 +257,15 @@ prior). The image encoder's own contrastive zero-shot retrieval on validation: R
 {towers["vision"]["val_i2t_r1"]:.1f}%, text->image {towers["vision"]["val_t2i_r1"]:.1f}%.
 
 ![results](plots/results.png)
+
+## What the captions say (test split, %, mean ± std over {seeds} seed(s))
+
+{caption_content_table(summary)}
+
+CIDEr rewards the phrasing as much as the content. This table reads only the content, with the world's grammar:
+`groups`, the caption describes as many groups as the image has; `color`, the share of the image's groups the caption
+names (by their color: a scene's groups differ in color); `shape` / `count` / `size` / `side`, of the named groups,
+the share whose shape / number / size (where one is stated) / side the caption gets right.
 
 ## What the frozen image encoder carries
 

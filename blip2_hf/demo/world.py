@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -172,6 +174,53 @@ def make_world(num_train: int, num_val: int, num_test: int, seed: int = 0) -> di
                 scenes.setdefault(scene.key(), scene)
         splits[split] = list(scenes.values())
     return splits
+
+
+# A group as the captions phrase it (`Group.phrase`): "two small red circles on the left", "a blue square".
+_GROUP_PHRASE = re.compile(
+    rf"\b(a|{'|'.join(COUNT_WORDS.values())}) (?:({'|'.join(SIZES)}) )?({'|'.join(COLORS)}) "
+    rf"({'|'.join(SHAPES)})s?(?: on the ({'|'.join(SIDES)}))?"
+)
+CAPTION_ATTRIBUTES = ("groups", "color", "shape", "count", "size", "side")
+
+
+def caption_content_accuracy(captions: Sequence[str], scenes: Sequence[Sequence[dict]]) -> dict[str, float]:
+    """What generated captions say about their images, attribute by attribute (%), read with the world's grammar.
+
+    CIDEr scores phrasing as much as content (which of an image's six caption styles a model settles on moves it by
+    tens of points); this scores only what a caption claims. `scenes[i]` is image i's `record["scene"]` (its groups as
+    dicts). Per attribute:
+
+    - `groups`: the caption describes as many groups as the image has;
+    - `color`: of the image's groups, the share the caption names by their color (a scene's groups differ in color);
+    - `shape`, `count`, `side`: of those groups, the share whose shape / number / side (or none, for a lone group of
+      several objects) the caption states right;
+    - `size`: the same, over the groups whose phrase states a size.
+    """
+    right = {name: 0 for name in CAPTION_ATTRIBUTES}
+    total = dict(right)
+    count_of = {"a": 1} | {word: count for count, word in COUNT_WORDS.items()}
+    for caption, groups in zip(captions, scenes, strict=True):
+        described = {match[3]: match for match in _GROUP_PHRASE.finditer(caption)}
+        total["groups"] += 1
+        right["groups"] += len(described) == len(groups)
+        for group in groups:
+            total["color"] += 1
+            match = described.get(group["color"])
+            if match is None:
+                continue
+            right["color"] += 1
+            for name, said, truth in (
+                ("shape", match[4], group["shape"]),
+                ("count", count_of[match[1]], group["count"]),
+                ("side", match[5], group["side"]),
+                ("size", match[2], group["size"]),
+            ):
+                if name == "size" and said is None:
+                    continue
+                total[name] += 1
+                right[name] += said == truth
+    return {name: 100 * right[name] / total[name] if total[name] else float("nan") for name in CAPTION_ATTRIBUTES}
 
 
 def write_split(scenes: list[Scene], folder: Path) -> list[dict[str, Any]]:
