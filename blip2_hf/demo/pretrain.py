@@ -3,8 +3,8 @@
 - an image encoder (`Blip2VisionModel`, a small ViT) trained without any language model, contrastively against a
   small text tower of its own, as CLIP trained the EVA-CLIP ViT-g that BLIP-2 uses. The text tower is thrown away;
 - an OPT-style language model (`OPTForCausalLM`) trained on text alone: short "documents" about training scenes,
-  one or two captions, then question/answer pairs about them. It learns what captions and answers look like and to answer from the text before
-  a question; it never sees an image.
+  one or two captions, then question/answer pairs about them. It learns what captions and answers look like and to
+  answer from the text before a question; it never sees an image.
 
 Neither model knows the other: connecting them is BLIP-2's job.
 """
