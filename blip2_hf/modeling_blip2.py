@@ -15,7 +15,7 @@ import copy
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -342,18 +342,17 @@ class Blip2QFormerMultiHeadAttention(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         cache: Cache | None = None,
         encoder_index: torch.LongTensor | None = None,
+        image_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states `[B, L, D]`; encoder_hidden_states `[B, P, Dv]` for cross-attention, or `[B_images, P, Dv]`
-        with `encoder_index [B]` the image row each row attends to; additive mask `[B, 1, L, L_keys]` (per row, also
-        with `encoder_index`). Returns `[B, L, D]` and the attention probabilities (eager only)."""
+        with `encoder_index [B]` the image row each row attends to, or instead `image_key_value`, their keys and values
+        already projected (`project_key_value`); additive mask `[B, 1, L, L_keys]` (per row, also with
+        `encoder_index`). Returns `[B, L, D]` and the attention probabilities (eager only)."""
         batch_size, seq_len, _ = hidden_states.shape
         kv_states = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-
-        def heads(x: torch.Tensor) -> torch.Tensor:
-            return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
-
-        query, key, value = heads(self.query(hidden_states)), heads(self.key(kv_states)), heads(self.value(kv_states))
+        query = self._heads(self.query(hidden_states))
+        key, value = self.project_key_value(kv_states) if image_key_value is None else image_key_value
         if encoder_index is not None:  # keys/values were projected once per distinct image: give each row its own
             key, value = key[encoder_index], value[encoder_index]
         if cache is not None:
@@ -372,6 +371,14 @@ class Blip2QFormerMultiHeadAttention(nn.Module):
             **kwargs,
         )
         return attn_output.reshape(batch_size, seq_len, -1), attn_weights
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """`[B, L, D]` -> `[B, H, L, d]`."""
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def project_key_value(self, kv_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[B, L, D_kv]` -> keys and values `[B, H, L, d]`."""
+        return self._heads(self.key(kv_states)), self._heads(self.value(kv_states))
 
 
 class Blip2QFormerOutput(nn.Module):
@@ -403,9 +410,15 @@ class Blip2QFormerAttention(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         cache: Cache | None = None,
         encoder_index: torch.LongTensor | None = None,
+        image_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attn_output, attn_weights = self.attention(
-            hidden_states, attention_mask, encoder_hidden_states, cache, encoder_index=encoder_index
+            hidden_states,
+            attention_mask,
+            encoder_hidden_states,
+            cache,
+            encoder_index=encoder_index,
+            image_key_value=image_key_value,
         )
         return self.output(attn_output, hidden_states), attn_weights
 
@@ -425,7 +438,8 @@ class Blip2QFormerLayer(GradientCheckpointingLayer):
     first `query_length` positions (the queries) cross-attend to the image, if this layer has cross-attention, and go
     through the query FFN, while the text positions go through the text FFN (BERT's). With `encoder_index [B]`,
     `encoder_hidden_states [B_images, P, Dv]` holds distinct images and row b attends to image `encoder_index[b]`;
-    `encoder_attention_mask` stays per row, `[B, 1, Q, P]`."""
+    `encoder_attention_mask` stays per row, `[B, 1, Q, P]`. `image_key_value` replaces `encoder_hidden_states` with
+    this layer's cross-attention keys and values of the images, projected beforehand."""
 
     def __init__(self, config: Blip2QFormerConfig, layer_idx: int):
         super().__init__()
@@ -448,6 +462,7 @@ class Blip2QFormerLayer(GradientCheckpointingLayer):
         query_length: int = 0,
         cache: Cache | None = None,
         encoder_index: torch.LongTensor | None = None,
+        image_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         attention_output, self_weights = self.attention(hidden_states, attention_mask, cache=cache)
         query_part, text_part = attention_output[:, :query_length], attention_output[:, query_length:]
@@ -459,6 +474,7 @@ class Blip2QFormerLayer(GradientCheckpointingLayer):
                     encoder_attention_mask,
                     encoder_hidden_states=encoder_hidden_states,
                     encoder_index=encoder_index,
+                    image_key_value=image_key_value,
                 )
             outputs.append(self.output_query(self.intermediate_query(query_part), query_part))
         if text_part.shape[1] > 0:
@@ -681,7 +697,8 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
 
     Only queries cross-attend to the image. With `use_cache=True` the self-attention keys/values are kept in
     `cache`; a later call with that `cache` sees every cached position (queries, then any text already run) in all
-    masks but `"unimodal"`, so text can be decoded against the queries without running them again.
+    masks but `"unimodal"`, so text can be decoded against the queries without running them again. Likewise
+    `project_image` projects images to every layer's cross-attention keys/values once, for several calls to share.
     """
 
     config_class = Blip2QFormerConfig
@@ -696,6 +713,17 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
 
     def get_input_embeddings(self) -> None:
         return None  # queries and text embeddings live in the models that own them
+
+    def project_image(self, encoder_hidden_states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Every layer's cross-attention keys and values of `encoder_hidden_states [B_images, P, Dv]`: one
+        `(key, value)` pair of `[B_images, H, P, d]` per layer, None for layers without cross-attention. Passed to
+        `forward` as `image_key_values`, they stand for `encoder_hidden_states`, so that several passes over the same
+        images (stage 1's query pass and its ITM pass) project them once."""
+        states = encoder_hidden_states.to(self.layernorm.weight.dtype)
+        return [
+            layer.crossattention.attention.project_key_value(states) if layer.has_cross_attention else None
+            for layer in self.encoder.layer
+        ]
 
     @staticmethod
     def build_self_attention_mask(
@@ -743,6 +771,7 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         encoder_index: torch.LongTensor | None = None,
+        image_key_values: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
         self_attention_mask: SelfAttentionMask = "bidirectional",
         cache: Cache | None = None,
         use_cache: bool = False,
@@ -764,6 +793,8 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
             encoder_index: `[B]` which row of `encoder_hidden_states` each row cross-attends to, or None for row b to
                 image b. Several rows on one image (ITM's positives and negatives) then share one key/value
                 projection of it, instead of each projecting its own copy.
+            image_key_values: instead of `encoder_hidden_states`, their keys and values from `project_image`
+                (`[B_images, H, P, d]` per cross-attention layer; with or without `encoder_index` as above).
             self_attention_mask: "bidirectional" (ITM), "unimodal" (ITC) or "multimodal_causal" (ITG).
             cache / use_cache: keep and reuse the self-attention keys/values (a `DynamicCache` is made if needed).
         Returns:
@@ -776,10 +807,23 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
         hidden_states = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         batch_size, length = hidden_states.shape[:2]
         query_length = 0 if query_embeds is None else query_embeds.shape[1]
-        if query_length > 0 and encoder_hidden_states is None and self.config.num_hidden_layers > 0:
+        has_image = encoder_hidden_states is not None or image_key_values is not None
+        if encoder_hidden_states is not None and image_key_values is not None:
+            raise ValueError(
+                "Pass encoder_hidden_states or image_key_values (their projection by project_image), not both."
+            )
+        if image_key_values is not None and len(image_key_values) != self.config.num_hidden_layers:
+            raise ValueError(
+                f"image_key_values has {len(image_key_values)} entries; expected {self.config.num_hidden_layers}, one "
+                "per layer, as project_image returns."
+            )
+        if query_length > 0 and not has_image and self.config.num_hidden_layers > 0:
             raise ValueError("Queries cross-attend to the image: pass encoder_hidden_states [batch, patches, width].")
-        if encoder_index is not None and encoder_hidden_states is None:
-            raise ValueError("encoder_index picks rows of encoder_hidden_states: pass encoder_hidden_states too.")
+        if encoder_index is not None and not has_image:
+            raise ValueError(
+                "encoder_index picks rows of encoder_hidden_states: pass encoder_hidden_states too (or "
+                "image_key_values)."
+            )
         if encoder_index is not None and encoder_index.shape != (batch_size,):
             raise ValueError(
                 f"encoder_index has shape {tuple(encoder_index.shape)}; expected [{batch_size}]: the image row of "
@@ -812,6 +856,7 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
         cross_mask = None
         if encoder_hidden_states is not None:
             encoder_hidden_states = encoder_hidden_states.to(dtype)
+        if has_image:
             if encoder_attention_mask is not None and not bool(encoder_attention_mask.all()):
                 if encoder_index is not None:  # the layers index the keys per row: index their mask once, here
                     encoder_attention_mask = encoder_attention_mask[encoder_index]
@@ -823,7 +868,7 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         all_cross_attentions = () if output_attentions else None
-        for layer in self.encoder.layer:
+        for index, layer in enumerate(self.encoder.layer):
             hidden_states, self_weights, cross_weights = layer(
                 hidden_states,
                 self_mask,
@@ -832,6 +877,7 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
                 query_length=query_length,
                 cache=cache,
                 encoder_index=encoder_index,
+                image_key_value=None if image_key_values is None else image_key_values[index],
             )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
@@ -1554,9 +1600,14 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.cls.predictions.decoder = new_embeddings
 
-    def _query_pass(self, image_embeds: torch.Tensor, use_cache: bool) -> Blip2QFormerModelOutput:
+    def _query_pass(
+        self, image_embeds: torch.Tensor, use_cache: bool, image_key_values: list | None = None
+    ) -> Blip2QFormerModelOutput:
+        """The queries alone on `image_embeds [B, P, Dv]`, or on their projection `image_key_values` if given."""
         query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        return self.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds, use_cache=use_cache)
+        if image_key_values is None:
+            return self.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds, use_cache=use_cache)
+        return self.qformer(query_embeds=query_tokens, image_key_values=image_key_values, use_cache=use_cache)
 
     def forward(
         self,
@@ -1589,7 +1640,13 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
 
         image_embeds = self._image_embeds(pixel_values, image_embeds)
         batch_size, num_queries = image_embeds.shape[0], config.num_query_tokens
-        query_pass = self._query_pass(image_embeds, use_cache=True)
+        # The query pass and the ITM pass cross-attend to the same B images, so each cross-attention layer projects
+        # their keys/values once for both (LAVIS projects them again in the ITM pass: at ViT-g width that is about a
+        # tenth of the step's FLOPs). Under gradient checkpointing every layer projects its own, because a reentrant
+        # checkpoint passes no gradient to tensors handed to it by keyword.
+        share_image_projection = not self.qformer.is_activation_checkpointing
+        image_key_values = self.qformer.project_image(image_embeds) if share_image_projection else None
+        query_pass = self._query_pass(image_embeds, use_cache=True, image_key_values=image_key_values)
         query_output = query_pass.last_hidden_state
         image_feats = nn.functional.normalize(self.vision_projection(query_output), dim=-1)  # [B, Q, E]
         text_output = self.qformer(text_embeds=self.embeddings(input_ids), attention_mask=attention_mask)
@@ -1625,20 +1682,31 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
         # keys/values once and `encoder_index` hands them to the rows (LAVIS projects all 3B copies).
         local_images = torch.arange(batch_size, device=image_embeds.device)
         if world_size == 1:  # image_embeds_all is image_embeds: the negatives are local images
-            itm_images = image_embeds
             negative_images = negative_image[text_has_negative]
+            itm_images = (
+                {"image_key_values": image_key_values}
+                if share_image_projection
+                else {"encoder_hidden_states": image_embeds}
+            )
         else:  # negatives may live on other processes: append them, gathered with their gradient
             negatives = image_embeds_all[negative_image[text_has_negative]]
-            itm_images = torch.cat([image_embeds, negatives])
             negative_images = batch_size + torch.arange(negatives.shape[0], device=image_embeds.device)
+            if share_image_projection:  # only the negatives' keys/values are new
+                itm_key_values = [
+                    None if local is None else (torch.cat([local[0], new[0]]), torch.cat([local[1], new[1]]))
+                    for local, new in zip(image_key_values, self.qformer.project_image(negatives))
+                ]
+                itm_images = {"image_key_values": itm_key_values}
+            else:
+                itm_images = {"encoder_hidden_states": torch.cat([image_embeds, negatives])}
         itm_image_index = torch.cat([local_images, negative_images, local_images[image_has_negative]])
         joint_output = self.qformer(
             query_embeds=self.query_tokens.expand(itm_ids.shape[0], -1, -1),
             text_embeds=self.embeddings(itm_ids),
             attention_mask=itm_mask,
-            encoder_hidden_states=itm_images,
             encoder_index=itm_image_index,
             self_attention_mask="bidirectional",
+            **itm_images,
         )
         logits_itm = self.itm_head(joint_output.last_hidden_state[:, :num_queries]).mean(dim=1)
         itm_labels = torch.zeros(logits_itm.shape[0], dtype=torch.long, device=logits_itm.device)

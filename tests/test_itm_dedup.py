@@ -1,7 +1,8 @@
 """Cross-attention on distinct images (`encoder_index`): the Q-Former projects each image's keys/values once and hands
-them to every row that attends to it. Checked against the same rows given explicitly repeated images, in the
-Q-Former alone and in stage 1's ITM, where the rows are (positives, text + negative image, negative text + image):
-losses and every gradient, in one process and across two."""
+them to every row that attends to it; and projected beforehand (`project_image` -> `image_key_values`), so that stage
+1's query pass and ITM pass share one projection of the same images. Checked against the same rows given explicitly
+repeated images, in the Q-Former alone and in stage 1's ITM, where the rows are (positives, text + negative image,
+negative text + image): losses and every gradient, in one process and across two."""
 
 from __future__ import annotations
 
@@ -58,20 +59,27 @@ def test_qformer_encoder_index_equals_repeated_images(attn_implementation, with_
         return output, grads
 
     shared, shared_grads = run(encoder_hidden_states=images, encoder_attention_mask=image_mask, encoder_index=index)
+    projected, projected_grads = run(
+        image_key_values=qformer.project_image(images), encoder_attention_mask=image_mask, encoder_index=index
+    )
     repeated, repeated_grads = run(
         encoder_hidden_states=images[index], encoder_attention_mask=None if image_mask is None else image_mask[index]
     )
-    diff = record_parity(
-        "Q-Former encoder_index vs repeated images", shared.last_hidden_state, repeated.last_hidden_state
-    )
-    assert diff < 1e-6
-    for a, b in zip(shared.cross_attentions, repeated.cross_attentions):
-        assert (a is None) == (b is None)
-        if a is not None:  # eager only
-            assert a.shape[0] == 6 and record_parity("Q-Former encoder_index cross-attention", a, b) < 1e-6
-    assert any(a is not None for a in shared.cross_attentions) == (attn_implementation == "eager")
-    worst = max(record_parity("Q-Former encoder_index gradients", a, b) for a, b in zip(shared_grads, repeated_grads))
-    assert worst < 1e-6
+    for check, output, grads in (
+        ("encoder_index", shared, shared_grads),
+        ("project_image", projected, projected_grads),
+    ):
+        diff = record_parity(
+            f"Q-Former {check} vs repeated images", output.last_hidden_state, repeated.last_hidden_state
+        )
+        assert diff < 1e-6
+        for a, b in zip(output.cross_attentions, repeated.cross_attentions):
+            assert (a is None) == (b is None)
+            if a is not None:  # eager only
+                assert a.shape[0] == 6 and record_parity(f"Q-Former {check} cross-attention", a, b) < 1e-6
+        assert any(a is not None for a in output.cross_attentions) == (attn_implementation == "eager")
+        worst = max(record_parity(f"Q-Former {check} gradients", a, b) for a, b in zip(grads, repeated_grads))
+        assert worst < 1e-6
     if with_image_mask:  # the mask matters: without it the outputs move
         unmasked = qformer(
             query_embeds=queries,
@@ -90,6 +98,18 @@ def test_qformer_encoder_index_is_checked():
         qformer(query_embeds=queries, encoder_hidden_states=images, encoder_index=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="pass encoder_hidden_states too"):
         qformer(text_embeds=queries, encoder_index=torch.tensor([0, 1, 0, 1]))
+    key_values = qformer.project_image(images)
+    assert [kv is None for kv in key_values] == [not layer.has_cross_attention for layer in qformer.encoder.layer]
+    assert key_values[0][0].shape == (
+        2,
+        qformer.config.num_attention_heads,
+        7,
+        32 // qformer.config.num_attention_heads,
+    )
+    with pytest.raises(ValueError, match="not both"):
+        qformer(query_embeds=queries[:2], encoder_hidden_states=images, image_key_values=key_values)
+    with pytest.raises(ValueError, match=f"expected {len(key_values)}, one per layer"):
+        qformer(query_embeds=queries[:2], image_key_values=key_values[:-1])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -98,10 +118,12 @@ def test_qformer_encoder_index_is_checked():
 
 
 class RepeatedImagesReference:
-    """Makes `model` run its ITM pass as before `encoder_index` existed, from what the forward itself produced: the
-    frozen features, the sampled negatives, then the Q-Former on
+    """Makes `model` run its query and ITM passes as before `encoder_index` and `image_key_values` existed (as LAVIS),
+    from what the forward itself produced: the frozen features, the sampled negatives, then the query pass on
+    `image_embeds` and the ITM pass on
     `[image_embeds; image_embeds_all[negative_image[text_has_negative]]; image_embeds[image_has_negative]]` with no
-    index. Built from the sampler's draws, not from the model's index, so a wrong index cannot fool it."""
+    index, each projecting its own keys/values. Built from the sampler's draws, not from the model's index, so a
+    wrong index cannot fool it."""
 
     def __init__(self, model: blip2_hf.Blip2ForPreTraining, monkeypatch: pytest.MonkeyPatch):
         self.image_embeds, self.draws, self.itm_calls = None, [], 0
@@ -116,7 +138,9 @@ class RepeatedImagesReference:
             self.draws.append(sampler(*args, **kwargs))  # text -> image first, then image -> text
             return self.draws[-1]
 
-        def qformer(*args, encoder_index=None, **kwargs):
+        def qformer(*args, encoder_index=None, image_key_values=None, **kwargs):
+            if image_key_values is not None and encoder_index is None:  # the query pass
+                kwargs["encoder_hidden_states"] = self.image_embeds
             if encoder_index is not None:  # the ITM pass
                 self.itm_calls += 1
                 (negative_image, text_has_negative), (_, image_has_negative) = self.draws
@@ -134,6 +158,8 @@ class RepeatedImagesReference:
         monkeypatch.setattr(model, "_image_embeds", image_embeds)
         monkeypatch.setattr(modeling_blip2, "sample_hard_negatives", sample)
         monkeypatch.setattr(model.qformer, "forward", qformer)
+        # nothing projected ahead: each pass above projects its own images
+        monkeypatch.setattr(model.qformer, "project_image", lambda images: [None] * len(model.qformer.encoder.layer))
 
 
 def key_rows(model: blip2_hf.Blip2ForPreTraining) -> tuple[list[int], list]:
@@ -189,9 +215,14 @@ def test_stage1_itm_on_distinct_images_equals_repeated_images(batch_size, checkp
     assert_same(record_parity, "stage1 ITM distinct images vs repeated", ours[:2], expected[:2])
     assert ours[0]["logits_itm"].shape[0] == (3 * batch_size if batch_size > 1 else 1)
     assert all(grad.abs().sum() > 0 for name, grad in ours[1].items() if "crossattention.attention.key" in name)
-    # the point: the keys are projected on the B local images only, where the repeated images give 3B
+    # the point: the keys are projected on the B local images only, where the repeated images give 3B; and, unless
+    # checkpointed layers project their own, once for the query pass and the ITM pass together
     assert max(ours[2]) == batch_size
     assert max(expected[2]) == (3 * batch_size if batch_size > 1 else 1)
+    if not checkpointing:
+        cross_layers = sum(layer.has_cross_attention for layer in model.qformer.encoder.layer)
+        assert ours[2] == [batch_size] * cross_layers
+        assert len(expected[2]) == 2 * cross_layers
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -218,7 +249,11 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         with pytest.MonkeyPatch.context() as patch:
             reference = RepeatedImagesReference(model, patch)
             expected = losses_and_grads(model, inputs, seed=rank)
-        torch.save({"ours": ours, "expected": expected, "itm_calls": reference.itm_calls}, f"{out_dir}/rank{rank}.pt")
+        cross_layers = sum(layer.has_cross_attention for layer in model.qformer.encoder.layer)
+        torch.save(
+            {"ours": ours, "expected": expected, "itm_calls": reference.itm_calls, "cross_layers": cross_layers},
+            f"{out_dir}/rank{rank}.pt",
+        )
     finally:
         torch.distributed.destroy_process_group()
 
@@ -232,5 +267,7 @@ def test_two_processes_itm_on_distinct_images_equals_repeated_images(tmp_path, r
         ours, expected = saved["ours"], saved["expected"]
         assert_same(record_parity, "stage1 2-process ITM distinct images vs repeated", ours[:2], expected[:2])
         assert ours[0]["logits_itm"].shape[0] == 3 * local_batch
-        # local images plus the negatives gathered from anywhere: at most 2B projected, where repeating gives 3B
-        assert max(ours[2]) == 2 * local_batch and max(expected[2]) == 3 * local_batch
+        # the local images once for both passes, then the negatives gathered from anywhere (one per local text
+        # here), where repeating projects B for the query pass and 3B for ITM
+        assert ours[2] == [local_batch] * (2 * saved["cross_layers"])
+        assert sorted(expected[2]) == sorted([local_batch, 3 * local_batch] * saved["cross_layers"])
