@@ -1498,8 +1498,8 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
 
     Deviations from LAVIS, each exact or documented: gathers across processes are differentiable on both sides (exact
     gradients of the global-batch loss; LAVIS drops the gradient through the other processes' features); negatives are
-    sampled in one vectorized call; ITM projects each distinct image's cross-attention keys/values once, not once per
-    row (same result, less compute); NaN similarities and a global batch of one pair do not crash (no negative is drawn
+    sampled in one vectorized call; each distinct image's cross-attention keys/values are projected once, for the
+    query pass and every ITM row together, not once per pass and row (same result, less compute); NaN similarities and a global batch of one pair do not crash (no negative is drawn
     for a row without candidates); retrieval fine-tuning's `image_id` soft targets are not implemented.
     """
 
@@ -1649,13 +1649,29 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
         query_pass = self._query_pass(image_embeds, use_cache=True, image_key_values=image_key_values)
         query_output = query_pass.last_hidden_state
         image_feats = nn.functional.normalize(self.vision_projection(query_output), dim=-1)  # [B, Q, E]
-        text_output = self.qformer(text_embeds=self.embeddings(input_ids), attention_mask=attention_mask)
+
+        # The text of all three passes (ITC: the captions; ITM: captions of the global batch; ITG: captions led by
+        # [DEC]) embedded in one lookup: the word-embedding gradient of a lookup is a dense [vocab, D] tensor (30523 x
+        # 768 for BERT), which backward would otherwise fill and sum three times a step.
+        text_length = input_ids.shape[1]
+        pad_id = config.qformer_config.pad_token_id or 0
+        ids_all, mask_all = _pad_to_world_length(input_ids, attention_mask, pad_id)
+        ids_all, mask_all = _gather_no_grad(ids_all), _gather_no_grad(mask_all)  # [N, W]: every process's captions
+        width = ids_all.shape[1]
+        decoder_ids = input_ids.clone()
+        decoder_ids[:, 0] = config.qformer_config.bos_token_id
+        lookup = torch.cat([ids_all, nn.functional.pad(decoder_ids, (0, width - text_length), value=pad_id)])
+        text_embeds_all, decoder_embeds = self.embeddings(lookup).split([ids_all.shape[0], batch_size])
+        offset = sum(_gather_sizes(batch_size, image_embeds.device)[:rank]) if world_size > 1 else 0
+        local_rows = torch.arange(batch_size, device=ids_all.device) + offset  # this process's rows of the N
+
+        text_embeds = text_embeds_all[offset : offset + batch_size, :text_length]
+        text_output = self.qformer(text_embeds=text_embeds, attention_mask=attention_mask)
         text_feat = nn.functional.normalize(self.text_projection(text_output.last_hidden_state[:, 0]), dim=-1)
 
         # ITC over the global batch
         image_feats_all = _gather_with_grad(image_feats)  # [N, Q, E]
         text_feat_all = _gather_with_grad(text_feat)  # [N, E]
-        offset = sum(_gather_sizes(batch_size, image_feats.device)[:rank]) if world_size > 1 else 0
         sim_i2t = torch.einsum("bqe,ne->bqn", image_feats, text_feat_all).max(dim=1).values / self.temp  # [B, N]
         sim_t2i = torch.einsum("be,nqe->bnq", text_feat, image_feats_all).max(dim=2).values / self.temp  # [B, N]
         targets = torch.arange(batch_size, device=sim_i2t.device) + offset
@@ -1666,20 +1682,14 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
         ) / 2
 
         # ITM with hard negatives from the global batch
-        pad_id = config.qformer_config.pad_token_id or 0
-        ids_all, mask_all = _pad_to_world_length(input_ids, attention_mask, pad_id)
-        ids_all, mask_all = _gather_no_grad(ids_all), _gather_no_grad(mask_all)
         image_embeds_all = _gather_with_grad(image_embeds)
         negative_image, text_has_negative = sample_hard_negatives(sim_t2i, targets)
         negative_text, image_has_negative = sample_hard_negatives(sim_i2t, targets)
-        width = ids_all.shape[1]
-        local_ids = nn.functional.pad(input_ids, (0, width - input_ids.shape[1]), value=pad_id)
-        local_mask = nn.functional.pad(attention_mask, (0, width - attention_mask.shape[1]), value=0)
-        itm_ids = torch.cat([local_ids, local_ids[text_has_negative], ids_all[negative_text[image_has_negative]]])
-        itm_mask = torch.cat([local_mask, local_mask[text_has_negative], mask_all[negative_text[image_has_negative]]])
+        # the rows' texts: positives, the same texts again (with negative images), negative texts (of any process)
+        itm_rows = torch.cat([local_rows, local_rows[text_has_negative], negative_text[image_has_negative]])
         # The ITM rows' images (positives, negative images, positives again for the negative texts) are copies of at
-        # most 2B distinct images, B in one process. The Q-Former projects each distinct image's cross-attention
-        # keys/values once and `encoder_index` hands them to the rows (LAVIS projects all 3B copies).
+        # most 2B distinct images, B in one process: the rows share the projections of those images (the query pass's,
+        # plus the gathered negatives') through `encoder_index` (LAVIS projects all 3B copies).
         local_images = torch.arange(batch_size, device=image_embeds.device)
         if world_size == 1:  # image_embeds_all is image_embeds: the negatives are local images
             negative_images = negative_image[text_has_negative]
@@ -1701,9 +1711,9 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
                 itm_images = {"encoder_hidden_states": torch.cat([image_embeds, negatives])}
         itm_image_index = torch.cat([local_images, negative_images, local_images[image_has_negative]])
         joint_output = self.qformer(
-            query_embeds=self.query_tokens.expand(itm_ids.shape[0], -1, -1),
-            text_embeds=self.embeddings(itm_ids),
-            attention_mask=itm_mask,
+            query_embeds=self.query_tokens.expand(itm_rows.shape[0], -1, -1),
+            text_embeds=text_embeds_all[itm_rows],
+            attention_mask=mask_all[itm_rows],
             encoder_index=itm_image_index,
             self_attention_mask="bidirectional",
             **itm_images,
@@ -1714,13 +1724,12 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
         loss_itm = nn.functional.cross_entropy(logits_itm, itm_labels)
 
         # ITG: [DEC]-led text decoded against the queries
-        decoder_ids = input_ids.clone()
-        decoder_ids[:, 0] = config.qformer_config.bos_token_id
+        decoder_embeds = decoder_embeds[:, :text_length]
         labels = decoder_ids.masked_fill(attention_mask == 0, -100)
         cache = query_pass.cache
         if cache is not None and cache.get_seq_length() == num_queries:  # reuse the query keys/values
             text_states = self.qformer(
-                text_embeds=self.embeddings(decoder_ids),
+                text_embeds=decoder_embeds,
                 attention_mask=attention_mask,
                 self_attention_mask="multimodal_causal",
                 cache=cache,
@@ -1728,7 +1737,7 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
         else:  # the cache was dropped (gradient checkpointing): one joint pass, same result
             text_states = self.qformer(
                 query_embeds=self.query_tokens.expand(batch_size, -1, -1),
-                text_embeds=self.embeddings(decoder_ids),
+                text_embeds=decoder_embeds,
                 attention_mask=attention_mask,
                 encoder_hidden_states=image_embeds,
                 self_attention_mask="multimodal_causal",

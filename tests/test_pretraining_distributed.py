@@ -45,8 +45,14 @@ def worker(rank: int, port: int, out_dir: str) -> None:
 
         # ITM: one pair per rank, so the only negative of each row lives on the other rank
         pairs = batch(2)
+        mine = {key: value[rank : rank + 1] for key, value in pairs.items()}
+        # and again with rank 1's caption cut to its 4 real tokens: the ranks' texts then differ in length
+        short = {key: value[:, :4] if rank == 1 and key != "pixel_values" else value for key, value in mine.items()}
         with torch.no_grad():
-            itm = model(**{key: value[rank : rank + 1] for key, value in pairs.items()})
+            torch.manual_seed(0)
+            itm = model(**mine)
+            torch.manual_seed(0)
+            itm_short = model(**short)
         torch.save(
             {
                 "loss_itc": loss / WORLD,
@@ -54,6 +60,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
                 "sim_i2t": output.sim_i2t.detach(),
                 "sim_t2i": output.sim_t2i.detach(),
                 "logits_itm": itm.logits_itm,
+                "itm_short": {name: getattr(itm_short, name) for name in ("logits_itm", "loss_itc", "loss_itg")},
+                "itm_full": {name: getattr(itm, name) for name in ("loss_itc", "loss_itg")},
                 "uneven_sim_i2t": uneven.sim_i2t,
                 "uneven_sim_t2i": uneven.sim_t2i,
             },
@@ -102,3 +110,8 @@ def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path, record_par
         assert ranks[r]["logits_itm"].shape == (3, 2)
         expected = reference[[r, 2 + r, 4 + r]]
         assert record_parity("stage1 2-process ITM logits", ranks[r]["logits_itm"], expected) < 1e-5
+        # texts of different lengths per rank: padded to the longest to be gathered, the same rows and losses
+        short = ranks[r]["itm_short"]
+        assert record_parity("stage1 2-process ITM logits, uneven text", short["logits_itm"], expected) < 1e-5
+        for name, value in ranks[r]["itm_full"].items():
+            assert record_parity(f"stage1 2-process {name}, uneven text", short[name], value) < 1e-5, name
