@@ -1499,8 +1499,9 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
     Deviations from LAVIS, each exact or documented: gathers across processes are differentiable on both sides (exact
     gradients of the global-batch loss; LAVIS drops the gradient through the other processes' features); negatives are
     sampled in one vectorized call; each distinct image's cross-attention keys/values are projected once, for the
-    query pass and every ITM row together, not once per pass and row (same result, less compute); NaN similarities and a global batch of one pair do not crash (no negative is drawn
-    for a row without candidates); retrieval fine-tuning's `image_id` soft targets are not implemented.
+    query pass and every ITM row together, not once per pass and row, and the three passes' text is embedded in one
+    lookup (same results, less compute); NaN similarities and a global batch of one pair do not crash (no negative is
+    drawn for a row without candidates); retrieval fine-tuning's `image_id` soft targets are not implemented.
     """
 
     _tied_weights_keys = {"cls.predictions.decoder.weight": "embeddings.word_embeddings.weight"}
@@ -1674,7 +1675,7 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
         text_feat_all = _gather_with_grad(text_feat)  # [N, E]
         sim_i2t = torch.einsum("bqe,ne->bqn", image_feats, text_feat_all).max(dim=1).values / self.temp  # [B, N]
         sim_t2i = torch.einsum("be,nqe->bnq", text_feat, image_feats_all).max(dim=2).values / self.temp  # [B, N]
-        targets = torch.arange(batch_size, device=sim_i2t.device) + offset
+        targets = local_rows
         smoothing = config.itc_label_smoothing
         loss_itc = (
             nn.functional.cross_entropy(sim_i2t, targets, label_smoothing=smoothing)
