@@ -100,12 +100,8 @@ def test_qformer_encoder_index_is_checked():
         qformer(text_embeds=queries, encoder_index=torch.tensor([0, 1, 0, 1]))
     key_values = qformer.project_image(images)
     assert [kv is None for kv in key_values] == [not layer.has_cross_attention for layer in qformer.encoder.layer]
-    assert key_values[0][0].shape == (
-        2,
-        qformer.config.num_attention_heads,
-        7,
-        32 // qformer.config.num_attention_heads,
-    )
+    heads = qformer.config.num_attention_heads
+    assert key_values[0][0].shape == (2, heads, 7, 32 // heads)  # [images, heads, patches, head width]
     with pytest.raises(ValueError, match="not both"):
         qformer(query_embeds=queries[:2], encoder_hidden_states=images, image_key_values=key_values)
     with pytest.raises(ValueError, match=f"expected {len(key_values)}, one per layer"):
