@@ -1601,14 +1601,9 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.cls.predictions.decoder = new_embeddings
 
-    def _query_pass(
-        self, image_embeds: torch.Tensor, use_cache: bool, image_key_values: list | None = None
-    ) -> Blip2QFormerModelOutput:
-        """The queries alone on `image_embeds [B, P, Dv]`, or on their projection `image_key_values` if given."""
+    def _query_pass(self, image_embeds: torch.Tensor, use_cache: bool) -> Blip2QFormerModelOutput:
         query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        if image_key_values is None:
-            return self.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds, use_cache=use_cache)
-        return self.qformer(query_embeds=query_tokens, image_key_values=image_key_values, use_cache=use_cache)
+        return self.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds, use_cache=use_cache)
 
     def forward(
         self,
@@ -1646,8 +1641,13 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
         # tenth of the step's FLOPs). Under gradient checkpointing every layer projects its own, because a reentrant
         # checkpoint passes no gradient to tensors handed to it by keyword.
         share_image_projection = not self.qformer.is_activation_checkpointing
-        image_key_values = self.qformer.project_image(image_embeds) if share_image_projection else None
-        query_pass = self._query_pass(image_embeds, use_cache=True, image_key_values=image_key_values)
+        image_inputs = (
+            {"image_key_values": self.qformer.project_image(image_embeds)}
+            if share_image_projection
+            else {"encoder_hidden_states": image_embeds}
+        )
+        query_tokens = self.query_tokens.expand(batch_size, -1, -1)
+        query_pass = self.qformer(query_embeds=query_tokens, use_cache=True, **image_inputs)
         query_output = query_pass.last_hidden_state
         image_feats = nn.functional.normalize(self.vision_projection(query_output), dim=-1)  # [B, Q, E]
 
@@ -1694,18 +1694,14 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
         local_images = torch.arange(batch_size, device=image_embeds.device)
         if world_size == 1:  # image_embeds_all is image_embeds: the negatives are local images
             negative_images = negative_image[text_has_negative]
-            itm_images = (
-                {"image_key_values": image_key_values}
-                if share_image_projection
-                else {"encoder_hidden_states": image_embeds}
-            )
+            itm_images = image_inputs
         else:  # negatives may live on other processes: append them, gathered with their gradient
             negatives = image_embeds_all[negative_image[text_has_negative]]
             negative_images = batch_size + torch.arange(negatives.shape[0], device=image_embeds.device)
             if share_image_projection:  # only the negatives' keys/values are new
                 itm_key_values = [
                     None if local is None else (torch.cat([local[0], new[0]]), torch.cat([local[1], new[1]]))
-                    for local, new in zip(image_key_values, self.qformer.project_image(negatives))
+                    for local, new in zip(image_inputs["image_key_values"], self.qformer.project_image(negatives))
                 ]
                 itm_images = {"image_key_values": itm_key_values}
             else:
