@@ -9,6 +9,7 @@ This file is copied into saved checkpoints as remote code: it imports nothing bu
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
@@ -67,6 +68,11 @@ class Blip2VisionConfig(PreTrainedConfig):
         attention_dropout: dropout on attention probabilities.
         initializer_range: std of the truncated-normal init of the position and class embeddings.
         qkv_bias: whether the fused `qkv` projection has a bias (EVA: query and value biases, key bias fixed at zero).
+        conv_stem_channels: None (EVA and every Salesforce checkpoint): one `patch_size` x `patch_size` convolution
+            embeds each patch. A list of channel widths: a convolutional stem instead (Xiao et al., 2021, "Early
+            convolutions help transformers see better"), one 3x3 stride-2 convolution per entry (GroupNorm, GELU),
+            then a 1x1 convolution to `hidden_size`; `patch_size` must be `2 ** len(conv_stem_channels)`. Small
+            encoders trained from scratch learn shapes much sooner with it (the demo's towers).
     """
 
     model_type = "blip2_hf_vision_model"
@@ -83,6 +89,7 @@ class Blip2VisionConfig(PreTrainedConfig):
     attention_dropout: float | int = 0.0
     initializer_range: float = 1e-10
     qkv_bias: bool = True
+    conv_stem_channels: list[int] | None = None
 
     def __post_init__(self, **kwargs):
         _drop_foreign_model_type(kwargs)
@@ -110,6 +117,17 @@ class Blip2VisionConfig(PreTrainedConfig):
         )
         _check(self.hidden_act in ACT2FN, self, "hidden_act", f"one of {sorted(ACT2FN)}")
         _check_probabilities(self, "attention_dropout")
+        if self.conv_stem_channels is not None:
+            channels = self.conv_stem_channels
+            _check(
+                isinstance(channels, list | tuple) and len(channels) > 0
+                and all(isinstance(c, int) and c > 0 for c in channels),
+                self, "conv_stem_channels", "None or a non-empty list of positive integers",
+            )  # fmt: skip
+            _check(
+                self.patch_size == 2 ** len(channels),
+                self, "patch_size", f"2 ** len(conv_stem_channels) = {2 ** len(channels)} (one stride-2 conv each)",
+            )  # fmt: skip
 
     @property
     def num_patches(self) -> int:
@@ -217,6 +235,9 @@ class Blip2Config(PreTrainedConfig):
         temperature_range: `[min, max]` to clamp the temperature to before each stage-1 step (ALBEF/BLIP do
             `clamp_(0.001, 0.5)`); None (default) leaves it unclamped, as LAVIS's BLIP-2 does.
         itc_label_smoothing / itg_label_smoothing: label smoothing of the stage-1 ITC and ITG losses (0.1, LAVIS).
+        pretraining_objectives: the stage-1 losses `Blip2ForPreTraining` computes and sums: `["itc", "itm", "itg"]`
+            (the paper's). Leaving one out is the paper's Table 6 ablation (e.g. `["itc", "itm"]`: without ITG);
+            ITM needs ITC, whose similarities pick its hard negatives.
         tie_word_embeddings: tie the stage-1 Q-Former LM head to the Q-Former word embeddings, as BERT does. (The
             LLM's own tying is its `text_config`'s business.)
     """
@@ -241,6 +262,7 @@ class Blip2Config(PreTrainedConfig):
     temperature_range: list[float] | None = None
     itc_label_smoothing: float = 0.1
     itg_label_smoothing: float = 0.1
+    pretraining_objectives: list[str] = dataclasses.field(default_factory=lambda: ["itc", "itm", "itg"])
     tie_word_embeddings: bool = True
 
     @classmethod
@@ -278,6 +300,14 @@ class Blip2Config(PreTrainedConfig):
             )
         for field in ("itc_label_smoothing", "itg_label_smoothing"):
             _check(0.0 <= getattr(self, field) < 1.0, self, field, "a label smoothing in [0, 1)")
+        objectives = self.pretraining_objectives
+        _check(
+            isinstance(objectives, list | tuple) and len(objectives) > 0
+            and set(objectives) <= {"itc", "itm", "itg"} and len(set(objectives)) == len(objectives)
+            and ("itm" not in objectives or "itc" in objectives),
+            self, "pretraining_objectives",
+            "a non-empty list of distinct 'itc', 'itm', 'itg' (ITM needs ITC: its hard negatives come from ITC)",
+        )  # fmt: skip
         text_type = self.text_config.model_type
         _check(
             text_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

@@ -172,17 +172,44 @@ def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+class Blip2ConvStem(nn.Module):
+    """`vision_config.conv_stem_channels`: 3x3 stride-2 convolutions (GroupNorm over all channels, GELU), then a 1x1
+    convolution to the encoder's width. `[B, 3, H, W]` -> `[B, D, H/p, W/p]`, as the single patch convolution."""
+
+    def __init__(self, config: Blip2VisionConfig):
+        super().__init__()
+        widths = [3, *config.conv_stem_channels]
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in zip(widths, widths[1:]))
+        # GroupNorm, not BatchNorm: a frozen encoder must not depend on batch statistics
+        self.norms = nn.ModuleList(nn.GroupNorm(1, width) for width in widths[1:])
+        self.proj = nn.Conv2d(widths[-1], config.hidden_size, kernel_size=1)
+
+    @property
+    def weight(self) -> torch.Tensor:  # the dtype the stem computes in, as `nn.Conv2d.weight` tells it
+        return self.proj.weight
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = pixel_values
+        for conv, norm in zip(self.convs, self.norms):
+            hidden = nn.functional.gelu(norm(conv(hidden)))
+        return self.proj(hidden)
+
+
 class Blip2VisionEmbeddings(nn.Module):
-    """Patch embedding + `[CLS]` + absolute position embeddings. `[B, 3, H, W]` -> `[B, 1 + (H/p)(W/p), D]`."""
+    """Patch embedding (one convolution, or `Blip2ConvStem`) + `[CLS]` + absolute position embeddings.
+    `[B, 3, H, W]` -> `[B, 1 + (H/p)(W/p), D]`."""
 
     def __init__(self, config: Blip2VisionConfig):
         super().__init__()
         self.config = config
         self.patch_size = config.patch_size
         self.class_embedding = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        self.patch_embedding = nn.Conv2d(
-            3, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
-        )
+        if config.conv_stem_channels is None:
+            self.patch_embedding = nn.Conv2d(
+                3, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+            )
+        else:
+            self.patch_embedding = Blip2ConvStem(config)
         self.position_embedding = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.hidden_size))
 
     def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
@@ -1635,7 +1662,7 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
                 self.temp.clamp_(*self.config.temperature_range)
 
         image_embeds = self._image_embeds(pixel_values, image_embeds)
-        batch_size, num_queries = image_embeds.shape[0], config.num_query_tokens
+        batch_size = image_embeds.shape[0]
         # The query pass and the ITM pass cross-attend to the same B images, so each cross-attention layer projects
         # their keys/values once for both (LAVIS projects them again in the ITM pass: at ViT-g width that is about a
         # tenth of the step's FLOPs). Under gradient checkpointing every layer projects its own, because a reentrant
@@ -1682,7 +1709,54 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
             + nn.functional.cross_entropy(sim_t2i, targets, label_smoothing=smoothing)
         ) / 2
 
-        # ITM with hard negatives from the global batch
+        objectives = config.pretraining_objectives
+        loss_itm = logits_itm = loss_itg = logits_itg = None
+        if "itm" in objectives:
+            loss_itm, logits_itm = self._itm_loss(
+                image_embeds,
+                image_inputs,
+                text_embeds_all,
+                mask_all,
+                sim_i2t,
+                sim_t2i,
+                local_rows,
+                share_image_projection,
+            )
+        if "itg" in objectives:
+            loss_itg, logits_itg = self._itg_loss(
+                decoder_ids, decoder_embeds, attention_mask, text_length, query_pass, image_embeds
+            )
+        losses = {"itc": loss_itc, "itm": loss_itm, "itg": loss_itg}
+
+        output = Blip2ForPreTrainingOutput(
+            loss=sum(losses[name] for name in objectives),
+            loss_itc=loss_itc,
+            loss_itm=loss_itm,
+            loss_itg=loss_itg,
+            sim_i2t=sim_i2t,
+            sim_t2i=sim_t2i,
+            logits_itm=logits_itm,
+            logits_itg=logits_itg,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def _itm_loss(
+        self,
+        image_embeds: torch.Tensor,
+        image_inputs: dict[str, Any],
+        text_embeds_all: torch.Tensor,
+        mask_all: torch.Tensor,
+        sim_i2t: torch.Tensor,
+        sim_t2i: torch.Tensor,
+        local_rows: torch.Tensor,
+        share_image_projection: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITM with hard negatives from the global batch: `(loss_itm, logits_itm [3B', 2])`. `image_inputs` holds the
+        local images' projection (or embeddings) from the query pass; `text_embeds_all` / `mask_all` every process's
+        captions; `sim_*` the ITC similarities `[B, N]`; `local_rows` this process's rows of the N."""
+        batch_size, num_queries = image_embeds.shape[0], self.config.num_query_tokens
+        _, world_size = _world()
+        targets = local_rows
         image_embeds_all = _gather_with_grad(image_embeds)
         negative_image, text_has_negative = sample_hard_negatives(sim_t2i, targets)
         negative_text, image_has_negative = sample_hard_negatives(sim_i2t, targets)
@@ -1720,7 +1794,21 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
         itm_labels[:batch_size] = 1
         loss_itm = nn.functional.cross_entropy(logits_itm, itm_labels)
 
-        # ITG: [DEC]-led text decoded against the queries
+        return loss_itm, logits_itm
+
+    def _itg_loss(
+        self,
+        decoder_ids: torch.Tensor,
+        decoder_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        text_length: int,
+        query_pass: Any,
+        image_embeds: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITG: `[DEC]`-led text `[B, T]` decoded against the queries (the query pass's cached keys/values when
+        present): `(loss_itg, logits_itg [B, T, V])`."""
+        config = self.config
+        batch_size, num_queries = image_embeds.shape[0], config.num_query_tokens
         decoder_embeds = decoder_embeds[:, :text_length]
         labels = decoder_ids.masked_fill(attention_mask == 0, -100)
         cache = query_pass.cache
@@ -1747,17 +1835,7 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
             label_smoothing=config.itg_label_smoothing,
         )
 
-        output = Blip2ForPreTrainingOutput(
-            loss=loss_itc + loss_itm + loss_itg,
-            loss_itc=loss_itc,
-            loss_itm=loss_itm,
-            loss_itg=loss_itg,
-            sim_i2t=sim_i2t,
-            sim_t2i=sim_t2i,
-            logits_itm=logits_itm,
-            logits_itg=logits_itg,
-        )
-        return output if return_dict is not False else output.to_tuple()
+        return loss_itg, logits_itg
 
     @torch.no_grad()
     def generate(

@@ -132,13 +132,16 @@ class Blip2Trainer(Trainer):
         outputs = model(**inputs)
         if model.training:
             for name in self.loss_components:
-                self._component_sums[name] = self._component_sums[name] + outputs[name].detach().float().cpu()
+                if outputs.get(name) is not None:  # an objective the config leaves out is not logged
+                    self._component_sums[name] = self._component_sums[name] + outputs[name].detach().float().cpu()
             self._component_count += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._component_count:  # a training log: add the components, averaged
             for name in self.loss_components:
+                if name not in self._component_sums:
+                    continue
                 mean = (self._component_sums[name] / self._component_count).to(self.args.device)
                 logs[name] = round(self.accelerator.reduce(mean, reduction="mean").item(), 4)
             self._component_sums.clear()

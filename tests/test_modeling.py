@@ -474,3 +474,41 @@ def test_cached_image_embeds_and_frozen_towers():
         "qformer",
         "language_projection",
     }
+
+
+def _stem_config(**overrides) -> Blip2VisionConfig:
+    values = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32)
+    return Blip2VisionConfig(**{**values, "patch_size": 8, "conv_stem_channels": [4, 8, 16], **overrides})
+
+
+def test_conv_stem_replaces_the_patch_convolution(tmp_path):
+    """`conv_stem_channels`: three 3x3 stride-2 convolutions (GroupNorm, GELU) and a 1x1 projection give the same
+    token grid as one 8x8 patch convolution; the weights save and load under `embeddings.patch_embedding.*`."""
+    torch.manual_seed(0)
+    model = blip2_hf.Blip2VisionModel(_stem_config()).eval()
+    stem = model.embeddings.patch_embedding
+    pixel_values = torch.randn(2, 3, 32, 32)
+    hidden = pixel_values
+    for conv, norm in zip(stem.convs, stem.norms):  # the stem by hand
+        assert conv.stride == (2, 2) and conv.kernel_size == (3, 3)
+        hidden = torch.nn.functional.gelu(torch.nn.functional.group_norm(conv(hidden), 1, norm.weight, norm.bias))
+    expected = stem.proj(hidden).flatten(2).transpose(1, 2)
+    tokens = model.embeddings(pixel_values)
+    assert tokens.shape == (2, 1 + 16, 32)
+    torch.testing.assert_close(tokens[:, 1:] - model.embeddings.position_embedding[:, 1:], expected)
+
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["conv_stem_channels"] == [4, 8, 16]
+    loaded = blip2_hf.Blip2VisionModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded(pixel_values).last_hidden_state, model(pixel_values).last_hidden_state)
+    half = blip2_hf.Blip2VisionModel.from_pretrained(tmp_path, dtype=torch.float16)
+    assert half(pixel_values).last_hidden_state.dtype == torch.float16
+
+
+@pytest.mark.parametrize(
+    "overrides, field", [({"patch_size": 4}, "patch_size"), ({"conv_stem_channels": []}, "conv_stem_channels"),
+                         ({"conv_stem_channels": [4, 0, 8]}, "conv_stem_channels")],
+)  # fmt: skip
+def test_conv_stem_config_is_validated(overrides, field):
+    with pytest.raises(Exception, match=field):
+        _stem_config(**overrides)

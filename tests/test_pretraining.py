@@ -374,3 +374,34 @@ def test_stage1_checkpoint_flows_to_retrieval_and_stage2(tmp_path):
     assert {k.split(".")[0] for k in report["new"]} == {"language_model", "language_projection"}
     assert "temp" in report["dropped"] and "cls.predictions.bias" in report["dropped"]
     assert any(".intermediate.dense" in k for k in report["dropped"])  # stage 2 has no text FFN
+
+
+def test_pretraining_objectives_leave_a_loss_out_as_table_6():
+    """`pretraining_objectives=["itc", "itm"]` (the paper's "w/o ITG"): the loss is ITC + ITM, equal to the full
+    model's two terms; no ITG output; the Q-Former LM head gets no gradient; the Trainer logs only what was computed."""
+    inputs = batch(4)
+    full = stage1_model()
+    without_itg = stage1_model(pretraining_objectives=["itc", "itm"])
+    torch.manual_seed(1)
+    expected = full(**inputs)
+    torch.manual_seed(1)
+    out = without_itg(**inputs)
+    assert out.loss_itg is None and out.logits_itg is None
+    torch.testing.assert_close(out.loss_itc, expected.loss_itc, rtol=0, atol=0)
+    torch.testing.assert_close(out.loss_itm, expected.loss_itm, rtol=0, atol=0)
+    torch.testing.assert_close(out.loss, expected.loss_itc + expected.loss_itm, rtol=0, atol=0)
+    out.loss.backward()
+    assert all(p.grad is None for n, p in without_itg.named_parameters() if n.startswith("cls.predictions.transform"))
+    assert without_itg.query_tokens.grad is not None
+
+    only_itc = stage1_model(pretraining_objectives=["itc"])(**inputs)
+    assert only_itc.loss_itm is None and only_itc.loss_itg is None
+    torch.testing.assert_close(only_itc.loss, expected.loss_itc, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "objectives", [[], ["itm"], ["itm", "itg"], ["itc", "itc"], ["itc", "mlm"], "itc"], ids=str
+)
+def test_pretraining_objectives_are_validated(objectives):
+    with pytest.raises(Exception, match="pretraining_objectives"):
+        stage1_config(pretraining_objectives=objectives)
