@@ -399,9 +399,7 @@ def test_pretraining_objectives_leave_a_loss_out_as_table_6():
     torch.testing.assert_close(only_itc.loss, expected.loss_itc, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(
-    "objectives", [[], ["itm"], ["itm", "itg"], ["itc", "itc"], ["itc", "mlm"], "itc"], ids=str
-)
+@pytest.mark.parametrize("objectives", [[], ["itm"], ["itm", "itg"], ["itc", "itc"], ["itc", "mlm"], "itc"], ids=str)
 def test_pretraining_objectives_are_validated(objectives):
     with pytest.raises(Exception, match="pretraining_objectives"):
         stage1_config(pretraining_objectives=objectives)
