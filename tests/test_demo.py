@@ -175,11 +175,17 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch, capsys):
             mean, std = results["summary"][arm][metric]
             assert 0 <= mean <= 1000 and std == 0.0
     assert 0 <= results["summary"]["stage1+2"]["text_R@1"][0] <= 100
+    assert 0 <= results["summary"]["stage1_without_itg"]["image_R@1"][0] <= 100
+    # the quick demo still sees: its captions name the right colors (the shipped encoder carries them)
+    assert results["summary"]["stage1+2"]["caption_color"][0] >= 80
     # every loss the demo trains with falls
     curves = results["curves"][0]
     for key in ("loss_itc", "loss_itm", "loss_itg"):
         values = [entry[key] for entry in curves["stage1"] if key in entry]
         assert values[-1] < values[0], key
+    assert not any("loss_itg" in entry for entry in curves["stage1_without_itg"])  # the Table 6 ablation
+    itg_free = json.loads((output / "runs" / "seed0" / "stage1_without_itg" / "config.json").read_text())
+    assert itg_free["pretraining_objectives"] == ["itc", "itm"]
     for arm in ("stage1+2", "stage2_only"):
         values = [entry["loss"] for entry in curves[arm] if "loss" in entry]
         assert values[-1] < values[0], arm
@@ -190,7 +196,10 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch, capsys):
     probe = results["towers"]["vision"]["probe"]
     assert len(probe) == 18 and all(0 <= m["accuracy"] <= 100 and 50 <= m["majority"] <= 100 for m in probe.values())
     report = (output / "report.md").read_text()
-    assert "## What the frozen image encoder carries" in report and "| a circle on the left |" in report
+    assert report.startswith("# blip2-hf demo") and report.index("## Results") < report.index("## Examples")
+    assert report.index("## Examples") < report.index("## The paper's ablations")
+    assert "## The frozen towers" in report and "| a circle on the left |" in report
+    assert json.loads((output / ".blip2-hf-demo.json").read_text())["status"] == "complete"
     for plot in re.findall(r"\]\((plots/[^)]+)\)", report):
         assert (output / plot).is_file(), plot
     assert {"losses.png", "examples.png", "cross_attention.png", "results.png"} <= {
@@ -208,3 +217,29 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.strip()
     assert cli.main(["retrieve", "--images", str(images[0].parent), "--text", "a red circle", "--top-k", "3"]) == 0
     assert len(capsys.readouterr().out.strip().split("\n")) == 3
+
+
+def test_demo_output_folder_is_checked_before_anything_is_deleted(tmp_path, capsys):
+    from blip2_hf.demo.run import DEMO_MARKER, prepare_output
+
+    foreign = tmp_path / "thesis"
+    foreign.mkdir()
+    (foreign / "chapter1.tex").write_text("keep me")
+    with pytest.raises(ValueError, match="not a blip2-hf demo folder"):
+        prepare_output(foreign)
+    assert (foreign / "chapter1.tex").read_text() == "keep me"
+    assert cli.main(["demo", "--quick", "--output", str(foreign)]) == 1
+    assert "refusing" in capsys.readouterr().err and (foreign / "chapter1.tex").exists()
+
+    interrupted = tmp_path / "demo"
+    prepare_output(interrupted)  # a run starts ... and is killed: the marker says "running"
+    (interrupted / "runs").mkdir()
+    prepare_output(interrupted)
+    assert "interrupted demo run" in capsys.readouterr().out and not (interrupted / "runs").exists()
+    (interrupted / DEMO_MARKER).write_text(json.dumps({"status": "complete", "finished": "then"}))
+    prepare_output(interrupted)
+    assert "complete demo run" in capsys.readouterr().out
+    (interrupted / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="notes.txt"):
+        prepare_output(interrupted)
+    assert (interrupted / "notes.txt").exists()

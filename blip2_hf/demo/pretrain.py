@@ -1,7 +1,8 @@
 """The demo's "off-the-shelf" unimodal models, pretrained on the spot and then frozen, as BLIP-2 assumes them:
 
-- an image encoder (`Blip2VisionModel`, a small ViT) trained without any language model, contrastively against a
-  small text tower of its own, as CLIP trained the EVA-CLIP ViT-g that BLIP-2 uses. The text tower is thrown away;
+- an image encoder (`Blip2VisionModel`, a small ViT with a convolutional stem) trained without any language model:
+  supervised tagging of what each scene shows (shapes, colors, sizes, counts, sides), as the ImageNet-trained ViTs
+  BLIP-1 started from; the tagging heads are thrown away;
 - an OPT-style language model (`OPTForCausalLM`) trained on text alone: short "documents" about training scenes,
   one or two captions, then question/answer pairs about them. It learns what captions and answers look like and to
   answer from the text before a question; it never sees an image.
@@ -23,7 +24,7 @@ from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerBase
 
 from ..configuration_blip2 import Blip2VisionConfig
 from ..modeling_blip2 import Blip2VisionModel
-from .world import SIZES
+from .world import COLORS, SHAPES, SIZES
 
 
 def _cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -59,92 +60,84 @@ def _optimize(
     return loss.item()
 
 
-class TextTower(nn.Module):
-    """The CLIP-style text encoder the image encoder is trained against: token + position embeddings, a small
-    transformer, mean over the tokens."""
+def scene_tags(groups: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a scene shows (its groups as `asdict(Group)`), as the image encoder's tagging targets: `present [3]`
+    (each shape), `colors [6]` (each color), and per shape its group's `(color, size, count - 1, side)` class indices
+    `[3, 4]` (side: 0 left, 1 right, 2 neither), -100 where the shape is absent."""
+    present, colors = torch.zeros(len(SHAPES)), torch.zeros(len(COLORS))
+    attributes = torch.full((len(SHAPES), 4), -100, dtype=torch.long)
+    for group in groups:
+        shape, color = SHAPES.index(group["shape"]), list(COLORS).index(group["color"])
+        present[shape], colors[color] = 1.0, 1.0
+        side = {"left": 0, "right": 1, None: 2}[group["side"]]
+        attributes[shape] = torch.tensor([color, list(SIZES).index(group["size"]), group["count"] - 1, side])
+    return present, colors, attributes
 
-    def __init__(self, vocab_size: int, width: int, max_length: int, num_layers: int = 2):
+
+class SceneTagger(nn.Module):
+    """Linear heads on the mean of the encoder's output tokens: is there a circle / square / triangle, is there
+    something red / ..., and per shape its group's color, size, count and side. Thrown away after pretraining."""
+
+    CLASSES = {"color": len(COLORS), "size": len(SIZES), "count": 3, "side": 3}
+
+    def __init__(self, width: int):
         super().__init__()
-        self.embed = nn.Embedding(vocab_size, width)
-        self.position = nn.Parameter(torch.randn(max_length, width) * 0.02)
-        layer = nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.present = nn.Linear(width, len(SHAPES))
+        self.colors = nn.Linear(width, len(COLORS))
+        self.attributes = nn.ModuleDict({name: nn.Linear(width, len(SHAPES) * k) for name, k in self.CLASSES.items()})
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed(input_ids) + self.position[: input_ids.shape[1]]
-        hidden = self.encoder(hidden, src_key_padding_mask=attention_mask == 0)
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1)
+    def loss(self, pooled: torch.Tensor, present: torch.Tensor, colors: torch.Tensor, attributes: torch.Tensor):
+        """`pooled [B, D]`; targets as `scene_tags` stacks them. Sum of the binary and per-attribute losses."""
+        loss = F.binary_cross_entropy_with_logits(self.present(pooled), present)
+        loss = loss + F.binary_cross_entropy_with_logits(self.colors(pooled), colors)
+        for index, (name, classes) in enumerate(self.CLASSES.items()):
+            logits = self.attributes[name](pooled).view(-1, classes)  # [B * 3 shapes, classes]
+            loss = loss + F.cross_entropy(logits, attributes[:, :, index].reshape(-1), ignore_index=-100)
+        return loss
 
 
-def pretrain_vision_encoder(
+def pretrain_image_encoder(
     config: Blip2VisionConfig,
-    pixel_values: torch.Tensor,
-    captions: Sequence[Sequence[str]],
-    scene_keys: Sequence[str],
-    tokenizer: PreTrainedTokenizerBase,
+    pixels: torch.Tensor,
+    scenes: Sequence[Sequence[dict]],
+    normalize: Callable[[torch.Tensor], torch.Tensor],
     steps: int,
     batch_size: int = 128,
     learning_rate: float = 2e-3,
+    position_std: float = 0.3,
     seed: int = 0,
     log: Callable[[dict], None] | None = None,
-    validation: tuple[torch.Tensor, Sequence[str]] | None = None,
-) -> tuple[Blip2VisionModel, dict[str, float]]:
-    """CLIP-style contrastive training of a `Blip2VisionModel` against a `TextTower`.
+) -> Blip2VisionModel:
+    """Supervised scene tagging of a `Blip2VisionModel` (`SceneTagger` on the mean of its output tokens), as the
+    ImageNet-trained ViTs BLIP-1 started from: labels from the scene, no text, no language model.
 
     Args:
-        pixel_values: `[N, 3, H, W]`, the training images, already normalized by the processor.
-        captions: the captions of each image (one is drawn per step).
-        scene_keys: what each image shows; images of one scene in a batch are all positives of each other's
-            captions (CLIP's one-hot targets would call them negatives).
-        log: called with `{"step", "loss"}` every 10 steps.
-        validation: `(pixel_values [M, 3, H, W], one caption per image)` of M distinct scenes: the returned metrics
-            then hold the zero-shot retrieval recall@1 of the trained pair (image -> text and text -> image, %).
+        pixels: `[N, 3, H, W]` uint8 images (kept as bytes: a pool of tens of thousands of images).
+        scenes: each image's groups (`asdict(Group)`).
+        normalize: uint8 `[B, 3, H, W]` -> the encoder's normalized float input (the processor's mean / std).
+        position_std: std of the position embeddings' init. The ViT default (0.02) leaves the tokens' position an
+            order of magnitude below their content, and the encoder learned "left" / "right" only late, if at all.
 
-    The image embedding is the mean of the encoder's output tokens (after `post_layernorm`), projected: every patch
-    token is trained to carry what the image shows, which is what the Q-Former's cross-attention reads.
+    Pooling with the mean makes every output token carry what it shows and where: the Q-Former's cross-attention
+    reads the tokens, and the demo's linear probe reads their mean.
     """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    rng = random.Random(seed)
     vision = Blip2VisionModel(config)
-    width = config.hidden_size
-    text_tower = TextTower(len(tokenizer), width, max_length=40)
-    image_proj, text_proj = nn.Linear(width, 64), nn.Linear(width, 64)
-    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-    modules = nn.ModuleList([vision, text_tower, image_proj, text_proj])
-    params = list(modules.parameters()) + [logit_scale]
-    key_ids = {key: index for index, key in enumerate(dict.fromkeys(scene_keys))}
-    keys = torch.tensor([key_ids[key] for key in scene_keys])
+    nn.init.normal_(vision.embeddings.position_embedding, std=position_std)
+    tagger = SceneTagger(config.hidden_size)
+    targets = [torch.stack(column) for column in zip(*(scene_tags(groups) for groups in scenes))]
+    modules = nn.ModuleList([vision, tagger])
 
-    def contrastive_loss() -> torch.Tensor:
-        index = torch.randperm(len(pixel_values), generator=generator)[:batch_size]
-        tokens = tokenizer([rng.choice(captions[i]) for i in index.tolist()], padding=True, return_tensors="pt")
-        image_out = vision(pixel_values=pixel_values[index]).last_hidden_state
-        image_feat = F.normalize(image_proj(image_out.mean(1)), dim=-1)
-        text_feat = F.normalize(text_proj(text_tower(tokens["input_ids"], tokens["attention_mask"])), dim=-1)
-        logits = logit_scale.exp().clamp(max=100) * image_feat @ text_feat.t()
-        same = (keys[index][:, None] == keys[index][None, :]).float()
-        targets = same / same.sum(1, keepdim=True)
-        loss_i2t = torch.sum(-targets * logits.log_softmax(1), 1).mean()
-        loss_t2i = torch.sum(-targets * logits.t().log_softmax(1), 1).mean()
-        return (loss_i2t + loss_t2i) / 2
+    def tagging_loss() -> torch.Tensor:
+        index = torch.randint(len(pixels), (batch_size,), generator=generator)
+        pooled = vision(pixel_values=normalize(pixels[index])).last_hidden_state.mean(1)
+        return tagger.loss(pooled, *(target[index] for target in targets))
 
     modules.train()
-    final_loss = _optimize(params, contrastive_loss, steps, learning_rate, "image encoder (contrastive)", log)
-    modules.eval()
-    metrics = {"final_loss": final_loss}
-    if validation is not None:
-        with torch.no_grad():
-            val_pixels, val_captions = validation
-            tokens = tokenizer(list(val_captions), padding=True, return_tensors="pt")
-            image_feat = image_proj(vision(pixel_values=val_pixels).last_hidden_state.mean(1))
-            text_feat = text_proj(text_tower(tokens["input_ids"], tokens["attention_mask"]))
-            sim = F.normalize(image_feat, dim=-1) @ F.normalize(text_feat, dim=-1).t()
-            target = torch.arange(len(sim))
-            metrics["val_i2t_r1"] = 100 * (sim.argmax(1) == target).float().mean().item()
-            metrics["val_t2i_r1"] = 100 * (sim.argmax(0) == target).float().mean().item()
-    return vision, metrics
+    _optimize(list(modules.parameters()), tagging_loss, steps, learning_rate, "image encoder (tagging)", log)
+    vision.eval()
+    return vision
 
 
 def scene_documents(

@@ -12,7 +12,7 @@ from PIL import Image
 from ..modeling_blip2 import Blip2ForConditionalGeneration
 from ..processing_blip2 import Blip2HFProcessor as Blip2Processor
 from . import ARMS, VQA_PROMPT
-from .world import CAPTION_ATTRIBUTES
+from .world import CAPTION_ATTRIBUTES, caption_is_right
 
 ARM_COLORS = {"stage1+2": "tab:blue", "stage2_only": "tab:red"}
 
@@ -36,10 +36,10 @@ def plot_losses(path: Path, towers: dict, curves: Sequence[dict]) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
     for ax, name, title in (
-        (axes[0], "vision_curve", "image encoder: contrastive (CLIP-style)"),
-        (axes[1], "llm_curve", "LLM: next token, text only"),
+        (axes[0], "vision_encoder", "image encoder: scene tagging (built once)"),
+        (axes[1], "language_model", "LLM: next token, text only (built once)"),
     ):
-        steps, losses = zip(*((entry["step"], entry["loss"]) for entry in towers[name]))
+        steps, losses = zip(*((entry["step"], entry["loss"]) for entry in towers["curves"][name]))
         ax.plot(steps, losses, color="black")
         ax.set_title(title, fontsize=10)
     for seed, logs in enumerate(curves):
@@ -47,6 +47,9 @@ def plot_losses(path: Path, towers: dict, curves: Sequence[dict]) -> None:
             axes[2].plot(
                 *_series(logs["stage1"], key), color=color, alpha=0.8, label=key[5:].upper() if seed == 0 else None
             )
+            if key != "loss_itg":  # the ablation's curves, dashed
+                axes[2].plot(*_series(logs["stage1_without_itg"], key), color=color, alpha=0.8, linestyle="--",
+                             label=f"{key[5:].upper()} (w/o ITG)" if seed == 0 else None)  # fmt: skip
         for arm in ARMS:
             axes[3].plot(
                 *_series(logs[arm], "loss"), color=ARM_COLORS[arm], alpha=0.8, label=ARMS[arm] if seed == 0 else None
@@ -65,7 +68,8 @@ def plot_losses(path: Path, towers: dict, curves: Sequence[dict]) -> None:
 
 
 def plot_examples(path: Path, test: Sequence[dict], images: Sequence[Image.Image], run: dict, count: int = 8) -> None:
-    """Test images with both arms' captions and the stage-1+2 model's answers to two questions each."""
+    """Test images with both arms' captions and the stage-1+2 model's answers to two questions each, each marked
+    right or wrong (a caption is right when it names every group with its right attributes: `caption_is_right`)."""
     plt = _pyplot()
     fig, axes = plt.subplots(2, count // 2, figsize=(3.6 * count // 2, 12))
     for index, ax in enumerate(axes.flat):
@@ -76,11 +80,11 @@ def plot_examples(path: Path, test: Sequence[dict], images: Sequence[Image.Image
         lines = []
         for arm in ARMS:
             caption = run[arm]["captions"][index]
-            mark = "ok" if caption in record["caption"] else "x"
+            mark = "right" if caption_is_right(caption, record["scene"]) else "WRONG"
             lines.append(f"[{mark}] {'BLIP-2' if arm == 'stage1+2' else 'no stage 1'}: {caption}")
         for qa in record["questions"][:: max(1, len(record["questions"]) // 2)][:2]:
             answer = run["stage1+2"]["answers"][f"{index}|{qa['question']}"]
-            mark = "ok" if answer == qa["answer"] else "x"
+            mark = "right" if answer == qa["answer"] else "WRONG"
             lines.append(f"[{mark}] Q: {qa['question']} A: {answer}")
         ax.set_xlabel("\n".join(textwrap.fill(line, 44) for line in lines), fontsize=8, loc="left")
         ax.set_title(textwrap.fill(f"truth: {record['caption'][0]}", 44), fontsize=8, loc="left")
@@ -131,12 +135,12 @@ def plot_cross_attention(
 def plot_results(path: Path, summary: dict) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
-    for ax, metric in zip(axes, ("VQA", "CIDEr", "caption_exact_match")):
+    for ax, metric in zip(axes, ("VQA", "CIDEr", "caption_wholly_right")):
         for position, arm in enumerate(ARMS):
             mean, std = summary[arm][metric]
             ax.bar(position, mean, yerr=std, color=ARM_COLORS[arm], capsize=6)
         ax.set_xticks(range(len(ARMS)), ["stage 1 + 2", "stage 2 only"])
-        ax.set_title({"VQA": "zero-shot VQA accuracy (%)", "caption_exact_match": "captions exactly right (%)"}.get(
+        ax.set_title({"VQA": "zero-shot VQA accuracy (%)", "caption_wholly_right": "captions wholly right (%)"}.get(
             metric, "caption CIDEr"), fontsize=10)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -151,7 +155,7 @@ def _pm(value: Sequence[float], digits: int = 1) -> str:
 def results_table(results: dict) -> str:
     summary = results["summary"]
     rows = [
-        "| model | zero-shot VQA acc. (%) | CIDEr | BLEU-4 | captions exactly right (%) | retrieval R@1 text / image (%) |",
+        "| model | zero-shot VQA acc. (%) | captions wholly right (%) | CIDEr | BLEU-4 | retrieval R@1 text / image (%) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for arm in ARMS:
@@ -160,9 +164,26 @@ def results_table(results: dict) -> str:
             f"{_pm(metrics['text_R@1'])} / {_pm(metrics['image_R@1'])}" if "text_R@1" in metrics else "– (no stage 1)"
         )
         rows.append(
-            f"| {ARMS[arm]} | {_pm(metrics['VQA'])} | {_pm(metrics['CIDEr'])} | {_pm(metrics['BLEU-4'])} | "
-            f"{_pm(metrics['caption_exact_match'])} | {retrieval} |"
+            f"| {ARMS[arm]} | {_pm(metrics['VQA'])} | {_pm(metrics['caption_wholly_right'])} | "
+            f"{_pm(metrics['CIDEr'])} | {_pm(metrics['BLEU-4'])} | {retrieval} |"
         )
+    return "\n".join(rows)
+
+
+def itg_ablation_table(summary: dict) -> str:
+    """Stage 1 with and without ITG (the paper's Table 6): retrieval R@1 after ITM re-ranking and from ITC alone."""
+    rows = [
+        "| stage 1 | text R@1 (%) | image R@1 (%) | text R@1, ITC only (%) | image R@1, ITC only (%) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, metrics in (
+        ("ITC + ITM + ITG", summary["stage1+2"]),
+        ("ITC + ITM (w/o ITG)", summary["stage1_without_itg"]),
+    ):
+        rows.append(
+            f"| {label} | {_pm(metrics['text_R@1'])} | {_pm(metrics['image_R@1'])} | "
+            f"{_pm(metrics['text_R@1_itc_only'])} | {_pm(metrics['image_R@1_itc_only'])} |"
+        )  # fmt: skip
     return "\n".join(rows)
 
 
@@ -179,6 +200,59 @@ def caption_content_table(summary: dict) -> str:
     return "\n".join(rows)
 
 
+def _verdict(summary: dict, seeds: int) -> str:
+    """The paper's claims in miniature: Figure 5 (VQA and captions, both arms) and Table 6 (retrieval, ITG)."""
+    lines = []
+    comparisons = (
+        ("zero-shot VQA accuracy (Figure 5)", summary["stage1+2"], summary["stage2_only"], "VQA"),
+        ("CIDEr", summary["stage1+2"], summary["stage2_only"], "CIDEr"),
+        ("captions wholly right", summary["stage1+2"], summary["stage2_only"], "caption_wholly_right"),
+        ("text R@1, stage 1 with vs without ITG (Table 6)", summary["stage1+2"], summary["stage1_without_itg"],
+         "text_R@1"),
+        ("image R@1, with vs without ITG", summary["stage1+2"], summary["stage1_without_itg"], "image_R@1"),
+    )  # fmt: skip
+    for label, a, b, metric in comparisons:
+        gap, spread = a[metric][0] - b[metric][0], max(a[metric][1], b[metric][1])
+        if seeds == 1:
+            verdict = "one seed: no spread measured"
+        else:
+            beyond = abs(gap) > 2 * spread
+            verdict = f"{'beyond' if beyond else 'within'} twice the larger seed-to-seed std ({spread:.1f})"
+        lines.append(f"- {label}: {a[metric][0]:.1f} vs {b[metric][0]:.1f}, a gap of {gap:+.1f}, {verdict}")
+    return "\n".join(lines)
+
+
+def _examples_table(test: Sequence[dict], run: dict, count: int = 12) -> str:
+    rows = ["| image | truth | BLIP-2 caption | no-stage-1 caption | question | BLIP-2 answer | truth |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for index in range(min(count, len(test))):
+        record = test[index]
+        qa = record["questions"][index % len(record["questions"])]
+        answer = run["stage1+2"]["answers"][f"{index}|{qa['question']}"]
+        marks = ["" if caption_is_right(run[arm]["captions"][index], record["scene"]) else " ✗" for arm in ARMS]
+        rows.append(
+            f"| `data/test/{record['image']}` | {record['caption'][0]} | {run['stage1+2']['captions'][index]}{marks[0]} "
+            f"| {run['stage2_only']['captions'][index]}{marks[1]} | {qa['question']} | "
+            f"{answer}{'' if answer == qa['answer'] else ' ✗'} | {qa['answer']} |"
+        )
+    return "\n".join(rows)
+
+
+def _tables(results: dict, per_seed: Sequence[dict], towers: dict) -> dict[str, str]:
+    per_type_a = per_seed[0]["stage1+2"]["VQA_per_type"]
+    per_type_b = per_seed[0]["stage2_only"]["VQA_per_type"]
+    per_type = ["| question type | BLIP-2 | no stage 1 |", "|---|---:|---:|"] + [
+        f"| {name} | {per_type_a[name]:.1f} | {per_type_b.get(name, float('nan')):.1f} |"
+        for name in sorted(per_type_a)
+    ]
+    probe = ["| attribute | linear probe accuracy (%) | majority rate (%) |", "|---|---:|---:|"] + [
+        f"| {name} | {m['accuracy']:.1f} | {m['majority']:.1f} |" for name, m in towers["probe"].items()
+    ]
+    timings = [f"| {name} | {seconds:.0f} |" for name, seconds in results["timings_s"].items()]
+    timings.append(f"| **total** | **{sum(results['timings_s'].values()):.0f}** |")
+    return {"per_type": "\n".join(per_type), "probe": "\n".join(probe), "timings": "\n".join(timings)}
+
+
 def write_report(
     output: Path,
     results: dict,
@@ -188,6 +262,8 @@ def write_report(
     curves: Sequence[dict],
     towers: dict,
 ) -> None:
+    """`output/report.md` and `output/plots/*.png`. `towers`: the shipped towers' `curves`, `probe`, `llm` and
+    `build` (their `towers.json`)."""
     plots = output / "plots"
     plots.mkdir(exist_ok=True)
     test = world["test"]
@@ -197,66 +273,36 @@ def write_report(
     plot_examples(plots / "examples.png", test, test_images, per_seed[0])
     plot_cross_attention(plots / "cross_attention.png", output / "runs" / "seed0" / "stage2", processor, test_images)
     plot_results(plots / "results.png", summary)
-
+    tables = _tables(results, per_seed, towers)
     settings, seeds = results["settings"], results["seeds"]
-    a, b = summary["stage1+2"], summary["stage2_only"]
-    verdict = []
-    for metric, label in (("VQA", "zero-shot VQA accuracy"), ("CIDEr", "CIDEr")):
-        gap = a[metric][0] - b[metric][0]
-        spread = max(a[metric][1], b[metric][1])
-        verdict.append(
-            f"- {label}: {a[metric][0]:.1f} vs {b[metric][0]:.1f}, a gap of {gap:+.1f}"
-            + (
-                f" against a seed-to-seed std of at most {spread:.1f}"
-                if seeds > 1
-                else " (one seed: no spread measured)"
-            )
-        )
-    examples = ["| image | truth | BLIP-2 caption | no-stage-1 caption | question | BLIP-2 answer | truth |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-    run = per_seed[0]
-    for index in range(12):
-        record = test[index]
-        qa = record["questions"][index % len(record["questions"])]
-        answer = run["stage1+2"]["answers"][f"{index}|{qa['question']}"]
-        examples.append(
-            f"| `data/test/{record['image']}` | {record['caption'][0]} | {run['stage1+2']['captions'][index]} | "
-            f"{run['stage2_only']['captions'][index]} | {qa['question']} | "
-            f"{answer} | {qa['answer']} |"
-        )
-    per_type_a = per_seed[0]["stage1+2"]["VQA_per_type"]
-    per_type_b = per_seed[0]["stage2_only"]["VQA_per_type"]
-    per_type = ["| question type | BLIP-2 | no stage 1 |", "|---|---:|---:|"] + [
-        f"| {name} | {per_type_a[name]:.1f} | {per_type_b.get(name, float('nan')):.1f} |"
-        for name in sorted(per_type_a)
-    ]
-    probe = ["| attribute | linear probe accuracy (%) | majority rate (%) |", "|---|---:|---:|"] + [
-        f"| {name} | {m['accuracy']:.1f} | {m['majority']:.1f} |" for name, m in towers["vision"]["probe"].items()
-    ]
-    timings = "\n".join(f"| {name} | {seconds:.0f} |" for name, seconds in results["timings_s"].items())
-    total = sum(results["timings_s"].values())
+    build_minutes = towers["build"]["total_training"] / 60
     report = f"""# blip2-hf demo: a miniature BLIP-2, end to end on CPU
 
-A synthetic world of colored shapes ({settings["num_train"]} training, {settings["num_test"]} test images, 64 x 64
-px); an image encoder pretrained without language (contrastive, CLIP-style) and an OPT-style LLM pretrained on text
-alone, both then frozen; BLIP-2's two stages with the package's Trainers; evaluation with the package's metrics.
-{seeds} seed(s) of BLIP-2 training (the frozen towers are shared, as real BLIP-2 starts from fixed EVA-CLIP and OPT).
-
-## Results (test split, mean ± std over {seeds} seed(s))
+## Results (held-out test split, {settings["num_test"]} images, mean ± std over {seeds} seed(s))
 
 {results_table(results)}
 
-Both arms train stage 2 for the same {settings["stage2_steps"]} steps from the same frozen towers; the first also ran
-stage 1 ({settings["stage1_steps"]} steps of ITC + ITM + ITG) first. The paper's Figure 5 in miniature:
-
-{chr(10).join(verdict)}
-
-References for the VQA numbers (the frozen LLM alone, text only): it answers
-{towers["llm"]["with_caption"]:.1f}% of the test questions when it reads the image's ground-truth caption first (the
-ceiling for zero-shot VQA through this LLM) and {towers["llm"]["without_context"]:.1f}% from the question alone (its
-prior). The image encoder's own contrastive zero-shot retrieval on validation: R@1 image->text
-{towers["vision"]["val_i2t_r1"]:.1f}%, text->image {towers["vision"]["val_t2i_r1"]:.1f}%.
-
 ![results](plots/results.png)
+
+## Examples (held-out test images, seed 0; ✗ marks a wrong caption or answer)
+
+![examples](plots/examples.png)
+
+{_examples_table(test, per_seed[0])}
+
+## The paper's ablations in miniature
+
+Both stage-2 arms train for the same {settings["stage2_steps"]} steps from the same frozen towers; the first starts
+from stage 1 ({settings["stage1_steps"]} steps of ITC + ITM + ITG). Stage 1 without ITG trains the same steps on
+ITC + ITM alone and is scored on retrieval:
+
+{_verdict(summary, seeds)}
+
+{itg_ablation_table(summary)}
+
+The frozen LLM alone, text only: it answers {towers["llm"]["with_caption"]:.1f}% of the test questions when it reads
+the image's ground-truth caption first (the ceiling for zero-shot VQA through it) and
+{towers["llm"]["without_context"]:.1f}% from the question alone (its prior).
 
 ## What the captions say (test split, %, mean ± std over {seeds} seed(s))
 
@@ -265,25 +311,23 @@ prior). The image encoder's own contrastive zero-shot retrieval on validation: R
 CIDEr rewards the phrasing as much as the content. This table reads only the content, with the world's grammar:
 `groups`, the caption describes as many groups as the image has; `color`, the share of the image's groups the caption
 names (by their color: a scene's groups differ in color); `shape` / `count` / `size` / `side`, of the named groups,
-the share whose shape / number / size (where one is stated) / side the caption gets right.
+the share whose shape / number / size (where one is stated) / side the caption gets right. "Wholly right": every group
+named, each with all its attributes right.
 
-## What the frozen image encoder carries
+## The frozen towers
 
-BLIP-2 passes on only what the frozen image encoder saw. A logistic regression on the mean of its output tokens
-(trained on the training images, scored on the test images), per attribute, next to the majority rate (always
-answering the more frequent value): an attribute near its majority rate is out of reach of both arms.
+Built once by `blip2-hf demo --build-towers` ({build_minutes:.0f} minutes on 2 CPU cores) and shipped with the
+package (`blip2_hf/demo/towers/towers.json`: command, seed, budget, sha256 of every file), as BLIP-2 starts from
+EVA-CLIP and OPT: a ViT with a convolutional stem trained by scene tagging (no text), and an OPT-style LLM trained on
+text alone. What the image encoder carries, read by a logistic regression on the mean of its output tokens (trained
+on this world's 4,000 training images, scored on its test
+images), next to the majority rate:
 
-{chr(10).join(probe)}
+{tables["probe"]}
 
 ## Zero-shot VQA per question type (seed 0)
 
-{chr(10).join(per_type)}
-
-## Examples (held-out test images, seed 0)
-
-![examples](plots/examples.png)
-
-{chr(10).join(examples)}
+{tables["per_type"]}
 
 ## Losses
 
@@ -291,29 +335,27 @@ answering the more frequent value): an attribute near its majority rate is out o
 
 ## What the queries look at
 
-Cross-attention of the stage-2 model's queries over the 8 x 8 image patches (last cross-attention layer, mean over
-heads):
+Cross-attention of the stage-2 model's queries over the image patches (last cross-attention layer, mean over heads):
 
 ![cross-attention](plots/cross_attention.png)
 
 ## Protocol
 
 - Captioning: beam search ({settings["caption_beams"]} beams, at most 30 tokens, stop at "\\n"), no prompt; CIDEr and
-  BLEU-4 (pycocoevalcap, x100) against all {len(test[0]["caption"])}-ish reference captions of each image; "exactly
-  right": the caption is one of the references.
+  BLEU-4 (pycocoevalcap, x100) against every reference caption of each image.
 - Zero-shot VQA: prompt `{VQA_PROMPT}` (LAVIS's OPT zero-shot yaml), greedy, first line of the output; every question of
   every test image; exact match. The stage-2 data hold captions only: the model never trained on a question.
 - Retrieval (stage 1): ITC over all test pairs, ITM re-ranking of the top {settings["rerank_k"]} (LAVIS), every caption
   of every test image.
-- Checkpoints: `runs/seed*/stage1` (`Blip2ForPreTraining`), `runs/seed*/stage2` and `runs/seed*/stage2_without_stage1`
-  (`Blip2ForConditionalGeneration`), `model` and `retrieval_model` (seed 0, used by `blip2-hf caption / ask /
-  retrieve`), `pretrained/` (the frozen towers and the processor), all loadable with `from_pretrained`.
+- Checkpoints: `runs/seed*/stage1`, `runs/seed*/stage1_without_itg` (`Blip2ForPreTraining`), `runs/seed*/stage2` and
+  `runs/seed*/stage2_without_stage1` (`Blip2ForConditionalGeneration`), `model` and `retrieval_model` (seed 0, used by
+  `blip2-hf caption / ask / retrieve`), `pretrained/` (the frozen towers and the processor), all loadable with
+  `from_pretrained`.
 
-## Time (s)
+## Time (s, wall clock)
 
 | phase | seconds |
 |---|---:|
-{timings}
-| **total** | **{total:.0f}** |
+{tables["timings"]}
 """
     (output / "report.md").write_text(report)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import OPTConfig, OPTForCausalLM
+from transformers import OPTForCausalLM
 from transformers.utils import logging as hf_logging
 
 from ..configuration_blip2 import Blip2Config, Blip2VisionConfig
@@ -36,35 +36,24 @@ from ..modeling_blip2 import (
 )
 from ..processing_blip2 import Blip2HFProcessor as Blip2Processor
 from ..retrieval import encode_images, encode_texts, itc_similarity, itm_rerank, recall_at_k
-from ..testing_utils import make_bert_tokenizer, make_opt_tokenizer
 from ..trainer import Blip2Stage1Trainer, Blip2Stage2Trainer, Blip2TrainingArguments
 from . import ARMS, CAPTION_MODEL_SUBDIR, RETRIEVAL_MODEL_SUBDIR, VQA_PROMPT
-from .pretrain import pretrain_language_model, pretrain_vision_encoder, scene_documents
-from .probe import probe_image_encoder
+from .quality import first_line
 from .report import write_report
-from .world import CAPTION_ATTRIBUTES, IMAGE_SIZE, caption_content_accuracy, make_world, write_split
+from .towers import copy_towers, demo_processor
+from .world import CAPTION_ATTRIBUTES, caption_content_accuracy, caption_is_right, make_world, write_split
 
 logger = logging.getLogger("blip2_hf.demo")
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
-    """Sizes and budgets. The default fits the 10-minute budget on 2 CPU cores; `QUICK` the 2-minute one."""
+    """Sizes and budgets of BLIP-2's training on the shipped towers (`towers.py`). The default fits 8 minutes on 2
+    CPU cores; `QUICK` 90 seconds."""
 
     num_train: int = 4000
     num_validation: int = 100
     num_test: int = 200
-    # the frozen towers
-    vision_width: int = 96
-    vision_layers: int = 4
-    vision_steps: int = 250
-    vision_batch_size: int = 128
-    llm_width: int = 64
-    llm_layers: int = 3
-    llm_steps: int = 3000
-    llm_batch_size: int = 32
-    documents_per_scene: int = 4
-    # BLIP-2
     qformer_width: int = 96
     qformer_layers: int = 4
     num_query_tokens: int = 16
@@ -87,14 +76,14 @@ QUICK = DemoSettings(
     num_train=1200,
     num_validation=40,
     num_test=60,
-    vision_steps=80,
-    llm_steps=400,
-    documents_per_scene=2,
     stage1_steps=60,
     stage2_steps=60,
     batch_size=32,
     num_query_tokens=8,
 )
+
+# The paper's Table 6 ablation: stage 1 without its generative objective (ITG), scored on retrieval.
+STAGE1_ABLATION = {"stage1": ["itc", "itm", "itg"], "stage1_without_itg": ["itc", "itm"]}
 
 
 def _trainer_args(output_dir: Path, steps: int, settings: DemoSettings, seed: int) -> Blip2TrainingArguments:
@@ -125,19 +114,6 @@ def build_world(output: Path, settings: DemoSettings) -> dict[str, list[dict]]:
     return {name: write_split(scenes, output / "data" / name) for name, scenes in splits.items()}
 
 
-def build_processor(records: Sequence[dict], settings: DemoSettings) -> Blip2Processor:
-    """Tokenizers trained on the training text (the captions and the question/answer lines): the Q-Former's BERT
-    WordPiece (+ `[DEC]`) and an OPT-style byte-level BPE whose words are single tokens."""
-    corpus = [caption for record in records for caption in record["caption"]]
-    corpus += [f"Question: {qa['question']} Short answer: {qa['answer']}" for r in records for qa in r["questions"]]
-    return Blip2Processor(
-        image_processor=Blip2Processor.default_image_processor(IMAGE_SIZE),
-        tokenizer=make_opt_tokenizer(400, corpus + ["\n"]),
-        qformer_tokenizer=make_bert_tokenizer(200, corpus),
-        num_query_tokens=settings.num_query_tokens,
-    )
-
-
 def without_qformer_tokenizer(processor: Blip2Processor) -> Blip2Processor:
     """Stage 2's processor: the Q-Former reads no text there (`Blip2ForConditionalGeneration` takes no
     `qformer_input_ids`), as the Salesforce/blip2-opt processors have no Q-Former tokenizer."""
@@ -152,126 +128,17 @@ def load_images(folder: Path, records: Sequence[dict]) -> list[Image.Image]:
     return [Image.open(folder / record["image"]).convert("RGB") for record in records]
 
 
-def pretrain_towers(
-    output: Path, world: dict, processor: Blip2Processor, settings: DemoSettings, test_images: Sequence[Image.Image]
-) -> dict[str, Any]:
-    """Train and save the frozen image encoder (`pretrained/vision_encoder`) and LLM (`pretrained/language_model`);
-    returns their loss curves and quality checks. `test_images` (the test split's) score the image encoder's linear
-    probe."""
-    train, validation = world["train"], world["validation"]
-    data = output / "data"
-    pixel_values = processor(images=load_images(data / "train", train), return_tensors="pt")["pixel_values"]
-    val_pixels = processor(images=load_images(data / "validation", validation), return_tensors="pt")["pixel_values"]
-    vision_config = Blip2VisionConfig(
-        hidden_size=settings.vision_width,
-        intermediate_size=4 * settings.vision_width,
-        num_hidden_layers=settings.vision_layers,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=8,
-        initializer_range=0.02,
-    )
-    vision_curve: list[dict] = []
-    vision, vision_metrics = pretrain_vision_encoder(
-        vision_config,
-        pixel_values,
-        [record["caption"] for record in train],
-        [json.dumps(record["scene"], sort_keys=True) for record in train],
-        processor.qformer_tokenizer,
-        steps=settings.vision_steps,
-        batch_size=settings.vision_batch_size,
-        log=vision_curve.append,
-        validation=(val_pixels, [record["caption"][0] for record in validation]),
-    )
-    vision.save_pretrained(output / "pretrained" / "vision_encoder")
-    logger.warning(
-        f"image encoder: contrastive zero-shot retrieval on validation, R@1 image->text "
-        f"{vision_metrics['val_i2t_r1']:.1f}%, text->image {vision_metrics['val_t2i_r1']:.1f}%"
-    )
-    # What BLIP-2 can pass on at all: each attribute read from the frozen features by a linear probe (the report's
-    # table). An attribute the probe cannot read is out of reach of both arms of the ablation.
-    test_pixels = processor(images=list(test_images), return_tensors="pt")["pixel_values"]
-    vision_metrics["probe"] = probe_image_encoder(
-        vision, pixel_values, [r["scene"] for r in train], test_pixels, [r["scene"] for r in world["test"]]
-    )
-    logger.warning(
-        "image encoder, linear probe on test images (accuracy / majority rate, %): "
-        + ", ".join(f"{name} {m['accuracy']:.0f}/{m['majority']:.0f}" for name, m in vision_metrics["probe"].items())
-    )
-
-    tokenizer = processor.tokenizer
-    llm_config = OPTConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=settings.llm_width,
-        word_embed_proj_dim=settings.llm_width,
-        ffn_dim=4 * settings.llm_width,
-        num_hidden_layers=settings.llm_layers,
-        num_attention_heads=4,
-        max_position_embeddings=128,
-        dropout=0.0,
-        # Untied: with tied embeddings the colors' input embeddings stay nearly equal (a caption's first color is
-        # unpredictable, so the output side pushes them together) and the model did not learn to read a color from
-        # the context within the budget (18% vs 44% color answers after 1500 steps, measured).
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    documents = scene_documents(
-        [record["caption"] for record in train],
-        [record["questions"] for record in train],
-        per_scene=settings.documents_per_scene,
-    )
-    llm_curve: list[dict] = []
-    llm = pretrain_language_model(
-        llm_config, documents, tokenizer, steps=settings.llm_steps, batch_size=settings.llm_batch_size,
-        log=llm_curve.append,
-    )  # fmt: skip
-    llm.save_pretrained(output / "pretrained" / "language_model")
-    tokenizer.save_pretrained(output / "pretrained" / "language_model")
-    llm_metrics = text_only_vqa(llm, tokenizer, world["test"])
-    logger.warning(
-        f"language model, text only, on test questions: {llm_metrics['with_caption']:.1f}% reading the ground-truth "
-        f"caption first, {llm_metrics['without_context']:.1f}% from the question alone"
-    )
-    return {"vision_curve": vision_curve, "vision": vision_metrics, "llm_curve": llm_curve, "llm": llm_metrics}
-
-
-@torch.inference_mode()
-def text_only_vqa(llm: OPTForCausalLM, tokenizer: Any, test: Sequence[dict], batch_size: int = 128) -> dict:
-    """The LLM alone on the test questions: after the image's first ground-truth caption (what the image tells,
-    as text: the ceiling for zero-shot VQA through it) and from the question alone (its prior: the floor)."""
-    questions = [(record, qa) for record in test for qa in record["questions"]]
-    newline = tokenizer("\n", add_special_tokens=False).input_ids[0]
-    result = {}
-    contexts = {"with_caption": lambda r: r["caption"][0] + "\n", "without_context": lambda r: ""}
-    for name, context in contexts.items():
-        prompts = [context(record) + VQA_PROMPT.format(qa["question"]) for record, qa in questions]
-        answers = []
-        for start in range(0, len(prompts), batch_size):
-            inputs = tokenizer(
-                prompts[start : start + batch_size], padding=True, padding_side="left", return_tensors="pt"
-            )
-            ids = llm.generate(
-                **inputs, max_new_tokens=4, do_sample=False, eos_token_id=[newline, tokenizer.eos_token_id],
-                pad_token_id=tokenizer.pad_token_id,
-            )  # fmt: skip
-            answers += [_first_line(text) for text in tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1] :])]
-        references = [qa["answer"] for _, qa in questions]
-        result[name] = vqa_accuracy(answers, references, mode="gqa")["accuracy"]
-    return result
-
-
-def _first_line(text: str) -> str:
-    return text.replace("</s>", "\n").replace("<pad>", "").split("\n")[0].strip()
-
-
 # =====================================================================================================================
 # BLIP-2: stage 1, stage 2, the ablation
 # =====================================================================================================================
 
 
-def stage1_config(vision_config: Blip2VisionConfig, qformer_tokenizer: Any, settings: DemoSettings) -> Blip2Config:
+def stage1_config(
+    vision_config: Blip2VisionConfig,
+    qformer_tokenizer: Any,
+    settings: DemoSettings,
+    objectives: Sequence[str] = ("itc", "itm", "itg"),
+) -> Blip2Config:
     tokenizer = qformer_tokenizer
     return Blip2Config(
         vision_config=vision_config.to_dict(),
@@ -293,6 +160,7 @@ def stage1_config(vision_config: Blip2VisionConfig, qformer_tokenizer: Any, sett
         ),
         num_query_tokens=settings.num_query_tokens,
         image_text_hidden_size=64,
+        pretraining_objectives=list(objectives),
     )
 
 
@@ -312,13 +180,20 @@ def _train(trainer_class: type, model: Any, collator: Any, processor: Blip2Proce
 
 
 def train_stage1(
-    output_dir: Path, pretrained: Path, cache: Path, processor: Blip2Processor, settings: DemoSettings, seed: int
+    output_dir: Path,
+    pretrained: Path,
+    cache: Path,
+    processor: Blip2Processor,
+    settings: DemoSettings,
+    seed: int,
+    objectives: Sequence[str] = ("itc", "itm", "itg"),
 ) -> list[dict]:
-    """Stage 1 from a random Q-Former (there is no BERT in this world) against the frozen image encoder; saves a
-    `Blip2ForPreTraining` folder and returns the Trainer's log history."""
+    """Stage 1 from a random Q-Former (there is no BERT in this world) against the frozen image encoder, with the
+    `objectives` (all three, or an ablation); saves a `Blip2ForPreTraining` folder and returns the Trainer's log
+    history."""
     torch.manual_seed(seed)
-    vision = Blip2VisionModel.from_pretrained(pretrained / "vision_encoder")
-    model = Blip2ForPreTraining(stage1_config(vision.config, processor.qformer_tokenizer, settings))
+    vision = Blip2VisionModel.from_pretrained(pretrained / "vision_encoder", dtype=torch.float32)
+    model = Blip2ForPreTraining(stage1_config(vision.config, processor.qformer_tokenizer, settings, objectives))
     model.vision_model.load_state_dict(vision.state_dict())
     collator = Stage1Collator(processor, max_length=32)
     return _train(
@@ -332,7 +207,7 @@ def stage2_model(
     """The frozen image encoder and LLM bridged by a Q-Former: from stage 1 (`stage1_dir`), or fresh (the ablation:
     query tokens and Q-Former randomly initialized, the same towers)."""
     vision_config = Blip2VisionConfig.from_pretrained(pretrained / "vision_encoder")
-    llm = OPTForCausalLM.from_pretrained(pretrained / "language_model")
+    llm = OPTForCausalLM.from_pretrained(pretrained / "language_model", dtype=torch.float32)
     qformer_config = stage1_config(vision_config, processor.qformer_tokenizer, settings).qformer_config.to_dict()
     qformer_config["use_qformer_text_input"] = False  # stage 2 runs no text through the Q-Former (LAVIS drops it)
     qformer_config["hidden_dropout_prob"] = qformer_config["attention_probs_dropout_prob"] = settings.stage2_dropout
@@ -348,7 +223,7 @@ def stage2_model(
     if stage1_dir is not None:  # the image encoder (with stage 1's trained post_layernorm), queries, Q-Former
         model.init_from_stage1(stage1_dir)
     else:
-        model.vision_model = Blip2VisionModel.from_pretrained(pretrained / "vision_encoder")
+        model.vision_model = Blip2VisionModel.from_pretrained(pretrained / "vision_encoder", dtype=torch.float32)
     # LAVIS trains OPT to end a caption with "\n" and stops generating there
     newline = processor.tokenizer("\n", add_special_tokens=False).input_ids[0]
     model.generation_config.eos_token_id = [llm.config.eos_token_id, newline]
@@ -404,7 +279,7 @@ def generate(
         ).to(model.device)
         ids = model.generate(**inputs, **generation)
         new = ids[:, inputs["input_ids"].shape[1] :]
-        texts += [_first_line(text) for text in processor.batch_decode(new, skip_special_tokens=True)]
+        texts += [first_line(text) for text in processor.batch_decode(new, skip_special_tokens=True)]
     return texts
 
 
@@ -421,6 +296,7 @@ def evaluate_generation(
     references = [record["caption"] for record in test]
     scores = coco_caption_scores(captions, references, spice=False, meteor=False, tokenize=False)
     exact = [caption in refs for caption, refs in zip(captions, references)]
+    right = [caption_is_right(caption, record["scene"]) for caption, record in zip(captions, test)]
     content = caption_content_accuracy(captions, [record["scene"] for record in test])
 
     questions = [(index, qa) for index, record in enumerate(test) for qa in record["questions"]]
@@ -439,6 +315,7 @@ def evaluate_generation(
         "CIDEr": 100 * scores["CIDEr"],
         "BLEU-4": 100 * scores["Bleu_4"],
         "caption_exact_match": 100 * sum(exact) / len(exact),
+        "caption_wholly_right": 100 * sum(right) / len(right),
         **{f"caption_{name}": value for name, value in content.items()},
         "VQA": vqa["accuracy"],
         "VQA_per_type": vqa["per_question_type"],
@@ -490,14 +367,67 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarize(per_seed: Sequence[dict]) -> dict[str, dict[str, tuple[float, float]]]:
-    """`{arm: {metric: (mean, std)}}` over the seeds."""
+    """`{arm: {metric: (mean, std)}}` over the seeds, and `{"stage1_without_itg": {retrieval metric: ...}}`."""
     summary = {}
     for arm in ARMS:
-        metrics = ("CIDEr", "BLEU-4", "caption_exact_match", "VQA", *(f"caption_{a}" for a in CAPTION_ATTRIBUTES))
+        metrics = (
+            "CIDEr",
+            "BLEU-4",
+            "caption_exact_match",
+            "caption_wholly_right",
+            "VQA",
+            *(f"caption_{a}" for a in CAPTION_ATTRIBUTES),
+        )
         summary[arm] = {name: _mean_std([run[arm][name] for run in per_seed]) for name in metrics}
-    for name in ("text_R@1", "image_R@1"):
+    summary["stage1_without_itg"] = {}
+    for name in ("text_R@1", "image_R@1", "text_R@1_itc_only", "image_R@1_itc_only"):
         summary["stage1+2"][name] = _mean_std([run["retrieval"][name] for run in per_seed])
+        summary["stage1_without_itg"][name] = _mean_std([run["retrieval_without_itg"][name] for run in per_seed])
     return summary
+
+
+# Every entry a demo run writes into its output folder; a folder holding anything else is not the demo's to clear.
+DEMO_MARKER = ".blip2-hf-demo.json"
+DEMO_CONTENTS = {"data", "pretrained", "feature_cache", "runs", "model", "retrieval_model", "plots", "results.json",
+                 "report.md", DEMO_MARKER}  # fmt: skip
+
+
+def prepare_output(output: Path) -> None:
+    """Make `output` ready for a run: a new or empty folder is used as is; a folder a demo wrote (it holds
+    `DEMO_MARKER` and nothing the demo does not write) is cleared, saying whether its run was complete or
+    interrupted; anything else is refused with a `ValueError`, and nothing is deleted."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file, not a folder")
+    entries = sorted(output.iterdir()) if output.exists() else []
+    marker = output / DEMO_MARKER
+    if entries and not marker.is_file():
+        raise ValueError(
+            f"--output {output} is not empty and is not a blip2-hf demo folder (no {DEMO_MARKER}): refusing to write "
+            "into it. Choose a new or empty folder."
+        )
+    if entries:
+        foreign = [entry.name for entry in entries if entry.name not in DEMO_CONTENTS]
+        if foreign:
+            raise ValueError(
+                f"--output {output} holds files the demo did not write ({', '.join(foreign[:5])}): refusing to clear "
+                "it. Move them or choose another folder."
+            )
+        try:
+            state = json.loads(marker.read_text())
+        except json.JSONDecodeError:
+            state = {}
+        if state.get("status") == "complete":
+            print(f"[demo] {output} holds a complete demo run ({state.get('finished')}): replacing it", flush=True)
+        else:
+            print(
+                f"[demo] {output} holds an interrupted demo run (started {state.get('started', '?')}, never "
+                "finished): starting clean",
+                flush=True,
+            )
+        for entry in entries:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    output.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"status": "running", "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
 
 
 def run_demo(output: str | Path, seeds: int = 1, quick: bool = False) -> dict[str, Any]:
@@ -505,7 +435,7 @@ def run_demo(output: str | Path, seeds: int = 1, quick: bool = False) -> dict[st
     `output/report.md`, the plots in `output/plots/`, the checkpoints in `output/runs/seed*/` and, for the
     `caption` / `ask` / `retrieve` commands, `output/model` and `output/retrieval_model`)."""
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # the towers are built on purpose from scratch: no "newly initialized" notes
+    hf_logging.set_verbosity_error()  # the Q-Formers are built on purpose from scratch: no "newly initialized" notes
     hf_logging.disable_progress_bar()  # no "Loading weights" bar per checkpoint; the training bars stay
     try:
         return _run_demo(Path(output), seeds, QUICK if quick else DemoSettings())
@@ -515,70 +445,90 @@ def run_demo(output: str | Path, seeds: int = 1, quick: bool = False) -> dict[st
             hf_logging.enable_progress_bar()
 
 
-def _run_demo(output: Path, seeds: int, settings: DemoSettings) -> dict[str, Any]:
-    output.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
+class _Clock:
+    """Wall time per phase of the demo, in order."""
 
-    def phase(name: str) -> None:
-        nonlocal start
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    def phase(self, name: str) -> None:
         now = time.perf_counter()
-        timings[name] = now - start
-        start = now
+        self.timings[name] = now - self.start
+        self.start = now
 
+
+def run_seed(
+    output: Path, seed: int, cache: Path, processor: Blip2Processor, settings: DemoSettings, test: Sequence[dict],
+    test_images: Sequence[Image.Image], clock: _Clock,
+) -> tuple[dict[str, Any], dict[str, list[dict]]]:  # fmt: skip
+    """One BLIP-2 seed: stage 1, both stage-2 arms (paper Figure 5), stage 1 without ITG (Table 6), each evaluated.
+    Returns `(results, training logs)`."""
+    pretrained, runs = output / "pretrained", output / "runs" / f"seed{seed}"
+    stage2_processor = without_qformer_tokenizer(processor)
+    results: dict[str, Any] = {"seed": seed}
+    print(f"[demo] 4/5 seed {seed}: stage 1 (ITC + ITM + ITG), {settings.stage1_steps} steps", flush=True)
+    logs = {"stage1": train_stage1(runs / "stage1", pretrained, cache, processor, settings, seed)}
+    results["retrieval"] = evaluate_retrieval(runs / "stage1", processor, test, test_images, settings)
+    clock.phase(f"seed {seed} stage 1 + retrieval")
+    for arm, stage1_dir in (("stage1+2", runs / "stage1"), ("stage2_only", None)):
+        folder = runs / ("stage2" if arm == "stage1+2" else "stage2_without_stage1")
+        print(f"[demo]     seed {seed}: stage 2, {ARMS[arm]}, {settings.stage2_steps} steps", flush=True)
+        logs[arm] = train_stage2(folder, pretrained, cache, processor, settings, seed, stage1_dir)
+        model = Blip2ForConditionalGeneration.from_pretrained(folder)
+        results[arm] = evaluate_generation(model, stage2_processor, test, test_images, settings)
+        clock.phase(f"seed {seed} {arm} + evaluation")
+        print(
+            f"[demo]     {ARMS[arm]}: VQA {results[arm]['VQA']:.1f}%, CIDEr {results[arm]['CIDEr']:.1f}, captions "
+            f"wholly right {results[arm]['caption_wholly_right']:.1f}%",
+            flush=True,
+        )
+    print(f"[demo]     seed {seed}: stage 1 without ITG (the paper's Table 6), {settings.stage1_steps} steps")
+    without_itg = STAGE1_ABLATION["stage1_without_itg"]
+    logs["stage1_without_itg"] = train_stage1(
+        runs / "stage1_without_itg", pretrained, cache, processor, settings, seed, without_itg
+    )
+    results["retrieval_without_itg"] = evaluate_retrieval(
+        runs / "stage1_without_itg", processor, test, test_images, settings
+    )
+    clock.phase(f"seed {seed} stage 1 without ITG + retrieval")
+    for name, key in (("with ITG", "retrieval"), ("without ITG", "retrieval_without_itg")):
+        r = results[key]
+        print(f"[demo]     stage 1 {name}: retrieval R@1 text {r['text_R@1']:.1f}%, image {r['image_R@1']:.1f}%")
+    return results, logs
+
+
+def _run_demo(output: Path, seeds: int, settings: DemoSettings) -> dict[str, Any]:
+    prepare_output(output)
+    clock = _Clock()
     print(f"[demo] 1/5 synthetic world: {settings.num_train} training, {settings.num_test} test images", flush=True)
     world = build_world(output, settings)
-    processor = build_processor(world["train"], settings)
-    pretrained = output / "pretrained"
-    processor.save_pretrained(pretrained / "processor")
-    phase("world")
-
-    print("[demo] 2/5 off-the-shelf towers: a ViT (contrastive, no language model), an OPT-style LLM (text only)")
     test = world["test"]
-    test_images = load_images(output / "data" / "test", test)  # for the encoder probe and the evaluations
-    towers = pretrain_towers(output, world, processor, settings, test_images)
-    phase("unimodal pretraining")
+    test_images = load_images(output / "data" / "test", test)
+    clock.phase("world")
+
+    print("[demo] 2/5 off-the-shelf towers, frozen: a ViT (scene tagging, no text) and an OPT-style LLM (text only)")
+    pretrained = output / "pretrained"
+    manifest = copy_towers(pretrained)  # checks each file against its sha256 first
+    processor = demo_processor(pretrained, settings.num_query_tokens)
+    processor.save_pretrained(pretrained / "processor")
+    towers = {"curves": manifest["curves"], **manifest["quality"], "build": manifest["wall_time_s"]}
+    clock.phase("towers (verify, load)")
 
     print("[demo] 3/5 frozen-feature cache: the frozen image encoder runs once over the training images")
     cache = output / "feature_cache"
-    vision = Blip2VisionModel.from_pretrained(pretrained / "vision_encoder")
+    vision = Blip2VisionModel.from_pretrained(pretrained / "vision_encoder", dtype=torch.float32)
     build_feature_cache(
         vision, load_caption_json(output / "data" / "train" / "annotations.json"), processor, cache, batch_size=128,
         overwrite=True, progress=False,
     )  # fmt: skip
-    phase("feature cache")
+    clock.phase("feature cache")
 
-    stage2_processor = without_qformer_tokenizer(processor)
     per_seed, curves = [], []
     for seed in range(seeds):
-        runs = output / "runs" / f"seed{seed}"
-        print(f"[demo] 4/5 seed {seed}: stage 1 (ITC + ITM + ITG), {settings.stage1_steps} steps", flush=True)
-        stage1_log = train_stage1(runs / "stage1", pretrained, cache, processor, settings, seed)
-        phase(f"seed {seed} stage 1")
-        logs = {"stage1": stage1_log}
-        results = {"seed": seed}
-        for arm, stage1_dir in (("stage1+2", runs / "stage1"), ("stage2_only", None)):
-            folder = runs / ("stage2" if arm == "stage1+2" else "stage2_without_stage1")
-            print(f"[demo]     seed {seed}: stage 2, {ARMS[arm]}, {settings.stage2_steps} steps", flush=True)
-            logs[arm] = train_stage2(folder, pretrained, cache, processor, settings, seed, stage1_dir)
-            model = Blip2ForConditionalGeneration.from_pretrained(folder)
-            results[arm] = evaluate_generation(model, stage2_processor, test, test_images, settings)
-            phase(f"seed {seed} {arm}")
-            print(
-                f"[demo]     {ARMS[arm]}: VQA {results[arm]['VQA']:.1f}%, CIDEr {results[arm]['CIDEr']:.1f}, "
-                f"captions exactly right {results[arm]['caption_exact_match']:.1f}%",
-                flush=True,
-            )
-        results["retrieval"] = evaluate_retrieval(runs / "stage1", processor, test, test_images, settings)
-        print(
-            f"[demo]     stage-1 retrieval R@1: text {results['retrieval']['text_R@1']:.1f}%, image "
-            f"{results['retrieval']['image_R@1']:.1f}%",
-            flush=True,
-        )
-        phase(f"seed {seed} retrieval")
+        results, logs = run_seed(output, seed, cache, processor, settings, test, test_images, clock)
         per_seed.append(results)
         curves.append(logs)
-
     for subdir, source in ((CAPTION_MODEL_SUBDIR, "stage2"), (RETRIEVAL_MODEL_SUBDIR, "stage1")):
         shutil.rmtree(output / subdir, ignore_errors=True)
         shutil.copytree(output / "runs" / "seed0" / source, output / subdir)
@@ -587,7 +537,7 @@ def _run_demo(output: Path, seeds: int, settings: DemoSettings) -> dict[str, Any
     results = {
         "settings": dataclasses.asdict(settings),
         "seeds": seeds,
-        "towers": {"vision": towers["vision"], "llm": towers["llm"]},
+        "towers": {name: value for name, value in towers.items() if name != "curves"},
         "summary": {arm: {k: list(v) for k, v in metrics.items()} for arm, metrics in summary.items()},
         "per_seed": [
             {
@@ -596,13 +546,14 @@ def _run_demo(output: Path, seeds: int, settings: DemoSettings) -> dict[str, Any
             }
             for run in per_seed
         ],  # fmt: skip
-        "curves": curves,  # the Trainers' log histories, per seed: stage1, stage1+2, stage2_only
-        "timings_s": timings,
+        "curves": curves,  # the Trainers' log histories, per seed
+        "timings_s": clock.timings,
     }
-    (output / "results.json").write_text(json.dumps(results, indent=1))
     print("[demo] 5/5 plots and report", flush=True)
     write_report(output, results, world, test_images, per_seed, curves, towers)
-    phase("report")
-    results["timings_s"] = timings
+    clock.phase("report")
     (output / "results.json").write_text(json.dumps(results, indent=1))
+    (output / DEMO_MARKER).write_text(
+        json.dumps({"status": "complete", "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    )
     return results

@@ -223,6 +223,26 @@ def caption_content_accuracy(captions: Sequence[str], scenes: Sequence[Sequence[
     return {name: 100 * right[name] / total[name] if total[name] else float("nan") for name in CAPTION_ATTRIBUTES}
 
 
+def caption_is_right(caption: str, groups: Sequence[dict]) -> bool:
+    """The caption is wholly right about its image (`groups`: `record["scene"]`): it names every group and no other,
+    each with its right color, shape, count and side, and its right size where it states one."""
+    described = {match[3]: match for match in _GROUP_PHRASE.finditer(caption)}
+    if len(_GROUP_PHRASE.findall(caption)) != len(groups) or len(described) != len(groups):
+        return False
+    count_of = {"a": 1} | {word: count for count, word in COUNT_WORDS.items()}
+    for group in groups:
+        match = described.get(group["color"])
+        if match is None or (match[4], count_of[match[1]], match[5]) != (
+            group["shape"],
+            group["count"],
+            group["side"],
+        ):
+            return False
+        if match[2] is not None and match[2] != group["size"]:
+            return False
+    return True
+
+
 def write_split(scenes: list[Scene], folder: Path) -> list[dict[str, Any]]:
     """Draw the images into `folder/images/` and write `folder/annotations.json`: one record per image with its
     path (relative to `folder`), captions, questions and scene."""

@@ -1,0 +1,246 @@
+"""The demo's "off-the-shelf" unimodal towers: built once with a real budget, shipped with the package, loaded by
+`blip2-hf demo` as a user loads EVA-CLIP and OPT from the Hub.
+
+BLIP-2 starts from strong frozen models that someone else trained. Trained inside the demo (a few minutes), the image
+encoder carried colors but not shapes or sides, and no Q-Former can pass on what the encoder never saw. So the towers
+are made here, by `blip2-hf demo --build-towers DIR` (about 40 minutes on 2 CPU cores), and the files in
+`blip2_hf/demo/towers/` are that command's output:
+
+- `vision_encoder/`: a `Blip2VisionModel` (ViT with a convolutional stem) trained by scene tagging, no text;
+- `language_model/`: an `OPTForCausalLM` trained on text alone (captions, then question/answer lines), with its
+  tokenizer;
+- `qformer_tokenizer/`: the BERT-style WordPiece tokenizer (with `[DEC]`) the Q-Former reads;
+- `towers.json`: the command, seed, budget, wall times, versions, quality checks on the demo's world, and the sha256
+  of every file, which `verify_towers` checks before the demo loads anything.
+
+Both towers train on scenes drawn from their own generators (`seed`), never the demo world's images or texts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+import random
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from transformers import OPTConfig
+
+from ..configuration_blip2 import Blip2VisionConfig
+from ..processing_blip2 import Blip2HFProcessor as Blip2Processor
+from ..testing_utils import make_bert_tokenizer, make_opt_tokenizer
+from .pretrain import pretrain_image_encoder, pretrain_language_model, scene_documents
+from .quality import quality_checks
+from .world import IMAGE_SIZE, random_scene
+
+TOWERS_DIR = Path(__file__).parent / "towers"
+MANIFEST = "towers.json"
+VISION_SUBDIR, LLM_SUBDIR, QFORMER_TOKENIZER_SUBDIR = "vision_encoder", "language_model", "qformer_tokenizer"
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerBudget:
+    """Architectures and budgets of the two towers. The default is what ships (about 40 minutes on 2 CPU cores:
+    the two towers train side by side, one core each)."""
+
+    vision_scenes: int = 30000  # the image pool (drawn once; 30000 x 12 kB as bytes)
+    vision_width: int = 128
+    vision_layers: int = 4
+    conv_stem_channels: tuple[int, ...] = (32, 64, 96, 128)  # 4 stride-2 convolutions: 16 x 16 px patches
+    vision_steps: int = 3000
+    vision_batch_size: int = 128
+    vision_learning_rate: float = 2e-3
+    llm_scenes: int = 20000
+    documents_per_scene: int = 2
+    llm_width: int = 128
+    llm_layers: int = 4
+    llm_steps: int = 3000
+    llm_batch_size: int = 32
+    llm_learning_rate: float = 2e-3
+
+
+def _scene_rng(seed: int, tower: str) -> random.Random:
+    # string seeds: disjoint from the demo world's generators (integers) and from each other
+    return random.Random(f"blip2-hf towers {tower} {seed}")
+
+
+def text_corpus(seed: int, num_scenes: int = 4000) -> list[str]:
+    """Captions and question/answer lines of fresh scenes: what the tokenizers are trained on (the world's grammar
+    is closed, so a few thousand scenes name every word)."""
+    rng = _scene_rng(seed, "tokenizers")
+    scenes = [random_scene(rng) for _ in range(num_scenes)]
+    corpus = [caption for scene in scenes for caption in scene.captions()]
+    return corpus + [
+        f"Question: {qa['question']} Short answer: {qa['answer']}" for s in scenes for qa in s.questions()
+    ]
+
+
+def _normalizer(image_processor: Any) -> Any:
+    mean = torch.tensor(image_processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(image_processor.image_std).view(1, 3, 1, 1)
+    return lambda pixels: (pixels.float() / 255 - mean) / std
+
+
+def _train_vision(folder: Path, budget: TowerBudget, seed: int, threads: int) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    rng = _scene_rng(seed, "vision")
+    scenes = [random_scene(rng) for _ in range(budget.vision_scenes)]
+    pixels = torch.from_numpy(np.stack([np.asarray(scene.draw()) for scene in scenes])).permute(0, 3, 1, 2)
+    config = Blip2VisionConfig(
+        hidden_size=budget.vision_width,
+        intermediate_size=4 * budget.vision_width,
+        num_hidden_layers=budget.vision_layers,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=2 ** len(budget.conv_stem_channels),
+        conv_stem_channels=list(budget.conv_stem_channels),
+        initializer_range=0.02,
+    )
+    curve: list[dict] = []
+    vision = pretrain_image_encoder(
+        config,
+        pixels,
+        [[dataclasses.asdict(group) for group in scene.groups] for scene in scenes],
+        _normalizer(Blip2Processor.default_image_processor(IMAGE_SIZE)),
+        steps=budget.vision_steps,
+        batch_size=budget.vision_batch_size,
+        learning_rate=budget.vision_learning_rate,
+        seed=seed,
+        log=curve.append,
+    )
+    vision.save_pretrained(folder / VISION_SUBDIR)
+    return {"curve": curve, "seconds": time.perf_counter() - start}
+
+
+def _train_language_model(folder: Path, budget: TowerBudget, seed: int, threads: int) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    tokenizer = make_opt_tokenizer(400, text_corpus(seed) + ["\n"])
+    rng = _scene_rng(seed, "language")
+    scenes = [random_scene(rng) for _ in range(budget.llm_scenes)]
+    documents = scene_documents(
+        [scene.captions() for scene in scenes], [scene.questions() for scene in scenes],
+        per_scene=budget.documents_per_scene, seed=seed,
+    )  # fmt: skip
+    config = OPTConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=budget.llm_width,
+        word_embed_proj_dim=budget.llm_width,
+        ffn_dim=4 * budget.llm_width,
+        num_hidden_layers=budget.llm_layers,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        dropout=0.0,
+        # Untied: with tied embeddings the colors' input embeddings stayed nearly equal (a caption's first color is
+        # unpredictable, so the output side pushes them together) and the model read colors from its context late.
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    curve: list[dict] = []
+    llm = pretrain_language_model(
+        config, documents, tokenizer, steps=budget.llm_steps, batch_size=budget.llm_batch_size,
+        learning_rate=budget.llm_learning_rate, seed=seed, log=curve.append,
+    )  # fmt: skip
+    llm.save_pretrained(folder / LLM_SUBDIR)
+    tokenizer.save_pretrained(folder / LLM_SUBDIR)
+    return {"curve": curve, "seconds": time.perf_counter() - start}
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """`{relative path: sha256}` of every file under `folder` but the manifest."""
+    return {
+        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+
+
+def build_towers(output: str | Path, budget: TowerBudget = TowerBudget(), seed: int = 0) -> dict[str, Any]:
+    """Train both towers side by side (one process and one core each), save them with the Q-Former tokenizer into
+    `output`, score them on the demo's world (`quality_checks`) and write `output/towers.json`. Returns the manifest."""
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise FileExistsError(f"{output} is not empty: the towers are built into a new folder")
+    output.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    make_bert_tokenizer(200, text_corpus(seed)).save_pretrained(output / QFORMER_TOKENIZER_SUBDIR)
+    with ProcessPoolExecutor(2) as pool:  # two single-threaded trainings beat one after the other on 2 threads
+        vision = pool.submit(_train_vision, output, budget, seed, 1)
+        language = pool.submit(_train_language_model, output, budget, seed, 1)
+        vision_run, language_run = vision.result(), language.result()
+    training_seconds = time.perf_counter() - start
+    manifest = {
+        "command": f"blip2-hf demo --build-towers {output.name}",
+        "seed": seed,
+        "budget": dataclasses.asdict(budget),
+        "wall_time_s": {
+            "total_training": round(training_seconds, 1),
+            "vision_encoder": round(vision_run["seconds"], 1),
+            "language_model": round(language_run["seconds"], 1),
+        },
+        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__},
+        "quality": quality_checks(output),
+        "curves": {"vision_encoder": vision_run["curve"], "language_model": language_run["curve"]},
+        "files": file_hashes(output),
+    }  # fmt: skip
+    (output / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+class TowersError(ValueError):
+    """The shipped towers are missing, altered or incomplete."""
+
+
+def verify_towers(folder: str | Path = TOWERS_DIR) -> dict[str, Any]:
+    """Check every file `folder/towers.json` lists against its sha256 (and that no weight file is unlisted); return
+    the manifest. Raises `TowersError` naming the first missing or altered file."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise TowersError(
+            f"{manifest_path} is missing: not a towers folder (build one with blip2-hf demo --build-towers)"
+        )
+    manifest = json.loads(manifest_path.read_text())
+    actual = file_hashes(folder)
+    for name, expected in manifest["files"].items():
+        if name not in actual:
+            raise TowersError(f"{folder / name} is missing (listed in {manifest_path})")
+        if actual[name] != expected:
+            raise TowersError(
+                f"{folder / name} does not match its sha256 in {manifest_path}: {actual[name]} != {expected}"
+            )
+    unlisted = sorted(name for name in actual if name not in manifest["files"] and name.endswith(".safetensors"))
+    if unlisted:
+        raise TowersError(f"{folder}: weights not listed in {MANIFEST}: {unlisted}")
+    return manifest
+
+
+def copy_towers(destination: Path, folder: str | Path = TOWERS_DIR) -> dict[str, Any]:
+    """Verify the towers in `folder` and copy them to `destination` (the demo's `pretrained/`). Returns the manifest."""
+    manifest = verify_towers(folder)
+    shutil.rmtree(destination, ignore_errors=True)
+    shutil.copytree(folder, destination)
+    return manifest
+
+
+def demo_processor(towers: Path, num_query_tokens: int) -> Blip2Processor:
+    """The stage-1 processor on the shipped tokenizers: 64 x 64 images, the LLM's BPE, the Q-Former's WordPiece."""
+    return Blip2Processor(
+        image_processor=Blip2Processor.default_image_processor(IMAGE_SIZE),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(towers / LLM_SUBDIR),
+        qformer_tokenizer=transformers.AutoTokenizer.from_pretrained(towers / QFORMER_TOKENIZER_SUBDIR),
+        num_query_tokens=num_query_tokens,
+    )
