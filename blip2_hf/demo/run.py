@@ -138,16 +138,6 @@ def build_processor(records: Sequence[dict], settings: DemoSettings) -> Blip2Pro
     )
 
 
-def without_qformer_tokenizer(processor: Blip2Processor) -> Blip2Processor:
-    """Stage 2's processor: the Q-Former reads no text there (`Blip2ForConditionalGeneration` takes no
-    `qformer_input_ids`), as the Salesforce/blip2-opt processors have no Q-Former tokenizer."""
-    return Blip2Processor(
-        image_processor=processor.image_processor,
-        tokenizer=processor.tokenizer,
-        num_query_tokens=processor.num_query_tokens,
-    )
-
-
 def load_images(folder: Path, records: Sequence[dict]) -> list[Image.Image]:
     return [Image.open(folder / record["image"]).convert("RGB") for record in records]
 
@@ -371,7 +361,7 @@ def train_stage2(
     `Blip2ForConditionalGeneration` folder with its processor and returns the Trainer's log history."""
     torch.manual_seed(seed)
     model = stage2_model(pretrained, processor, settings, stage1_dir)
-    processor = without_qformer_tokenizer(processor)
+    processor = processor.without_qformer_tokenizer()
     collator = Stage2Collator(processor, max_length=32)
     return _train(
         Blip2Stage2Trainer, model, collator, processor, output_dir, settings.stage2_steps, cache, settings, seed
@@ -548,7 +538,7 @@ def _run_demo(output: Path, seeds: int, settings: DemoSettings) -> dict[str, Any
     )  # fmt: skip
     phase("feature cache")
 
-    stage2_processor = without_qformer_tokenizer(processor)
+    stage2_processor = processor.without_qformer_tokenizer()
     per_seed, curves = [], []
     for seed in range(seeds):
         runs = output / "runs" / f"seed{seed}"
