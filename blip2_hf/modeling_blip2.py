@@ -1731,9 +1731,12 @@ class Blip2ForPreTraining(Blip2Stage1FeaturesMixin, Blip2PreTrainedModel):
         """A stage-1 model whose Q-Former starts from a BERT masked-LM checkpoint, as the paper does (LAVIS
         `init_Qformer` + `Blip2Qformer.__init__`): embeddings, self-attention, the text FFN (copied into the query FFN
         too), the LM head (tied decoder, bias); cross-attention layers, queries and heads keep their random init.
-        `[DEC]` is an extra row: `config.qformer_config.vocab_size` may exceed BERT's vocabulary by the tokens added
-        to its tokenizer (their embedding rows and LM-head biases start at BERT's init / zero). The vision encoder is
-        not touched (load it separately, e.g. with `convert_lavis`)."""
+        Only weights: no tokenizer is touched. `[DEC]` is added to BERT's *tokenizer* by
+        `Blip2Processor.qformer_tokenizer_from_bert` (LAVIS's `init_tokenizer`); here it is an extra *row*:
+        `config.qformer_config.vocab_size` may exceed BERT's vocabulary by the tokens added to its tokenizer (30523
+        for bert-base-uncased + `[DEC]`; their embedding rows keep the random init, their LM-head biases start at
+        zero), and `config.qformer_config.bos_token_id` must be `[DEC]`'s id. The vision encoder is not touched
+        (load it separately, e.g. with `convert_lavis` or training/stage1.py's `vision_model_name_or_path`)."""
         from transformers import BertForMaskedLM
 
         bert = bert_model_or_path
