@@ -992,6 +992,25 @@ class Blip2Model(Blip2PreTrainedModel):
         )
         return report
 
+    def _ignore_qformer_text(self, qformer_input_ids: torch.LongTensor | None) -> None:
+        """Accept (and ignore) the Q-Former ids of a processor that has a Q-Former tokenizer, such as a stage-1
+        processor saved beside a stage-2 model by older versions of `training/stage2.py`: this model's Q-Former reads
+        only its queries. Only when the config says so (`use_qformer_text_input=False`); a config that promises text
+        input the model never reads is an error rather than a silent drop."""
+        if qformer_input_ids is None:
+            return
+        if self.config.qformer_config.use_qformer_text_input:
+            raise ValueError(
+                f"Got qformer_input_ids, but {type(self).__name__} feeds only the query tokens to the Q-Former (BLIP-2 "
+                "stage 2), although its config says qformer_config.use_qformer_text_input=True. Build the inputs "
+                "with `processor.without_qformer_tokenizer()`, or set use_qformer_text_input=False in the config."
+            )
+        logger.warning_once(
+            "Ignoring qformer_input_ids / qformer_attention_mask: this model's Q-Former reads no text "
+            "(qformer_config.use_qformer_text_input=False). Re-save its processor with "
+            "`processor.without_qformer_tokenizer().save_pretrained(folder)` to stop producing them."
+        )
+
     def get_qformer_features(
         self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs
     ) -> torch.Tensor:
@@ -1094,6 +1113,8 @@ class Blip2Model(Blip2PreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         image_embeds: torch.Tensor | None = None,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.LongTensor | None = None,
         **kwargs,
     ) -> Blip2ForConditionalGenerationModelOutput | tuple:
         """
@@ -1106,9 +1127,12 @@ class Blip2Model(Blip2PreTrainedModel):
             labels: decoder-only: `[B, L]` aligned with `input_ids` (or its last `labels.shape[1]` positions), -100
                 where no loss is wanted (image tokens, prompt, padding); shifted inside. Encoder-decoder: the target
                 ids, as T5 takes them.
+            qformer_input_ids / qformer_attention_mask: accepted from a processor with a Q-Former tokenizer and
+                ignored, when the config says the Q-Former takes no text (see `_ignore_qformer_text`).
         Returns:
             `loss`, `logits [B, L, V]` and the three towers' outputs.
         """
+        self._ignore_qformer_text(qformer_input_ids)
         record = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         image_features = self.get_image_features(
             pixel_values, interpolate_pos_encoding, image_embeds=image_embeds, **record
@@ -1191,6 +1215,8 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
         image_embeds: torch.Tensor | None = None,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.LongTensor | None = None,
         **generate_kwargs,
     ) -> torch.LongTensor:
         """
@@ -1200,9 +1226,12 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
                 captioning from the image alone.
             generate_kwargs: any `GenerationConfig` field or `generate` argument (`max_new_tokens`, `num_beams`,
                 `generation_config`, ...).
+            qformer_input_ids / qformer_attention_mask: accepted from a processor with a Q-Former tokenizer and
+                ignored, when the config says the Q-Former takes no text (see `_ignore_qformer_text`).
         Returns:
             `[B * num_return_sequences, L_out]` token ids (see the class docstring for what they contain).
         """
+        self._ignore_qformer_text(qformer_input_ids)
         if hasattr(self, "hf_device_map") and hasattr(self.language_model, "_hf_hook"):
             self.language_model._hf_hook.io_same_device = True  # outputs come back to the input device
         language_model_inputs = self.get_image_features(
@@ -1230,40 +1259,71 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class Blip2ForImageTextRetrieval(Blip2PreTrainedModel):
-    """Image-text similarity from the stage-1 Q-Former.
+FeatureMode = Literal["image", "text", "multimodal"]
+FEATURE_MODES = ("image", "text", "multimodal")
 
-    - ITC (`use_image_text_matching_head=False`): cosine between each normalized query projection and the normalized
-      text `[CLS]` projection, max over the queries: `logits_per_image [B_img, B_txt]` (LAVIS's evaluation score).
-      Divided by the learnable `temp` (kept here; transformers' port drops it) they are the training logits.
-    - ITM (`True`): one bidirectional pass over `[queries; text]` per pair, `itm_head` on the query outputs averaged
-      over the queries: `logits_per_image [B, 2]` (no match, match).
-    `input_ids` are Q-Former (BERT) tokens; image placeholder tokens from a processor, if any, are removed.
+
+@dataclass
+class Blip2FeaturesOutput(ModelOutput):
+    """
+    What `extract_features` returns, named as LAVIS's `BlipOutputFeatures` (D: Q-Former width, E:
+    `image_text_hidden_size`, 256 for BLIP-2); only the fields of the mode asked for are set.
+
+    image_embeds: `[B, Q, D]` query outputs of the image-only pass (mode "image").
+    image_embeds_proj: `[B, Q, E]` their ITC projections, L2-normalized (mode "image").
+    text_embeds: `[B, T, D]` Q-Former outputs of the text-only pass (mode "text").
+    text_embeds_proj: `[B, E]` the `[CLS]` position's ITC projection, L2-normalized (mode "text"; LAVIS returns every
+        position's, `[B, T, E]`, of which only `[:, 0]` is used).
+    multimodal_embeds: `[B, Q, D]` the query outputs of the ITM pass, queries and text attending to each other, image
+        `i` with text `i` (mode "multimodal"); `itm_head(multimodal_embeds).mean(1)` are the ITM logits.
     """
 
-    def __init__(self, config: Blip2Config):
-        super().__init__(config)
-        if not config.qformer_config.use_qformer_text_input:
-            raise ValueError(
-                "Blip2ForImageTextRetrieval runs text through the Q-Former: set "
-                "qformer_config.use_qformer_text_input=True."
-            )
-        qformer_width = config.qformer_config.hidden_size
-        self.vision_model = Blip2VisionModel._from_config(config.vision_config)
-        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_width))
-        self.embeddings = Blip2TextEmbeddings(config.qformer_config)
-        self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
-        self.vision_projection = nn.Linear(qformer_width, config.image_text_hidden_size)
-        self.text_projection = nn.Linear(qformer_width, config.image_text_hidden_size)
-        self.itm_head = nn.Linear(qformer_width, 2)
-        self.temp = nn.Parameter(torch.tensor(config.initial_temperature))
-        self.post_init()
+    image_embeds: torch.FloatTensor | None = None
+    image_embeds_proj: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    text_embeds_proj: torch.FloatTensor | None = None
+    multimodal_embeds: torch.FloatTensor | None = None
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embeddings.word_embeddings
+    def similarity(self, other: Blip2FeaturesOutput | None = None) -> torch.Tensor:
+        """ITC similarity `[B_img, B_txt]`: for each image and text, the largest cosine between one of the image's
+        query projections and the text's `[CLS]` projection, without temperature (LAVIS's evaluation score and
+        `Blip2ForImageTextRetrieval`'s `logits_per_image`). The image side comes from whichever of `self` and `other`
+        has `image_embeds_proj`, the text side from whichever has `text_embeds_proj`:
+        `image_features.similarity(text_features)`."""
+        sides = (self,) if other is None else (self, other)
+        image = next((side.image_embeds_proj for side in sides if side.image_embeds_proj is not None), None)
+        text = next((side.text_embeds_proj for side in sides if side.text_embeds_proj is not None), None)
+        if image is None or text is None:
+            missing = "image (mode='image')" if image is None else "text (mode='text')"
+            raise ValueError(f"similarity needs image and text projections; no {missing} features were given.")
+        # [B_img, Q, E] x [E, B_txt] -> [B_img, Q, B_txt] -> max over the queries
+        return torch.matmul(image, text.to(image.device).t()).max(dim=1).values
 
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.embeddings.word_embeddings = value
+
+class Blip2Stage1FeaturesMixin:
+    """The stage-1 heads' features, shared by `Blip2ForImageTextRetrieval` and `Blip2ForPreTraining` (both have
+    `vision_model`, `query_tokens`, text `embeddings`, `qformer`, `vision_projection`, `text_projection` and
+    `itm_head`): ITC image and text features, ITM logits, and LAVIS's `extract_features`.
+
+    Text is Q-Former (BERT) tokens, given either as a processor's `qformer_input_ids` / `qformer_attention_mask`
+    (its `input_ids` are then the language model's, and are not read) or as `input_ids` / `attention_mask` (image
+    placeholder tokens in front, if any, are removed).
+    """
+
+    def _qformer_text(
+        self,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.LongTensor | None, torch.Tensor | None]:
+        """The Q-Former's `(ids [B, T], mask [B, T])`: the `qformer_*` pair when given, else `input_ids` /
+        `attention_mask` without image placeholders; `(None, None)` without text."""
+        if qformer_input_ids is not None:
+            return qformer_input_ids, qformer_attention_mask
+        if input_ids is None:
+            return None, None
+        return self._strip_image_tokens(input_ids, attention_mask)
 
     def _strip_image_tokens(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None
@@ -1293,12 +1353,27 @@ class Blip2ForImageTextRetrieval(Blip2PreTrainedModel):
         return nn.functional.normalize(self.vision_projection(query_output), dim=-1), image_embeds
 
     def get_text_features(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The normalized `[CLS]` projection `[B, E]` of Q-Former text (unimodal: text sees only text)."""
-        input_ids, attention_mask = self._strip_image_tokens(input_ids, attention_mask)
-        text_output = self.qformer(text_embeds=self.embeddings(input_ids), attention_mask=attention_mask)
-        return nn.functional.normalize(self.text_projection(text_output.last_hidden_state[:, 0]), dim=-1)
+        input_ids, attention_mask = self._qformer_text(
+            input_ids, attention_mask, qformer_input_ids, qformer_attention_mask
+        )
+        if input_ids is None:
+            raise ValueError("get_text_features needs Q-Former text: pass input_ids (or qformer_input_ids).")
+        return self._text_feature(input_ids, attention_mask)
+
+    def _text_feature(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Q-Former ids `[B, T]` (no placeholders) -> the normalized `[CLS]` projection `[B, E]`."""
+        return nn.functional.normalize(self.text_projection(self._text_pass(input_ids, attention_mask)[:, 0]), dim=-1)
+
+    def _text_pass(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Q-Former ids `[B, T]` (no placeholders) -> the text-only pass's outputs `[B, T, D]`."""
+        return self.qformer(text_embeds=self.embeddings(input_ids), attention_mask=attention_mask).last_hidden_state
 
     def image_text_matching(
         self,
@@ -1308,6 +1383,12 @@ class Blip2ForImageTextRetrieval(Blip2PreTrainedModel):
     ) -> tuple[torch.Tensor, Blip2QFormerModelOutput]:
         """ITM logits `[B, 2]` for pairs (image_embeds[i], text[i]), from image embeddings `[B, 1 + P, Dv]`."""
         input_ids, attention_mask = self._strip_image_tokens(input_ids, attention_mask)
+        return self._matching_pass(image_embeds, input_ids, attention_mask)
+
+    def _matching_pass(
+        self, image_embeds: torch.Tensor, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, Blip2QFormerModelOutput]:
+        """The ITM pass over Q-Former ids without placeholders: `(logits [B, 2], joint output [B, Q + T, D])`."""
         query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         joint_output = self.qformer(
             query_embeds=query_tokens,
@@ -1319,19 +1400,131 @@ class Blip2ForImageTextRetrieval(Blip2PreTrainedModel):
         query_part = joint_output.last_hidden_state[:, : query_tokens.shape[1]]
         return self.itm_head(query_part).mean(dim=1), joint_output
 
+    @torch.no_grad()
+    def extract_features(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        mode: FeatureMode = "multimodal",
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> Blip2FeaturesOutput:
+        """
+        LAVIS's `Blip2Qformer.extract_features`, without gradients as there. A processor's output can be passed as
+        is: `model.extract_features(**processor(images=..., text=..., return_tensors="pt"), mode="text")`.
+
+        Args:
+            pixel_values: `[B, 3, H, W]` images (modes "image" and "multimodal"), or
+            image_embeds: `[B, 1 + P, Dv]` the frozen encoder's output (`encode_image_frozen`), e.g. from a cache.
+            input_ids / attention_mask: `[B, T]` Q-Former tokens (modes "text" and "multimodal"), or
+            qformer_input_ids / qformer_attention_mask: the same from a processor (its `input_ids` are then unused).
+            mode: "image" (query outputs and their projections), "text" (text outputs and the `[CLS]` projection) or
+                "multimodal" (the ITM pass's query outputs, image `i` with text `i`). Inputs the mode does not use
+                are ignored.
+        Returns:
+            `Blip2FeaturesOutput` with the mode's fields (shapes there); `.similarity(...)` gives ITC scores.
+        """
+        if mode not in FEATURE_MODES:
+            raise ValueError(f"mode must be one of {FEATURE_MODES}, got {mode!r}.")
+        input_ids, attention_mask = self._qformer_text(
+            input_ids, attention_mask, qformer_input_ids, qformer_attention_mask
+        )
+        if mode != "text" and pixel_values is None and image_embeds is None:
+            raise ValueError(f"mode={mode!r} needs images: pass pixel_values (or image_embeds).")
+        if mode != "image" and input_ids is None:
+            raise ValueError(f"mode={mode!r} needs text: pass input_ids (Q-Former tokens) or qformer_input_ids.")
+        if mode == "text":
+            text_embeds = self._text_pass(input_ids, attention_mask)
+            text_proj = nn.functional.normalize(self.text_projection(text_embeds[:, 0]), dim=-1)
+            return Blip2FeaturesOutput(text_embeds=text_embeds, text_embeds_proj=text_proj)
+
+        if image_embeds is not None:
+            image_embeds = self._image_embeds(pixel_values, image_embeds)  # post_layernorm; both given: an error
+        else:
+            image_embeds = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)[0]
+        if mode == "image":
+            query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+            queries = self.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds).last_hidden_state
+            image_proj = nn.functional.normalize(self.vision_projection(queries), dim=-1)
+            return Blip2FeaturesOutput(image_embeds=queries, image_embeds_proj=image_proj)
+        if image_embeds.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"mode='multimodal' pairs image i with text i: got {image_embeds.shape[0]} images and "
+                f"{input_ids.shape[0]} texts."
+            )
+        _, joint_output = self._matching_pass(image_embeds, input_ids, attention_mask)
+        return Blip2FeaturesOutput(multimodal_embeds=joint_output.last_hidden_state[:, : self.config.num_query_tokens])
+
+
+class Blip2ForImageTextRetrieval(Blip2Stage1FeaturesMixin, Blip2PreTrainedModel):
+    """Image-text similarity from the stage-1 Q-Former.
+
+    - ITC (`use_image_text_matching_head=False`): cosine between each normalized query projection and the normalized
+      text `[CLS]` projection, max over the queries: `logits_per_image [B_img, B_txt]` (LAVIS's evaluation score).
+      Divided by the learnable `temp` (kept here; transformers' port drops it) they are the training logits.
+    - ITM (`True`): one bidirectional pass over `[queries; text]` per pair, `itm_head` on the query outputs averaged
+      over the queries: `logits_per_image [B, 2]` (no match, match).
+    `input_ids` are Q-Former (BERT) tokens; image placeholder tokens from a processor, if any, are removed. A
+    processor's output goes in as is (its `qformer_input_ids` are the Q-Former's text). `extract_features` gives
+    LAVIS's unimodal and multimodal features (`Blip2Stage1FeaturesMixin`).
+    """
+
+    def __init__(self, config: Blip2Config):
+        super().__init__(config)
+        if not config.qformer_config.use_qformer_text_input:
+            raise ValueError(
+                "Blip2ForImageTextRetrieval runs text through the Q-Former: set "
+                "qformer_config.use_qformer_text_input=True."
+            )
+        qformer_width = config.qformer_config.hidden_size
+        self.vision_model = Blip2VisionModel._from_config(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_width))
+        self.embeddings = Blip2TextEmbeddings(config.qformer_config)
+        self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
+        self.vision_projection = nn.Linear(qformer_width, config.image_text_hidden_size)
+        self.text_projection = nn.Linear(qformer_width, config.image_text_hidden_size)
+        self.itm_head = nn.Linear(qformer_width, 2)
+        self.temp = nn.Parameter(torch.tensor(config.initial_temperature))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.embeddings.word_embeddings = value
+
     def forward(
         self,
         pixel_values: torch.Tensor,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.LongTensor | None = None,
         use_image_text_matching_head: bool = False,
         interpolate_pos_encoding: bool = False,
         return_dict: bool | None = None,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.LongTensor | None = None,
         **kwargs,
     ) -> Blip2ImageTextMatchingModelOutput | tuple:
+        """
+        Args:
+            pixel_values: `[B_img, 3, H, W]`.
+            input_ids / attention_mask: `[B_txt, T]` Q-Former (BERT) tokens, or
+            qformer_input_ids / qformer_attention_mask: the same from a processor, so `model(**processor(images=...,
+                text=..., return_tensors="pt"))` works (the processor's `input_ids` are the language model's and are
+                then not read).
+            use_image_text_matching_head: ITM on pairs (`B_img == B_txt`) instead of ITC on all pairs.
+        """
+        input_ids, attention_mask = self._qformer_text(
+            input_ids, attention_mask, qformer_input_ids, qformer_attention_mask
+        )
+        if input_ids is None:
+            raise ValueError("Blip2ForImageTextRetrieval scores text: pass input_ids (or qformer_input_ids).")
         if use_image_text_matching_head:
             vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-            logits_per_image, joint_output = self.image_text_matching(
+            logits_per_image, joint_output = self._matching_pass(
                 vision_outputs.last_hidden_state, input_ids, attention_mask
             )
             output = Blip2ImageTextMatchingModelOutput(
@@ -1344,7 +1537,7 @@ class Blip2ForImageTextRetrieval(Blip2PreTrainedModel):
             )
         else:
             image_feats, _ = self.get_image_features(pixel_values, interpolate_pos_encoding)
-            text_feat = self.get_text_features(input_ids, attention_mask)
+            text_feat = self._text_feature(input_ids, attention_mask)
             # [B_img, Q, E] x [E, B_txt] -> [B_img, Q, B_txt] -> max over the queries
             logits_per_image = torch.matmul(image_feats, text_feat.t()).max(dim=1).values
             output = Blip2ImageTextMatchingModelOutput(
@@ -1506,7 +1699,7 @@ class Blip2ForPreTrainingOutput(ModelOutput):
     logits_itg: torch.FloatTensor | None = None
 
 
-class Blip2ForPreTraining(Blip2PreTrainedModel):
+class Blip2ForPreTraining(Blip2Stage1FeaturesMixin, Blip2PreTrainedModel):
     """Stage 1 of BLIP-2: the Q-Former learns, against a frozen image encoder, to extract the visual features text
     needs, with three objectives on one batch of image-text pairs (LAVIS `Blip2Qformer.forward`):
 
@@ -1521,7 +1714,9 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
       after `[DEC]` is predicted, label smoothing 0.1.
 
     The vision encoder (patch embedding and blocks) is frozen: no gradients, always in eval mode, run without autograd.
-    Its `post_layernorm` (LAVIS's `ln_vision`) is trained, as LAVIS does.
+    Its `post_layernorm` (LAVIS's `ln_vision`) is trained, as LAVIS does. `extract_features`, `get_image_features`,
+    `get_text_features` and `image_text_matching` are those of `Blip2ForImageTextRetrieval`
+    (`Blip2Stage1FeaturesMixin`).
 
     Deviations from LAVIS, each exact or documented: gathers across processes are differentiable on both sides (exact
     gradients of the global-batch loss; LAVIS drops the gradient through the other processes' features); negatives are
@@ -1563,9 +1758,12 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
         """A stage-1 model whose Q-Former starts from a BERT masked-LM checkpoint, as the paper does (LAVIS
         `init_Qformer` + `Blip2Qformer.__init__`): embeddings, self-attention, the text FFN (copied into the query FFN
         too), the LM head (tied decoder, bias); cross-attention layers, queries and heads keep their random init.
-        `[DEC]` is an extra row: `config.qformer_config.vocab_size` may exceed BERT's vocabulary by the tokens added
-        to its tokenizer (their embedding rows and LM-head biases start at BERT's init / zero). The vision encoder is
-        not touched (load it separately, e.g. with `convert_lavis`)."""
+        Only weights: no tokenizer is touched. `[DEC]` is added to BERT's *tokenizer* by
+        `Blip2Processor.qformer_tokenizer_from_bert` (LAVIS's `init_tokenizer`); here it is an extra *row*:
+        `config.qformer_config.vocab_size` may exceed BERT's vocabulary by the tokens added to its tokenizer (30523
+        for bert-base-uncased + `[DEC]`; their embedding rows keep the random init, their LM-head biases start at
+        zero), and `config.qformer_config.bos_token_id` must be `[DEC]`'s id. The vision encoder is not touched
+        (load it separately, e.g. with `convert_lavis` or training/stage1.py's `vision_model_name_or_path`)."""
         from transformers import BertForMaskedLM
 
         bert = bert_model_or_path
@@ -1639,6 +1837,8 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
         attention_mask: torch.LongTensor | None = None,
         image_embeds: torch.Tensor | None = None,
         return_dict: bool | None = None,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.LongTensor | None = None,
         **kwargs,
     ) -> Blip2ForPreTrainingOutput | tuple:
         """
@@ -1647,10 +1847,15 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
             image_embeds: `[B, 1 + P, Dv]` the frozen encoder's output (`encode_image_frozen`), e.g. from a cache.
             input_ids: `[B, T]` Q-Former (BERT) tokens starting with `[CLS]`, as LAVIS tokenizes captions.
             attention_mask: `[B, T]`, 1 for real tokens.
+            qformer_input_ids / qformer_attention_mask: the same from a processor, so `model(**processor(images=...,
+                text=..., return_tensors="pt"))` works (the processor's `input_ids` are the language model's and are
+                then not read).
         Returns:
             `Blip2ForPreTrainingOutput` with the three losses (mean over the local batch, computed against the global
             batch when a process group is initialized) and their logits.
         """
+        if qformer_input_ids is not None:
+            input_ids, attention_mask = qformer_input_ids, qformer_attention_mask
         if input_ids is None:
             raise ValueError("Stage 1 trains on image-text pairs: pass input_ids (and attention_mask).")
         if attention_mask is None:
@@ -1878,6 +2083,7 @@ class Blip2ForPreTraining(Blip2PreTrainedModel):
 
 
 __all__ = [
+    "Blip2FeaturesOutput",
     "Blip2PreTrainedModel",
     "Blip2VisionModel",
     "Blip2QFormerModel",

@@ -161,6 +161,41 @@ class Blip2HFProcessor(ProcessorMixin):
             sub_processors["qformer_tokenizer"] = qformer_tokenizer
         super().__init__(**sub_processors, chat_template=chat_template)
 
+    def without_qformer_tokenizer(self) -> Blip2HFProcessor:
+        """
+        This processor without its Q-Former tokenizer: what a model whose Q-Former reads no text consumes (stage 2,
+        `Blip2ForConditionalGeneration` with `qformer_config.use_qformer_text_input=False`, like the Salesforce/blip2-*
+        processors). It shares this processor's image processor and language-model tokenizer (not copies) and keeps
+        `num_query_tokens` and the chat template; calling it returns no `qformer_input_ids` / `qformer_attention_mask`.
+        """
+        return type(self)(
+            image_processor=self.image_processor,
+            tokenizer=self.tokenizer,
+            num_query_tokens=self.num_query_tokens,
+            chat_template=self.chat_template,
+        )
+
+    @staticmethod
+    def qformer_tokenizer_from_bert(
+        bert_name_or_path: str | os.PathLike, decoder_token: str = "[DEC]", **kwargs: Any
+    ) -> PreTrainedTokenizerBase:
+        """
+        The Q-Former tokenizer of stage 1, as LAVIS's `Blip2Base.init_tokenizer` builds it: BERT's tokenizer (e.g.
+        `bert-base-uncased`) with `decoder_token` added as its BOS token (`[DEC]`, id 30522 for bert-base-uncased, so
+        the Q-Former vocabulary is 30523). `[DEC]` replaces `[CLS]` to start image-grounded text generation; set
+        `qformer_config.bos_token_id` to `tokenizer.bos_token_id` and `eos_token_id` to `tokenizer.sep_token_id`.
+        Padding is on the right (`[CLS]` first). `kwargs` go to `AutoTokenizer.from_pretrained`.
+        """
+        tokenizer = AutoTokenizer.from_pretrained(bert_name_or_path, **kwargs)
+        if tokenizer.bos_token is not None and tokenizer.bos_token != decoder_token:
+            raise ValueError(
+                f"{bert_name_or_path}: the tokenizer already has the BOS token {tokenizer.bos_token!r}; expected a BERT "
+                f"tokenizer without one (or with {decoder_token!r})."
+            )
+        tokenizer.add_special_tokens({"bos_token": AddedToken(decoder_token, special=True, normalized=False)})
+        tokenizer.padding_side = "right"
+        return tokenizer
+
     @staticmethod
     def default_image_processor(image_size: int | tuple[int, int] = 224) -> BlipImageProcessorPil:
         """

@@ -537,3 +537,79 @@ def test_draw_images_is_deterministic_and_varied():
     assert len({image.tobytes() for image in first}) == 3
     assert draw_images(1, seed=2)[0].tobytes() != draw_images(1, seed=1)[0].tobytes()
     assert first[0].size == (40, 30) and first[0].mode == "RGB" and draw_images(1, mode="L")[0].mode == "L"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What a model consumes: the stage-2 processor, the stage-1 Q-Former tokenizer
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_without_qformer_tokenizer_returns_what_stage2_consumes(tmp_path):
+    stage1 = build(qformer=True)
+    stage2 = stage1.without_qformer_tokenizer()
+    assert stage2.qformer_tokenizer is None and stage1.qformer_tokenizer is not None  # the original is untouched
+    assert stage2.tokenizer is stage1.tokenizer and stage2.image_processor is stage1.image_processor
+    assert (stage2.num_query_tokens, stage2.image_token_id) == (stage1.num_query_tokens, stage1.image_token_id)
+    inputs = {"images": draw_images(2), "text": [SHORT, LONG], "padding": True, "return_tensors": "pt"}
+    expected, actual = stage1(**inputs), stage2(**inputs)
+    assert set(actual) == {"input_ids", "attention_mask", "pixel_values"} == set(stage2.model_input_names)
+    for key in actual:
+        assert torch.equal(actual[key], expected[key]), key
+    stage2.save_pretrained(tmp_path)
+    assert not (tmp_path / "qformer_tokenizer").exists()
+    assert Blip2Processor.from_pretrained(tmp_path).qformer_tokenizer is None
+
+
+def save_bert_tokenizer_folder(folder) -> None:
+    """A bert-base-uncased-like folder (WordPiece vocabulary, no BOS): what `bert-base-uncased` holds."""
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "cat", "dog", "red", "circle", "##s"]
+    vocab = {word: index for index, word in enumerate(words)}
+    transformers.BertTokenizerFast(vocab=vocab, do_lower_case=True).save_pretrained(folder)
+
+
+def test_qformer_tokenizer_from_bert_adds_dec_as_lavis(tmp_path):
+    save_bert_tokenizer_folder(tmp_path / "bert")
+    tokenizer = Blip2Processor.qformer_tokenizer_from_bert(tmp_path / "bert")
+    # LAVIS's init_tokenizer: [DEC] is BOS, the next id after BERT's vocabulary (30522 for bert-base-uncased)
+    assert (tokenizer.bos_token, tokenizer.bos_token_id, len(tokenizer)) == ("[DEC]", 11, 12)
+    assert tokenizer.padding_side == "right"
+    assert tokenizer("a red cat").input_ids == [2, 5, 8, 6, 3]  # [CLS] ... [SEP]: [DEC] only replaces [CLS] for ITG
+    assert tokenizer.tokenize("[DEC] a") == ["[DEC]", "a"]  # one special token, not split into word pieces
+    # a tokenizer that already has a BOS of another kind is not a BERT tokenizer to extend
+    make_opt_tokenizer().save_pretrained(tmp_path / "opt")
+    with pytest.raises(ValueError, match="already has the BOS token"):
+        Blip2Processor.qformer_tokenizer_from_bert(tmp_path / "opt")
+    # a tokenizer that has [DEC] already is kept as is
+    tokenizer.save_pretrained(tmp_path / "with_dec")
+    assert len(Blip2Processor.qformer_tokenizer_from_bert(tmp_path / "with_dec")) == 12
+
+
+@pytest.mark.parametrize("text", ["opt", "t5"])
+def test_stage2_model_takes_a_stage1_processors_output(tmp_path, text):
+    """A stage-2 folder saved (by older training/stage2.py) with the stage-1 processor: its `qformer_input_ids` are
+    ignored, because the config says the Q-Former reads no text, and the outputs are those without them."""
+    from blip2_hf import Blip2ForConditionalGeneration
+    from blip2_hf.testing_utils import save_tiny_generation_checkpoint
+
+    save_tiny_generation_checkpoint(tmp_path, text)
+    stage2 = Blip2Processor.from_pretrained(tmp_path)
+    Blip2Processor(
+        image_processor=stage2.image_processor,
+        tokenizer=stage2.tokenizer,
+        qformer_tokenizer=make_bert_tokenizer(),
+        num_query_tokens=stage2.num_query_tokens,
+    ).save_pretrained(tmp_path)
+    processor = Blip2Processor.from_pretrained(tmp_path)
+    model = Blip2ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    inputs = processor(images=draw_images(2), text=[SHORT, LONG], padding=True, return_tensors="pt")
+    assert "qformer_input_ids" in inputs
+    clean = {key: value for key, value in inputs.items() if not key.startswith("qformer_")}
+    generated = model.generate(**inputs, max_new_tokens=4)
+    assert torch.equal(generated, model.generate(**clean, max_new_tokens=4))
+    decoder = {"decoder_input_ids": torch.zeros(2, 1, dtype=torch.long)} if text == "t5" else {}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs, **decoder).logits, model(**clean, **decoder).logits, atol=0, rtol=0)
+
+    model.config.qformer_config.use_qformer_text_input = True  # the config promises text the model never reads
+    with pytest.raises(ValueError, match="without_qformer_tokenizer"):
+        model.generate(**inputs, max_new_tokens=4)

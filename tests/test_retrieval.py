@@ -16,7 +16,7 @@ from blip2_hf.retrieval import (
     itm_rerank,
     recall_at_k,
 )
-from blip2_hf.testing_utils import IMAGE_TOKEN, perturb_, tiny_config_dict
+from blip2_hf.testing_utils import IMAGE_TOKEN, draw_images, perturb_, tiny_config_dict
 
 NUM_IMAGES, NUM_TEXTS = 6, 9
 ATOL = 1e-5
@@ -347,3 +347,48 @@ def test_recall_at_k_errors():
         recall_at_k(scores, scores.t(), [[0, 1], [2, 3, 4], [6]], TXT2IMG)
     with pytest.raises(ValueError, match="ties"):
         recall_at_k(scores, scores.t(), IMG2TXT, TXT2IMG, ties="random")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Processor output goes in as is
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_processor_output_goes_into_a_stage1_folder_as_is(tmp_path):
+    """A stage-1 folder's processor returns LLM `input_ids` (with image placeholders) and the Q-Former's
+    `qformer_input_ids`: the retrieval model reads the latter, for ITC and ITM, and equals the `input_ids` API."""
+    from test_extract_features import save_stage1_folder
+
+    save_stage1_folder(tmp_path)
+    model = blip2_hf.Blip2ForImageTextRetrieval.from_pretrained(tmp_path).eval()
+    processor = blip2_hf.Blip2Processor.from_pretrained(tmp_path)
+    inputs = processor(images=draw_images(2), text=["a red circle", "a dog"], padding=True, return_tensors="pt")
+    qformer = {"input_ids": inputs["qformer_input_ids"], "attention_mask": inputs["qformer_attention_mask"]}
+    with torch.no_grad():
+        for itm in (False, True):
+            expected = model(inputs["pixel_values"], **qformer, use_image_text_matching_head=itm).logits_per_image
+            actual = model(**inputs, use_image_text_matching_head=itm).logits_per_image
+            torch.testing.assert_close(actual, expected, atol=0, rtol=0)
+        # the LLM ids the processor also returns are not the Q-Former's: read as such they give other scores
+        wrong = model(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]).logits_per_image
+        assert (wrong - model(**inputs).logits_per_image).abs().max() > 1e-4
+        with pytest.raises(ValueError, match="pass input_ids \\(or qformer_input_ids\\)"):
+            model(pixel_values=inputs["pixel_values"])
+
+
+def test_qformer_ids_keep_tokens_equal_to_the_image_token_id(setup):
+    """Placeholders are stripped from `input_ids` only: `qformer_input_ids` are BERT ids, where the LLM's image token
+    id is an ordinary word."""
+    model, pixel_values = setup["model"], setup["pixel_values"][:2]
+    input_ids = torch.tensor([[2, 17, IMAGE_TOKEN, 40, 3], [2, 55, 61, IMAGE_TOKEN, 3]])
+    model.config.image_token_index = IMAGE_TOKEN
+    try:
+        with torch.no_grad():
+            kept = model(pixel_values, qformer_input_ids=input_ids).logits_per_image
+            stripped = model(pixel_values, input_ids).logits_per_image
+            model.config.image_token_index = None
+            unstripped = model(pixel_values, input_ids).logits_per_image
+    finally:
+        model.config.image_token_index = None
+    torch.testing.assert_close(kept, unstripped, atol=0, rtol=0)
+    assert (kept - stripped).abs().max() > 1e-4

@@ -91,6 +91,11 @@ def test_stage2_trains_from_stage1(stage1: Path, llm: str):
     image = Image.open(work / "tiny_work" / "data" / "images" / "0000.png")
     ids = model.generate(**processor(images=image, return_tensors="pt"), max_new_tokens=5)
     assert ids.shape[0] == 1
+    # the saved processor returns exactly what the model consumes: no Q-Former text, so a prompt goes in as is
+    assert processor.qformer_tokenizer is None and not (output / "qformer_tokenizer").exists()
+    prompted = processor(images=image, text="Question: what is it? Answer:", return_tensors="pt")
+    assert set(prompted) == {"input_ids", "attention_mask", "pixel_values"}
+    assert model.generate(**prompted, max_new_tokens=5).shape[0] == 1
 
 
 def test_two_processes_with_accelerate(stage1: Path):

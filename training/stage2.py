@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     processor_path = model_args.processor_name_or_path or model_args.model_name_or_path
     processor = Blip2Processor.from_pretrained(processor_path)
     model = build_model(model_args, processor)
+    if processor.qformer_tokenizer is not None and not model.config.qformer_config.use_qformer_text_input:
+        # The stage-1 processor tokenizes text for the Q-Former too; this model's Q-Former reads none. Trained and
+        # saved without that tokenizer, the folder's processor returns exactly what the model consumes.
+        processor = processor.without_qformer_tokenizer()
     if processor.num_query_tokens != model.config.num_query_tokens:
         raise ValueError(
             f"{processor_path}: the processor writes {processor.num_query_tokens} image tokens, the model has "

@@ -114,16 +114,6 @@ def build_world(output: Path, settings: DemoSettings) -> dict[str, list[dict]]:
     return {name: write_split(scenes, output / "data" / name) for name, scenes in splits.items()}
 
 
-def without_qformer_tokenizer(processor: Blip2Processor) -> Blip2Processor:
-    """Stage 2's processor: the Q-Former reads no text there (`Blip2ForConditionalGeneration` takes no
-    `qformer_input_ids`), as the Salesforce/blip2-opt processors have no Q-Former tokenizer."""
-    return Blip2Processor(
-        image_processor=processor.image_processor,
-        tokenizer=processor.tokenizer,
-        num_query_tokens=processor.num_query_tokens,
-    )
-
-
 def load_images(folder: Path, records: Sequence[dict]) -> list[Image.Image]:
     return [Image.open(folder / record["image"]).convert("RGB") for record in records]
 
@@ -246,7 +236,7 @@ def train_stage2(
     `Blip2ForConditionalGeneration` folder with its processor and returns the Trainer's log history."""
     torch.manual_seed(seed)
     model = stage2_model(pretrained, processor, settings, stage1_dir)
-    processor = without_qformer_tokenizer(processor)
+    processor = processor.without_qformer_tokenizer()
     collator = Stage2Collator(processor, max_length=32)
     return _train(
         Blip2Stage2Trainer, model, collator, processor, output_dir, settings.stage2_steps, cache, settings, seed
@@ -465,7 +455,7 @@ def run_seed(
     """One BLIP-2 seed: stage 1, both stage-2 arms (paper Figure 5), stage 1 without ITG (Table 6), each evaluated.
     Returns `(results, training logs)`."""
     pretrained, runs = output / "pretrained", output / "runs" / f"seed{seed}"
-    stage2_processor = without_qformer_tokenizer(processor)
+    stage2_processor = processor.without_qformer_tokenizer()
     results: dict[str, Any] = {"seed": seed}
     print(f"[demo] 4/5 seed {seed}: stage 1 (ITC + ITM + ITG), {settings.stage1_steps} steps", flush=True)
     logs = {"stage1": train_stage1(runs / "stage1", pretrained, cache, processor, settings, seed)}
