@@ -165,6 +165,9 @@ def eval_results_from_json(path: str | os.PathLike) -> list[EvalResult]:
         logger.warning("%s has no scores (%s run without references): nothing for the model card.", path, task)
         return []
     dataset_type, name, split = _dataset_of(data, path)
+    # The model-index groups entries by (task, dataset type, config, split): two custom files would merge under one
+    # name unless the file is also the config.
+    config = name if dataset_type == CUSTOM_DATASET else None
     results: list[EvalResult] = []
 
     if task == "vqa":
@@ -176,6 +179,7 @@ def eval_results_from_json(path: str | os.PathLike) -> list[EvalResult]:
                     task_name="Visual Question Answering",
                     dataset_type=dataset_type,
                     dataset_name=name,
+                    dataset_config=config,
                     dataset_split=split,
                     metric_type="accuracy",
                     metric_name="Accuracy (exact match)" if dataset_type == "gqa" else "VQA accuracy",
@@ -199,7 +203,7 @@ def eval_results_from_json(path: str | os.PathLike) -> list[EvalResult]:
                         task_name="Image Captioning",
                         dataset_type=dataset_type,
                         dataset_name=name if part == "overall" else f"{name} ({part})",
-                        dataset_config=None if part == "overall" else part,
+                        dataset_config=config if part == "overall" else ", ".join(filter(None, (config, part))),
                         dataset_split=split,
                         metric_type=metric_type,
                         metric_name=metric_name,
@@ -218,6 +222,7 @@ def eval_results_from_json(path: str | os.PathLike) -> list[EvalResult]:
                     task_name="Image-Text Retrieval",
                     dataset_type=dataset_type,
                     dataset_name=name,
+                    dataset_config=config,
                     dataset_split=split,
                     metric_type="recall",
                     metric_name=f"{direction}@{match['k']}",

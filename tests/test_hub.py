@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -141,10 +142,19 @@ def results(tmp_path_factory) -> dict[str, Path]:
     assert set(caption_scores) <= set(CAPTION_METRICS)
     scores = torch.tensor([[0.9, 0.1, 0.3, 0.2], [0.2, 0.1, 0.8, 0.7]])  # 2 images x 4 texts
     retrieval = retrieval_recall(scores, scores.t(), [[0, 1], [2, 3]], [0, 0, 1, 1])
+
+    def run(task: str, benchmark: str | None, file: str, metrics: dict, **extra) -> dict:
+        """A results.json as the script writes it: a benchmark only with --benchmark, else custom."""
+        label = dict(dataset=benchmark or "custom", benchmark=benchmark, dataset_file=file, protocol=benchmark)
+        return dict(task=task, **label, metrics=metrics, **extra)
+
     files = {
-        "vqa": dict(task="vqa", dataset="vqav2", split="val", table_column="VQAv2 val", metrics=vqa, settings={}),
-        "caption": dict(task="caption", dataset="coco", metrics={"overall": caption}, settings={}),
-        "retrieval": dict(task="retrieval", dataset="flickr30k", metrics=retrieval, settings={"split": "test"}),
+        "vqa": run("vqa", "vqav2", "v2_OpenEnded_mscoco_val2014_questions.json", vqa, split="val", settings={}),
+        "caption": run("caption", "coco", "coco_karpathy_test.json", {"overall": caption}, settings={}),
+        "retrieval": run("retrieval", "flickr30k", "flickr30k_test.json", retrieval, settings={"split": "test"}),
+        "custom_vqa": run("vqa", None, "my_questions.json", vqa, split=None, settings={}),
+        "custom_caption": run("caption", None, "my_captions.json", {"overall": caption}, settings={}),
+        "custom_retrieval": run("retrieval", None, "my_pairs.json", retrieval, settings={"split": "test"}),
     }
     paths = {}
     for name, data in files.items():
@@ -247,7 +257,8 @@ def test_stage1_card_retrieval_results(stage1, results):
     assert recall["txt_r1"] == 100.0 and recall["img_r1"] == 75.0  # text 1 ties both images: a miss (pessimistic)
     text = card.text
     assert "AutoModelForPreTraining.from_pretrained(repo, trust_remote_code=True)" in text
-    assert "Stage 1 (vision-language representation learning)" in text  # no log: the paper's recipe
+    # no record of the run: the card says so, and claims no recipe (never the paper's 129M images)
+    assert "No record of the training run was found" in text and "129M" not in text
 
 
 def test_card_without_results_has_no_model_index(stage2, tmp_path):
@@ -270,7 +281,7 @@ def test_nocaps_domains_and_metrics_not_computed(tmp_path):
     scores = {"CIDEr": 1.1, "CIDEr_x100": 110.0, "Bleu_4": 0.3, "Bleu_4_x100": 30.0, "SPICE": None, "SPICE_x100": None}
     path = tmp_path / "results.json"
     metrics = {"overall": scores, "in-domain": dict(scores, CIDEr_x100=120.5, SPICE=0.15, SPICE_x100=15.0)}
-    path.write_text(json.dumps({"task": "caption", "dataset": "nocaps", "metrics": metrics}))
+    path.write_text(json.dumps({"task": "caption", "dataset": "nocaps", "benchmark": "nocaps", "metrics": metrics}))
     entries = {
         (r.dataset_name, r.dataset_config, r.dataset_split, r.metric_name): r.metric_value
         for r in hub.eval_results_from_json(tmp_path)  # a folder means its results.json
@@ -291,6 +302,97 @@ def test_custom_template(stage2, tmp_path):
     card = hub.build_model_card(folder, "testuser/custom", template_path=template)
     assert card.text.strip() == "# custom (stage2) for testuser/custom"
     assert card.data.pipeline_tag == "image-text-to-text"
+
+
+BENCHMARK_NAMES = ("VQAv2", "vqav2", "OK-VQA", "GQA", "COCO", "coco", "Karpathy", "NoCaps", "Flickr", "flickr30k")
+
+
+def test_custom_data_results_name_no_benchmark(stage2, results, tmp_path, caplog):
+    """Results on your own files are `custom` in the model-index, named by the file; so is a results.json that
+    labels a benchmark without recording that it ran one (written before --benchmark existed)."""
+    legacy = tmp_path / "legacy.json"
+    legacy_data = json.loads(results["vqa"].read_text())
+    del legacy_data["benchmark"]
+    legacy_data["settings"] = {"questions": "/data/mine/questions_v3.json"}
+    del legacy_data["dataset_file"]
+    legacy.write_text(json.dumps(legacy_data))
+    paths = [results["custom_vqa"], results["custom_caption"], results["custom_retrieval"], legacy]
+    with caplog.at_level(logging.WARNING, logger="blip2_hf"):
+        card = hub.build_model_card(stage2[0], "testuser/mine", paths)
+    assert "does not record a benchmark run" in caplog.text and "--benchmark vqav2" in caplog.text
+    entries = card.data.eval_results
+    assert len(entries) == 1 + 3 + 6 + 1
+    assert {(r.dataset_type, r.dataset_split) for r in entries} == {("custom", None)}
+    assert {r.dataset_name for r in entries} == {
+        "my_questions.json", "my_captions.json", "my_pairs.json", "questions_v3.json",
+    }  # fmt: skip
+    for name in BENCHMARK_NAMES:  # as words: "pycocoevalcap" names a tool, not a dataset
+        assert not re.search(rf"\b{name}\b", str(card)), name
+    assert "not on a published\nbenchmark" in card.text
+    mismatch = tmp_path / "mismatch.json"
+    mismatch.write_text(json.dumps(dict(legacy_data, benchmark="gqa")))  # dataset vqav2, benchmark gqa
+    with pytest.raises(ValueError, match="benchmark 'gqa' with dataset 'vqav2'"):
+        hub.eval_results_from_json(mismatch)
+
+
+def load_training_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"training_{name}", REPO_ROOT / "training" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_card_training_section_is_the_saved_run(stage2, tmp_path, monkeypatch):
+    """training/stage2.py records its run (`write_training_run`, called with its own argument dataclasses and the
+    Trainer's state); the card shows that run, not the paper's recipe, and no local model as `base_model`."""
+    from transformers import TrainerState
+
+    from blip2_hf.trainer import Blip2TrainingArguments
+
+    stage2_script = load_training_script("stage2")
+    folder = tmp_path / "run"
+    shutil.copytree(stage2[0], folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["_name_or_path"] = "tiny_work/opt"  # a relative local path: it looks like a Hub id
+    (folder / "config.json").write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path)  # where training ran: tiny_work/opt and tiny_work/stage1 exist here
+    (tmp_path / "tiny_work" / "opt").mkdir(parents=True)
+    (tmp_path / "tiny_work" / "stage1").mkdir()
+    model_args = stage2_script.ModelArguments(
+        stage1_name_or_path="tiny_work/stage1", language_model_name_or_path="tiny_work/opt", lora_r=4
+    )
+    data_args = stage2_script.DataArguments(train_data=["tiny_work/data/train.json", "shards/{000..003}.tar"],
+                                            train_data_weights=[3.0, 1.0], prompt="a photo of ")  # fmt: skip
+    training_args = Blip2TrainingArguments(
+        output_dir=str(folder), learning_rate=3e-4, per_device_train_batch_size=8, max_steps=40, warmup_steps=5
+    )
+    state = TrainerState(global_step=40, epoch=2.5, log_history=[{"loss": 5.0, "step": 20}, {"loss": 3.125}])
+    hub.write_training_run(folder, "training/stage2.py", (model_args, data_args, training_args), state, 2)
+    monkeypatch.chdir(REPO_ROOT)  # the card is built elsewhere: tiny_work/opt no longer exists from here
+
+    card = hub.build_model_card(folder, "testuser/run", None)
+    text = card.text
+    for row in (
+        "| script | `training/stage2.py` |",
+        "| language_model_name_or_path | a local folder (`opt`) |",
+        "| training data | `train.json` (weight 3.0), `{000..003}.tar` (weight 1.0) |",
+        "| LoRA | r=4, alpha=16 on the LLM's q/v projections |",
+        "| prompt | `a photo of ` |",
+        "| learning_rate | 0.0003 |",
+        "| max_steps | 40 |",
+        "| global batch size | 16 |",
+        "| optimizer steps | 40 |",
+        "| last logged training loss | 3.1250 |",
+        "(From training_run.json, saved with the weights.)",
+    ):
+        assert row in text, row
+    assert "num_train_epochs" not in text  # max_steps set: epochs are not the recipe
+    assert "129M" not in text and "LAION" not in text
+    assert card.data.base_model is None  # "tiny_work/opt" was a local folder, not the Hub's
+    assert "tiny_work" not in str(card.data.to_dict())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
