@@ -782,3 +782,161 @@ def test_cli_subprocess_refused_token(test_hub, stage2, tmp_path):
     assert "401 Unauthorized" in proc.stderr and f"{TEST_USER}/cli-refused" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert token not in proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LoRA folders: merged, or the adapter with its base on the Hub
+# ---------------------------------------------------------------------------------------------------------------------
+
+LORA_PROMPT = "Question: what is it? Answer:"
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory) -> Path:
+    """A LoRA folder as training/stage2.py --lora_r 4 leaves it: adapters added by its `add_lora`, then the adapter
+    files and the base model (trained Q-Former, LLM without the adapter) saved side by side, and the processor."""
+    stage2_script = load_training_script("stage2")
+    folder = tmp_path_factory.mktemp("lora")
+    model, processor = stage2_model_and_processor()
+    perturb_(model, seed=7, scale=0.05)  # stage 2 trains the Q-Former beside the adapter: another base than stage2's
+    peft_model = stage2_script.add_lora(model, stage2_script.ModelArguments(lora_r=4))
+    torch.manual_seed(5)
+    with torch.no_grad():  # "trained": lora_B starts at zero, which would make the adapter a no-op
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    peft_model.save_pretrained(folder)
+    peft_model.unload().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    adapter = json.loads((folder / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] is None  # what peft records: the reason a plain push cannot load
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora_published(test_hub, lora) -> dict[str, str]:
+    """The LoRA folder published by the CLI: merged; as an adapter with its base pushed too; as a second adapter
+    on that base (already on the Hub: checked, not pushed again)."""
+    repos = {"merged": f"{TEST_USER}/lora-merged", "adapter": f"{TEST_USER}/lora-adapter"}
+    repos |= {"base": f"{TEST_USER}/lora-base", "adapter2": f"{TEST_USER}/lora-adapter2"}
+    assert cli.main(["push", str(lora), repos["merged"], "--merge-lora"]) == 0
+    assert cli.main(["push", str(lora), repos["adapter"], "--base-model", repos["base"], "--push-base"]) == 0
+    base_commits = len(test_hub.commits(repos["base"]))
+    assert cli.main(["push", str(lora), repos["adapter2"], "--base-model", repos["base"]]) == 0
+    assert len(test_hub.commits(repos["base"])) == base_commits
+    return repos
+
+
+def test_lora_pushes_publish_merged_weights_or_adapter_and_base(test_hub, lora, lora_published):
+    merged = test_hub.files(lora_published["merged"])
+    assert_loadable_without_the_package(merged, generates=True)
+    assert not any(name.startswith("adapter_") for name in merged)  # a plain checkpoint: nothing points elsewhere
+    assert merged["model.safetensors"] != (lora / "model.safetensors").read_bytes()  # the adapter is in the weights
+    assert ModelCard(merged["README.md"].decode()).data.base_model == LLM_ID  # recorded by the config, a Hub id
+
+    base = test_hub.files(lora_published["base"])
+    assert_loadable_without_the_package(base, generates=True)
+    assert base["model.safetensors"] == (lora / "model.safetensors").read_bytes()
+    assert not any(name.startswith("adapter_") for name in base)
+    for key in ("adapter", "adapter2"):
+        files = test_hub.files(lora_published[key])
+        adapter = json.loads(files["adapter_config.json"])
+        assert adapter["base_model_name_or_path"] == lora_published["base"] and adapter["auto_mapping"] is None
+        assert files["adapter_model.safetensors"] == (lora / "adapter_model.safetensors").read_bytes()
+        assert "model.safetensors" not in files and "config.json" not in files  # the base repo has them
+        assert {"processor_config.json", "tokenizer.json", "processing_blip2.py"} <= set(files)
+        card = ModelCard(files["README.md"].decode())
+        assert card.data.base_model == lora_published["base"] and card.data.library_name == "peft"
+        assert str(lora) not in str(card) and "lora" in card.data.tags
+
+
+def test_lora_push_refusals_say_what_to_do(test_hub, lora, stage2, tmp_path, capsys):
+    before = len(test_hub.requests)
+    with pytest.raises(hub.PushError, match=r"base_model_name_or_path=None.*--merge-lora.*--base-model.*--push-base"):
+        hub.push_folder(lora, f"{TEST_USER}/lora-refused")
+    for local in ("./runs/stage2_lora", str(lora), "~/models/base"):
+        with pytest.raises(hub.PushError, match="is a local path or not a Hub repo id"):
+            hub.push_folder(lora, f"{TEST_USER}/lora-refused", base_models=[local])
+    with pytest.raises(hub.PushError, match="A LoRA adapter has one base model"):
+        hub.push_folder(lora, f"{TEST_USER}/lora-refused", base_models=[LLM_ID, VISION_ID])
+    with pytest.raises(hub.PushError, match="pick one"):
+        hub.push_folder(lora, f"{TEST_USER}/lora-refused", merge_lora=True, push_base=True)
+    with pytest.raises(hub.PushError, match="has no LoRA adapter"):
+        hub.push_folder(stage2[0], f"{TEST_USER}/lora-refused", merge_lora=True)
+    assert len(test_hub.requests) == before  # all refused before any call
+
+    with pytest.raises(hub.PushError, match=r"base model repo testuser/no-such-base does not exist.*--push-base"):
+        hub.push_folder(lora, f"{TEST_USER}/lora-refused", base_models=[f"{TEST_USER}/no-such-base"])
+    hub.push_folder(stage2[0], f"{TEST_USER}/other-base")  # a BLIP-2 repo, but not this adapter's base
+    with pytest.raises(hub.PushError, match=r"does not hold .* base weights \(model.safetensors differs\)"):
+        hub.push_folder(lora, f"{TEST_USER}/lora-refused", base_models=[f"{TEST_USER}/other-base"])
+    assert f"{TEST_USER}/lora-refused" not in test_hub.repos
+
+    capsys.readouterr()
+    assert cli.main(["push", str(lora), f"{TEST_USER}/lora-refused"]) == 1
+    assert cli.main(["card", str(lora), f"{TEST_USER}/lora-refused", "--base-model", "./runs/base"]) == 1
+    err = capsys.readouterr().err
+    assert "blip2-hf push: error:" in err and "is a LoRA folder" in err and "Traceback" not in err
+    assert "blip2-hf card: error: --base-model './runs/base' is a local path" in err
+    assert cli.main(["card", str(lora), f"{TEST_USER}/x", "--merge-lora", "-o", str(tmp_path / "README.md")]) == 0
+
+
+LORA_FRESH_PROCESS = textwrap.dedent(
+    """
+    import json, re, sys
+    sys.modules["blip2_hf"] = None  # everything must come from the repos
+    try:
+        import blip2_hf  # noqa: F401
+        raise SystemExit("blip2_hf should not be importable here")
+    except ImportError:
+        pass
+    from huggingface_hub import hf_hub_download
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+
+    repos, image_path, prompt = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+    Image.open(image_path).save("image.jpg")  # what the card's snippet opens
+    result = {}
+    for repo_id in repos:
+        with open(hf_hub_download(repo_id, "README.md"), encoding="utf-8") as file:
+            exec(re.search("```python(.*?)```", file.read(), re.DOTALL).group(1), {})  # the card's snippet runs
+        model = AutoModelForImageTextToText.from_pretrained(repo_id, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained(repo_id, trust_remote_code=True)
+        inputs = processor(images=Image.open(image_path), text=prompt, return_tensors="pt")
+        result[repo_id] = model.generate(**inputs, max_new_tokens=6, do_sample=False).tolist()
+    print("RESULT" + json.dumps(result))
+    """
+)
+
+
+@pytest.mark.slow
+def test_lora_repos_load_by_id_without_the_package(test_hub, lora, lora_published, tmp_path):
+    """Merged and adapter repos, loaded by repo id in a fresh process that cannot import blip2_hf, generate the
+    ids the LoRA folder generates; the adapter matters (the base alone generates others)."""
+    image_path = tmp_path / "image.png"
+    draw_images(1, size=(40, 30), seed=4)[0].save(image_path)
+    repos = [lora_published["merged"], lora_published["adapter"]]  # adapter2: the same files (checked above)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k != "PYTHONPATH"}
+    env.update(client_env(test_hub.url, str(tmp_path / "empty_hf_home")))
+    proc = subprocess.run(
+        [sys.executable, "-c", LORA_FRESH_PROCESS, json.dumps(repos), str(image_path), LORA_PROMPT],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    remote = json.loads(proc.stdout.split("RESULT", 1)[1])
+
+    from PIL import Image
+
+    def generate(folder: Path) -> list[list[int]]:
+        model = blip2_hf.Blip2ForConditionalGeneration.from_pretrained(folder).eval()
+        processor = blip2_hf.Blip2Processor.from_pretrained(folder)
+        inputs = processor(images=Image.open(image_path), text=LORA_PROMPT, return_tensors="pt")
+        with torch.no_grad():
+            return model.generate(**inputs, max_new_tokens=6, do_sample=False).tolist()
+
+    local = generate(lora)  # from_pretrained finds the adapter beside the weights
+    base_only = tmp_path / "base_only"
+    shutil.copytree(lora, base_only, ignore=shutil.ignore_patterns("adapter_*"))
+    assert generate(base_only) != local, "the adapter changes nothing: the comparison would prove nothing"
+    for repo_id in repos:
+        assert remote[repo_id] == local, repo_id
