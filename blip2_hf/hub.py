@@ -142,6 +142,37 @@ def _dataset_of(data: dict[str, Any], path: Path) -> tuple[str, str, str | None]
     return CUSTOM_DATASET, Path(str(file)).name if file else "custom data", None
 
 
+def _caption_results(
+    metrics: dict[str, Any], dataset_type: str, name: str, config: str | None, split: str | None
+) -> list[EvalResult]:
+    """Caption CIDEr / BLEU-4 / SPICE (x100) entries: overall and, for NoCaps-style results, per domain."""
+    results = []
+    # {"overall": scores, "<domain>": scores} (NoCaps adds its domains); a flat dict of scores is the overall.
+    parts = metrics if isinstance(metrics.get("overall"), dict) else {"overall": metrics}
+    for part, scores in parts.items():
+        if not isinstance(scores, dict):
+            continue
+        for key, (metric_type, metric_name) in CAPTION_METRICS.items():
+            raw = scores.get(key)
+            value = _score(scores.get(f"{key}_x100", None if raw is None else 100.0 * raw))
+            if value is None:  # SPICE skipped, METEOR off, ...
+                continue
+            results.append(
+                EvalResult(
+                    task_type="image-to-text",
+                    task_name="Image Captioning",
+                    dataset_type=dataset_type,
+                    dataset_name=name if part == "overall" else f"{name} ({part})",
+                    dataset_config=config if part == "overall" else ", ".join(filter(None, (config, part))),
+                    dataset_split=split,
+                    metric_type=metric_type,
+                    metric_name=metric_name,
+                    metric_value=value,
+                )
+            )
+    return results
+
+
 def eval_results_from_json(path: str | os.PathLike) -> list[EvalResult]:
     """The model-index entries of one evaluation `results.json` (`evaluation/{vqa,caption,retrieval}.py`; a folder
     means its `results.json`). VQA accuracy -> visual-question-answering; caption CIDEr / BLEU-4 / SPICE (x100, as
@@ -187,29 +218,7 @@ def eval_results_from_json(path: str | os.PathLike) -> list[EvalResult]:
                 )
             )
     elif task == "caption":
-        # {"overall": scores, "<domain>": scores} (NoCaps adds its domains); a flat dict of scores is the overall.
-        parts = metrics if isinstance(metrics.get("overall"), dict) else {"overall": metrics}
-        for part, scores in parts.items():
-            if not isinstance(scores, dict):
-                continue
-            for key, (metric_type, metric_name) in CAPTION_METRICS.items():
-                raw = scores.get(key)
-                value = _score(scores.get(f"{key}_x100", None if raw is None else 100.0 * raw))
-                if value is None:  # SPICE skipped, METEOR off, ...
-                    continue
-                results.append(
-                    EvalResult(
-                        task_type="image-to-text",
-                        task_name="Image Captioning",
-                        dataset_type=dataset_type,
-                        dataset_name=name if part == "overall" else f"{name} ({part})",
-                        dataset_config=config if part == "overall" else ", ".join(filter(None, (config, part))),
-                        dataset_split=split,
-                        metric_type=metric_type,
-                        metric_name=metric_name,
-                        metric_value=value,
-                    )
-                )
+        results += _caption_results(metrics, dataset_type, name, config, split)
     else:  # retrieval
         for key, raw in metrics.items():
             match, value = RETRIEVAL_METRIC.match(key), _score(raw)
@@ -735,7 +744,7 @@ def _file_hashes(path: Path) -> tuple[str, str]:
     return blob.hexdigest(), sha.hexdigest()
 
 
-def _check_base_repo(api: HfApi, base_repo: str, base_files: dict[str, Path], folder: Path) -> None:
+def _check_base_repo(api: HfApi, base_repo: str, files: dict[str, Path], folder: Path) -> None:
     """Refuse an adapter push whose `base_repo` does not hold this folder's base weights: stage 2 trains the Q-Former
     beside the adapter, so any other base (the original BLIP-2, an older push) would give other outputs."""
     try:
@@ -748,10 +757,10 @@ def _check_base_repo(api: HfApi, base_repo: str, base_files: dict[str, Path], fo
     except HfHubHTTPError:
         with _explained_hub_errors(base_repo, "list the files of"):
             raise
-    weights = [name for name in base_files if _is_model_weight(name)]
+    weights = [name for name in files if _is_model_weight(name)]
     for name in weights:
         entry = remote.get(name)
-        blob, sha = _file_hashes(base_files[name])
+        blob, sha = _file_hashes(files[name])
         if entry is None or (entry.lfs.sha256 != sha if entry.lfs is not None else entry.blob_id != blob):
             raise PushError(
                 f"The base model repo {base_repo} does not hold {folder}'s base weights ({name} "
@@ -815,6 +824,20 @@ def _publish(
     return commit.commit_url
 
 
+def _hub_api(token: str | None, repo_id: str) -> tuple[HfApi, str]:
+    """The client for `token` and the full `namespace/name` of `repo_id`; refuses a missing token."""
+    if not token:
+        raise HubAuthError(
+            f"No Hugging Face token: publishing {repo_id} needs one with write access. Run `hf auth login`, or set "
+            "HF_TOKEN=hf_... (tokens: https://huggingface.co/settings/tokens), or pass `token=` in Python."
+        )
+    api = HfApi(token=token)
+    if "/" not in repo_id:  # the Hub creates it in the token's namespace; the card's snippets need the full id
+        with _explained_hub_errors(repo_id, "find the namespace for"):
+            repo_id = f"{api.whoami()['name']}/{repo_id}"
+    return api, repo_id
+
+
 def push_folder(
     folder: str | os.PathLike,
     repo_id: str,
@@ -841,18 +864,15 @@ def push_folder(
     `base_models`, `tags`, `template_path` go there). Weight files left in the repo by an earlier push and absent
     now are deleted in the same commit.
 
-    A LoRA folder (`adapter_config.json`) is published either merged (`merge_lora`: the adapter merged into the
-    weights, a plain checkpoint) or as the adapter (with the processor) whose `base_model_name_or_path` is
-    `base_models[0]`, a Hub repo holding the folder's base model: `push_base` publishes it there first (its own
-    commit), else the repo must already hold exactly these base weights. Both load by repo id with
-    `trust_remote_code=True`.
+    A LoRA folder (`adapter_config.json`) is published merged (`merge_lora`: a plain checkpoint) or as the adapter
+    and processor, its `base_model_name_or_path` the one `base_models` repo, which `push_base` fills with the
+    folder's base model first (else it must hold exactly those weights). Both load by repo id.
 
     Args:
         token: a Hub token with write access; default: `HF_TOKEN` or the token `hf auth login` stored.
         private: create the repo private (ignored when it exists).
         allow_pickle: publish pickled files (`.bin`, `.pt`, ...) too; refused by default.
         revision: the branch to commit to (default `main`).
-        merge_lora, push_base: for LoRA folders, see above.
 
     Raises:
         HubAuthError: no token, a refused token (401) or no write access (403); the message names the repo.
@@ -871,15 +891,7 @@ def push_folder(
     base_repo = lora_base_repo(info.folder, base_models) if adapter is not None and not merge_lora else None
     files = _folder_files(info.folder, allow_pickle)
     token = token or get_stored_token()
-    if not token:
-        raise HubAuthError(
-            f"No Hugging Face token: publishing {repo_id} needs one with write access. Run `hf auth login`, or set "
-            "HF_TOKEN=hf_... (tokens: https://huggingface.co/settings/tokens), or pass `token=` in Python."
-        )
-    api = HfApi(token=token)
-    if "/" not in repo_id:  # the Hub creates it in the token's namespace; the card's snippets need the full id
-        with _explained_hub_errors(repo_id, "find the namespace for"):
-            repo_id = f"{api.whoami()['name']}/{repo_id}"
+    api, repo_id = _hub_api(token, repo_id)
     card_args = dict(license=license, datasets=datasets, tags=tags, template_path=template_path)
     if adapter is not None and merge_lora:
         with tempfile.TemporaryDirectory() as merged:
@@ -904,14 +916,13 @@ def push_folder(
             return _publish(
                 api, repo_id, files, config_bytes, card, private=private, revision=revision, message=message
             )
-        base_files = {name: path for name, path in files.items() if name not in ADAPTER_FILES}
-        if push_base:
+        if push_base:  # the base first: the adapter repo must never point at a base that is not there
             base_card = build_model_card(info.folder, base_repo, None, **card_args)
-            _publish(
-                api, base_repo, base_files, config_bytes, base_card, private=private, revision=None,
-                message=f"Base model of the LoRA adapter {repo_id} (blip2-hf {__version__})",
-            )  # fmt: skip
+            base_files = {name: path for name, path in files.items() if name not in ADAPTER_FILES}
+            base_message = f"Base model of the LoRA adapter {repo_id} (blip2-hf {__version__})"
+            _publish(api, base_repo, base_files, config_bytes, base_card, private=private, revision=None,
+                     message=base_message)  # fmt: skip
         else:
-            _check_base_repo(api, base_repo, base_files, info.folder)
+            _check_base_repo(api, base_repo, files, info.folder)
         adapter_files = _adapter_repo_files(files, base_repo, Path(staging))
         return _publish(api, repo_id, adapter_files, None, card, private=private, revision=revision, message=message)
