@@ -406,14 +406,16 @@ def _run_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
         if value in (None, "") or key == ("num_train_epochs" if by_steps else "max_steps"):
             continue
         rows.append((key, f"`{value}`" if isinstance(value, str) else json.dumps(value)))
-    rows += [
-        ("processes", str(record.get("num_processes"))),
-        ("global batch size", str(record.get("global_batch_size"))),
-        ("optimizer steps", str(record.get("steps"))),
-        ("epochs", str(_score(record.get("epochs")))),
-    ]
-    if record.get("last_logged_loss") is not None:
-        rows.append(("last logged training loss", f"{record['last_logged_loss']:.4f}"))
+    loss = record.get("last_logged_loss")
+    for key, value in (
+        ("processes", record.get("num_processes")),
+        ("global batch size", record.get("global_batch_size")),
+        ("optimizer steps", record.get("steps")),
+        ("epochs", _score(record.get("epochs"))),
+        ("last logged training loss", None if loss is None else f"{loss:.4f}"),
+    ):
+        if value is not None:
+            rows.append((key, str(value)))
     return rows
 
 
