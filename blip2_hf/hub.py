@@ -360,6 +360,8 @@ def write_training_run(
         "steps": state.global_step,
         "epochs": state.epoch,
         "last_logged_loss": losses[-1] if losses else None,
+        # the Trainer's closing entry: the mean loss over the run (logged even when no step was)
+        "mean_train_loss": next((e["train_loss"] for e in state.log_history if "train_loss" in e), None),
     }
     path = Path(output_dir) / TRAINING_RUN_FILE
     path.write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
@@ -406,13 +408,14 @@ def _run_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
         if value in (None, "") or key == ("num_train_epochs" if by_steps else "max_steps"):
             continue
         rows.append((key, f"`{value}`" if isinstance(value, str) else json.dumps(value)))
-    loss = record.get("last_logged_loss")
+    loss, mean = record.get("last_logged_loss"), record.get("mean_train_loss")
     for key, value in (
         ("processes", record.get("num_processes")),
         ("global batch size", record.get("global_batch_size")),
         ("optimizer steps", record.get("steps")),
         ("epochs", _score(record.get("epochs"))),
         ("last logged training loss", None if loss is None else f"{loss:.4f}"),
+        ("mean training loss", None if mean is None else f"{mean:.4f}"),
     ):
         if value is not None:
             rows.append((key, str(value)))
@@ -541,6 +544,7 @@ def build_model_card(
         custom_results=any(r.dataset_type == CUSTOM_DATASET for r in eval_results),
         recipe=recipe,
         recipe_source=recipe_source,
+        lora_trained=adapter_base is not None or any(key == "LoRA" for key, _ in recipe),
         blip2_hf_version=__version__,
         transformers_version=transformers.__version__,
     )

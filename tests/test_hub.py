@@ -369,7 +369,8 @@ def test_card_training_section_is_the_saved_run(stage2, tmp_path, monkeypatch):
     training_args = Blip2TrainingArguments(
         output_dir=str(folder), learning_rate=3e-4, per_device_train_batch_size=8, max_steps=40, warmup_steps=5
     )
-    state = TrainerState(global_step=40, epoch=2.5, log_history=[{"loss": 5.0, "step": 20}, {"loss": 3.125}])
+    history = [{"loss": 5.0, "step": 20}, {"loss": 3.125, "step": 40}, {"train_loss": 4.0625, "step": 40}]
+    state = TrainerState(global_step=40, epoch=2.5, log_history=history)
     hub.write_training_run(folder, "training/stage2.py", (model_args, data_args, training_args), state, 2)
     monkeypatch.chdir(REPO_ROOT)  # the card is built elsewhere: tiny_work/opt no longer exists from here
 
@@ -386,7 +387,9 @@ def test_card_training_section_is_the_saved_run(stage2, tmp_path, monkeypatch):
         "| global batch size | 16 |",
         "| optimizer steps | 40 |",
         "| last logged training loss | 3.1250 |",
+        "| mean training loss | 4.0625 |",
         "(From training_run.json, saved with the weights.)",
+        "apart from the LoRA adapters added to the language model",
     ):
         assert row in text, row
     assert "num_train_epochs" not in text  # max_steps set: epochs are not the recipe
