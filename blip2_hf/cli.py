@@ -2,6 +2,7 @@
 
     blip2-hf demo [--quick] [--seeds N] [--output DIR]
     blip2-hf push FOLDER REPO_ID [--results results.json ...] [--private] [--license mit] [--dataset ID ...]
+    blip2-hf push LORA_FOLDER REPO_ID (--merge-lora | --base-model BASE_REPO_ID [--push-base])
     blip2-hf card FOLDER REPO_ID [--results results.json ...] [--output README.md]
     blip2-hf caption IMAGE [IMAGE ...] [--model M] [--prompt TEXT] [--num-beams 3] [--max-new-tokens 30]
     blip2-hf ask IMAGE QUESTION [--model M] [--prompt-template "Question: {} Short answer:"] [--num-beams 5]
@@ -62,7 +63,14 @@ def _add_card_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="ID",
-        help="Base model Hub id (repeat), added to those config.json records (e.g. the LLM).",
+        help="Base model Hub id (repeat), added to those config.json records (e.g. the LLM). For a LoRA folder "
+        "published as an adapter: the one Hub repo holding its base model (see --push-base), written as the "
+        "adapter's base_model_name_or_path.",
+    )
+    parser.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="LoRA folder: merge the adapter into the weights (peft) and publish a plain full checkpoint.",
     )
     parser.add_argument("--tag", dest="tags", action="append", default=[], metavar="TAG", help="Extra tag (repeat).")
     parser.add_argument(
@@ -88,6 +96,12 @@ def add_push_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--allow-pickle", action="store_true", help="Publish pickled files (.bin, .pt, ...) too; refused by default."
     )
+    parser.add_argument(
+        "--push-base",
+        action="store_true",
+        help="LoRA folder published as an adapter: first publish its base model (trained Q-Former, LLM without the "
+        "adapter) to the --base-model repo. Without it that repo must already hold exactly these base weights.",
+    )
     parser.set_defaults(func=run_push)
 
 
@@ -105,6 +119,8 @@ def run_push(args: argparse.Namespace) -> int:
         template_path=args.template,
         allow_pickle=args.allow_pickle,
         revision=args.revision,
+        merge_lora=args.merge_lora,
+        push_base=args.push_base,
     )
     print(url)
     return 0
@@ -122,6 +138,10 @@ def add_card_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_card(args: argparse.Namespace) -> int:
+    from .hub import lora_base_repo, read_adapter_config
+
+    # A LoRA folder's card is the adapter repo's (its base on the Hub) unless it is published merged.
+    lora = read_adapter_config(args.folder) is not None and not args.merge_lora
     card = build_model_card(
         args.folder,
         args.repo_id,
@@ -131,6 +151,7 @@ def run_card(args: argparse.Namespace) -> int:
         base_models=args.base_models,
         tags=args.tags,
         template_path=args.template,
+        adapter_base=lora_base_repo(args.folder, args.base_models) if lora else None,
     )
     if args.output is None:
         print(card)

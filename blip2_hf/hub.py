@@ -11,17 +11,29 @@ atomic Hub commit that carries everything a user needs to load the model where `
   processor and tokenizer files (`qformer_tokenizer/` included) and the generated README.md. The Hub applies a commit
   whole or not at all, so a failed push never leaves a half-published model.
 
+A LoRA folder (what `training/stage2.py --lora_r N` writes: the base model with the trained Q-Former, plus
+`adapter_config.json` / `adapter_model.safetensors`) is published either merged (`merge_lora=True`: a plain full
+checkpoint) or as the adapter whose `base_model_name_or_path` is a Hub repo holding the folder's base model
+(`base_models=[REPO_ID]`, published there first with `push_base=True`): peft records `None` or a local path there, and
+`from_pretrained(repo_id)` follows it.
+
+`write_training_run(output_dir, ...)` is what the training scripts call to record the run (`training_run.json`: the
+script, its arguments, data sources and steps); the card's training section is read from it.
+
 `model.push_to_hub(...)` / `processor.push_to_hub(...)` need nothing from here: our `save_pretrained` adds the remote
 code and `auto_map`, and transformers' `PushToHubMixin` saves through it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,7 +45,8 @@ from typing import Any
 import transformers
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub import get_token as get_stored_token
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
+from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import validate_repo_id
 
 from . import __version__, modeling_blip2
@@ -48,6 +61,11 @@ DEFAULT_TEMPLATE = PACKAGE_DIR / "templates" / "model_card.md"
 DEFAULT_LICENSE = "mit"
 # A flat JSON of hyperparameters beside the weights, shown as the card's training recipe when present.
 RECIPE_FILE = "training_recipe.json"
+# What the training scripts record about their run (`write_training_run`); the card's training section.
+TRAINING_RUN_FILE = "training_run.json"
+# peft's adapter files: a folder with ADAPTER_CONFIG is a LoRA folder.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FILES = (ADAPTER_CONFIG, "adapter_model.safetensors", "adapter_model.bin")
 PROCESSOR_CODE_FILE = "processing_blip2.py"
 
 # config.json `architectures[0]` -> (the card's kind, the Hub pipeline tag). Stage 1 and retrieval map to zero-shot-image-classification, the task transformers serves Blip2ForImageTextRetrieval
@@ -76,10 +94,14 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 # Evaluation results -> EvalResult (model-index)
 # ---------------------------------------------------------------------------------------------------------------------
 
-# results.json `dataset` -> (dataset name on the card, default split). Types are the evaluation scripts' names.
+# results.json `dataset` of a benchmark run -> (dataset name on the card, default split). The evaluation scripts
+# record a benchmark only when `--benchmark` checked the official files (see evaluation/common.py); anything else is
+# `"dataset": "custom"` with the file's name, and is shown as such.
 VQA_DATASETS = {"vqav2": "VQAv2", "okvqa": "OK-VQA", "gqa": "GQA"}
 CAPTION_DATASETS = {"coco": ("COCO Karpathy", "test"), "nocaps": ("NoCaps", "validation")}
 RETRIEVAL_DATASETS = {"coco": ("COCO Karpathy 5K", "test"), "flickr30k": ("Flickr30K 1K", "test")}
+BENCHMARKS = {"vqa": VQA_DATASETS, "caption": CAPTION_DATASETS, "retrieval": RETRIEVAL_DATASETS}
+CUSTOM_DATASET = "custom"
 # blip2_hf.metrics.coco_caption_scores key -> (model-index metric type, display name); values are its `_x100` keys.
 CAPTION_METRICS = {"CIDEr": ("cider", "CIDEr"), "Bleu_4": ("bleu", "BLEU-4"), "SPICE": ("spice", "SPICE")}
 RETRIEVAL_METRIC = re.compile(r"^(?P<direction>txt|img)_r(?P<k>\d+)$")
@@ -92,19 +114,79 @@ def _score(value: Any) -> float | None:
     return round(float(value), 2)
 
 
+def _dataset_of(data: dict[str, Any], path: Path) -> tuple[str, str, str | None]:
+    """`(dataset_type, dataset_name, split)` of one results.json for the model-index. A benchmark only when the
+    evaluation recorded that it ran the benchmark (`"benchmark"`, written by `--benchmark`); otherwise `custom`,
+    named by the evaluated file, and no split (a custom file's split is not a benchmark's)."""
+    task, dataset, benchmark = data.get("task"), data.get("dataset"), data.get("benchmark")
+    settings = data.get("settings") or {}
+    known = BENCHMARKS[task]
+    if benchmark is not None:
+        if benchmark != dataset or benchmark not in known:
+            raise ValueError(
+                f"{path}: benchmark {benchmark!r} with dataset {dataset!r}; expected one of {sorted(known)} for "
+                f"{task} (as evaluation/{task}.py --benchmark writes it)."
+            )
+        name = known[benchmark] if task == "vqa" else known[benchmark][0]
+        default_split = None if task == "vqa" else known[benchmark][1]
+        return str(benchmark), name, data.get("split") or settings.get("split") or default_split
+    if dataset in known:  # a results.json written before benchmarks were checked: it cannot prove it ran one
+        logger.warning(
+            "%s labels its data %r but does not record a benchmark run (`benchmark`): shown as custom data. "
+            "Re-run the evaluation with --benchmark %s on the official files to publish it as that benchmark.",
+            path,
+            dataset,
+            dataset,
+        )
+    file = data.get("dataset_file") or settings.get("questions") or settings.get("annotations")
+    return CUSTOM_DATASET, Path(str(file)).name if file else "custom data", None
+
+
+def _caption_results(
+    metrics: dict[str, Any], dataset_type: str, name: str, config: str | None, split: str | None
+) -> list[EvalResult]:
+    """Caption CIDEr / BLEU-4 / SPICE (x100) entries: overall and, for NoCaps-style results, per domain."""
+    results = []
+    # {"overall": scores, "<domain>": scores} (NoCaps adds its domains); a flat dict of scores is the overall.
+    parts = metrics if isinstance(metrics.get("overall"), dict) else {"overall": metrics}
+    for part, scores in parts.items():
+        if not isinstance(scores, dict):
+            continue
+        for key, (metric_type, metric_name) in CAPTION_METRICS.items():
+            raw = scores.get(key)
+            value = _score(scores.get(f"{key}_x100", None if raw is None else 100.0 * raw))
+            if value is None:  # SPICE skipped, METEOR off, ...
+                continue
+            results.append(
+                EvalResult(
+                    task_type="image-to-text",
+                    task_name="Image Captioning",
+                    dataset_type=dataset_type,
+                    dataset_name=name if part == "overall" else f"{name} ({part})",
+                    dataset_config=config if part == "overall" else ", ".join(filter(None, (config, part))),
+                    dataset_split=split,
+                    metric_type=metric_type,
+                    metric_name=metric_name,
+                    metric_value=value,
+                )
+            )
+    return results
+
+
 def eval_results_from_json(path: str | os.PathLike) -> list[EvalResult]:
     """The model-index entries of one evaluation `results.json` (`evaluation/{vqa,caption,retrieval}.py`; a folder
     means its `results.json`). VQA accuracy -> visual-question-answering; caption CIDEr / BLEU-4 / SPICE (x100, as
     the paper prints them) -> image-to-text, NoCaps also per domain; retrieval TR@K / IR@K -> image-text-retrieval.
-    A run without scores (predictions only) gives none."""
+    The dataset is a benchmark (VQAv2, COCO Karpathy, ...) only when the evaluation recorded running it
+    (`"benchmark"`); any other data is `custom`, named by its file. A run without scores (predictions only) gives
+    none."""
     path = Path(path)
     if path.is_dir():
         path = path / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such results file (write one with evaluation/vqa.py, caption.py, ...).")
     data = json.loads(path.read_text(encoding="utf-8"))
-    task, dataset, metrics = data.get("task"), data.get("dataset"), data.get("metrics")
-    settings = data.get("settings") or {}
+    task, metrics = data.get("task"), data.get("metrics")
     if task not in ("vqa", "caption", "retrieval"):
         raise ValueError(
             f"{path}: unknown task {task!r}; expected a results.json of evaluation/vqa.py, caption.py or "
@@ -113,51 +195,31 @@ def eval_results_from_json(path: str | os.PathLike) -> list[EvalResult]:
     if not metrics:
         logger.warning("%s has no scores (%s run without references): nothing for the model card.", path, task)
         return []
+    dataset_type, name, split = _dataset_of(data, path)
+    # The model-index groups entries by (task, dataset type, config, split): two custom files would merge under one
+    # name unless the file is also the config.
+    config = name if dataset_type == CUSTOM_DATASET else None
     results: list[EvalResult] = []
 
     if task == "vqa":
         accuracy = _score(metrics.get("accuracy"))
         if accuracy is not None:
-            name = VQA_DATASETS.get(dataset, str(dataset))
             results.append(
                 EvalResult(
                     task_type="visual-question-answering",
                     task_name="Visual Question Answering",
-                    dataset_type=str(dataset),
+                    dataset_type=dataset_type,
                     dataset_name=name,
-                    dataset_split=data.get("split") or settings.get("split"),
+                    dataset_config=config,
+                    dataset_split=split,
                     metric_type="accuracy",
-                    metric_name="Accuracy (exact match)" if dataset == "gqa" else "VQA accuracy",
+                    metric_name="Accuracy (exact match)" if dataset_type == "gqa" else "VQA accuracy",
                     metric_value=accuracy,
                 )
             )
     elif task == "caption":
-        name, split = CAPTION_DATASETS.get(dataset, (str(dataset), "test"))
-        # {"overall": scores, "<domain>": scores} (NoCaps adds its domains); a flat dict of scores is the overall.
-        parts = metrics if isinstance(metrics.get("overall"), dict) else {"overall": metrics}
-        for part, scores in parts.items():
-            if not isinstance(scores, dict):
-                continue
-            for key, (metric_type, metric_name) in CAPTION_METRICS.items():
-                raw = scores.get(key)
-                value = _score(scores.get(f"{key}_x100", None if raw is None else 100.0 * raw))
-                if value is None:  # SPICE skipped, METEOR off, ...
-                    continue
-                results.append(
-                    EvalResult(
-                        task_type="image-to-text",
-                        task_name="Image Captioning",
-                        dataset_type=str(dataset),
-                        dataset_name=name if part == "overall" else f"{name} ({part})",
-                        dataset_config=None if part == "overall" else part,
-                        dataset_split=split,
-                        metric_type=metric_type,
-                        metric_name=metric_name,
-                        metric_value=value,
-                    )
-                )
+        results += _caption_results(metrics, dataset_type, name, config, split)
     else:  # retrieval
-        name, split = RETRIEVAL_DATASETS.get(dataset, (str(dataset), "test"))
         for key, raw in metrics.items():
             match, value = RETRIEVAL_METRIC.match(key), _score(raw)
             if match is None or value is None:
@@ -167,9 +229,10 @@ def eval_results_from_json(path: str | os.PathLike) -> list[EvalResult]:
                 EvalResult(
                     task_type="image-text-retrieval",
                     task_name="Image-Text Retrieval",
-                    dataset_type=str(dataset),
+                    dataset_type=dataset_type,
                     dataset_name=name,
-                    dataset_split=settings.get("split") or split,
+                    dataset_config=config,
+                    dataset_split=split,
                     metric_type="recall",
                     metric_name=f"{direction}@{match['k']}",
                     metric_config=key,
@@ -245,10 +308,127 @@ def _describe_towers(config: Blip2Config, kind: str) -> dict[str, str]:
     return towers
 
 
+# TrainingArguments a run record keeps (the rest are logging and I/O settings, not the recipe).
+RECORDED_TRAINING_ARGS = (
+    "learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "num_train_epochs", "seed", "bf16",
+    "fp16", "max_grad_norm",
+)  # fmt: skip
+# Model arguments of the training scripts that name a model to start from (recorded with whether they were local).
+MODEL_SOURCE_ARGS = (
+    "model_name_or_path", "stage1_name_or_path", "language_model_name_or_path", "config_name",
+    "vision_model_name_or_path", "bert_name_or_path",
+)  # fmt: skip
+
+
+def write_training_run(
+    output_dir: str | os.PathLike,
+    script: str,
+    arguments: Sequence[Any],
+    state: Any,
+    num_processes: int = 1,
+) -> Path:
+    """Record a finished training run as `output_dir/training_run.json`, which the model card's training section is
+    built from: the script, its model and data arguments (dataclasses), the recipe's `TrainingArguments`, the data
+    sources, where each starting model came from (a local path or a Hub id), and the steps, epochs and last loss of
+    the Trainer's `state` (`transformers.TrainerState`)."""
+    args: dict[str, Any] = {}
+    for group in arguments:
+        values = group.to_dict() if hasattr(group, "to_dict") else dataclasses.asdict(group)
+        if "per_device_train_batch_size" in values:  # TrainingArguments: the recipe only
+            values = {k: values[k] for k in RECORDED_TRAINING_ARGS if k in values}
+        args.update(values)
+    weights = args.get("train_data_weights") or [None] * len(args.get("train_data") or [])
+    data = [{"source": str(source), "weight": weight} for source, weight in zip(args.get("train_data") or [], weights)]
+    if args.get("feature_cache"):
+        data.append({"source": str(args["feature_cache"]), "weight": None, "feature_cache": True})
+    models = {
+        key: {"name": str(args[key]), "local": os.path.exists(str(args[key]))}
+        for key in MODEL_SOURCE_ARGS
+        if args.get(key)
+    }
+    losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+    record = {
+        "script": script,
+        "arguments": args,
+        "data": data,
+        "models": models,
+        "num_processes": num_processes,
+        "global_batch_size": (args.get("per_device_train_batch_size") or 0)
+        * (args.get("gradient_accumulation_steps") or 1)
+        * num_processes,
+        "steps": state.global_step,
+        "epochs": state.epoch,
+        "last_logged_loss": losses[-1] if losses else None,
+        # the Trainer's closing entry: the mean loss over the run (logged even when no step was)
+        "mean_train_loss": next((e["train_loss"] for e in state.log_history if "train_loss" in e), None),
+    }
+    path = Path(output_dir) / TRAINING_RUN_FILE
+    path.write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
+    return path
+
+
+def _read_training_run(folder: Path) -> dict[str, Any] | None:
+    path = folder / TRAINING_RUN_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(record, dict) or not isinstance(record.get("arguments"), dict):
+        raise ValueError(f"{path}: not a training record (expected {{'script', 'arguments', ...}} as written by "
+                         "blip2_hf.hub.write_training_run).")  # fmt: skip
+    return record
+
+
+def _local_model_names(record: dict[str, Any] | None) -> set[str]:
+    """The starting models the run loaded from local paths: never a card's `base_model`, even where a relative path
+    looks like a Hub id (`tiny_work/opt`)."""
+    return {entry["name"] for entry in ((record or {}).get("models") or {}).values() if entry.get("local")}
+
+
+def _run_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """The card's rows for a `training_run.json`: what the run started from, its data and recipe, and its steps."""
+    args = record["arguments"]
+    rows = [("script", f"`{record.get('script')}`")]
+    for key, entry in (record.get("models") or {}).items():
+        name = entry["name"]
+        rows.append((key, f"a local folder (`{Path(name).name}`)" if entry.get("local") else f"`{name}`"))
+    sources = [
+        f"`{Path(d['source']).name}`" + (" (frozen-feature cache)" if d.get("feature_cache") else "")
+        + (f" (weight {d['weight']})" if d.get("weight") is not None else "")
+        for d in record.get("data") or []
+    ]  # fmt: skip
+    rows.append(("training data", ", ".join(sources) or "not recorded"))
+    if args.get("lora_r"):
+        targets = args.get("lora_target_modules") or "the LLM's q/v projections"
+        qformer = ", and the Q-Former's query/value" if args.get("lora_qformer") else ""
+        rows.append(("LoRA", f"r={args['lora_r']}, alpha={args.get('lora_alpha')} on {targets}{qformer}"))
+    by_steps = (args.get("max_steps") or -1) > 0  # max_steps overrides num_train_epochs (TrainingArguments)
+    for key in ("prompt", "max_length", "augment", *RECORDED_TRAINING_ARGS):
+        value = args.get(key)
+        if value in (None, "") or key == ("num_train_epochs" if by_steps else "max_steps"):
+            continue
+        rows.append((key, f"`{value}`" if isinstance(value, str) else json.dumps(value)))
+    loss, mean = record.get("last_logged_loss"), record.get("mean_train_loss")
+    for key, value in (
+        ("processes", record.get("num_processes")),
+        ("global batch size", record.get("global_batch_size")),
+        ("optimizer steps", record.get("steps")),
+        ("epochs", _score(record.get("epochs"))),
+        ("last logged training loss", None if loss is None else f"{loss:.4f}"),
+        ("mean training loss", None if mean is None else f"{mean:.4f}"),
+    ):
+        if value is not None:
+            rows.append((key, str(value)))
+    return rows
+
+
 def _training_recipe(folder: Path) -> tuple[list[tuple[str, str]], str | None]:
-    """`(rows, source)` of the training recipe shown on the card: `training_recipe.json` (any flat JSON of
-    hyperparameters) and/or a `trainer_state.json` (the folder's, else its latest `checkpoint-*`'s). Never
-    `training_args.bin`: unpickling runs arbitrary code."""
+    """`(rows, source)` of the training shown on the card: the run's `training_run.json` (written by the training
+    scripts), else `training_recipe.json` (any flat JSON of hyperparameters) and/or a `trainer_state.json` (the
+    folder's, else its latest `checkpoint-*`'s). Never `training_args.bin`: unpickling runs arbitrary code."""
+    record = _read_training_run(folder)
+    if record is not None:
+        return _run_rows(record), TRAINING_RUN_FILE
     rows: list[tuple[str, str]] = []
     sources = []
     recipe_file = folder / RECIPE_FILE
@@ -301,29 +481,37 @@ def build_model_card(
     language: str | None = "en",
     model_name: str | None = None,
     template_path: str | os.PathLike | None = None,
+    adapter_base: str | None = None,
 ) -> ModelCard:
     """The model card of a saved BLIP-2 folder, to publish as `repo_id`.
 
     Args:
         folder: a `save_pretrained` folder (stage 2 `Blip2ForConditionalGeneration`, stage 1 `Blip2ForPreTraining`
             or `Blip2ForImageTextRetrieval`); its config.json gives the pipeline tag, the towers and the base models
-            it records, its `training_recipe.json` / `trainer_state.json` the training recipe.
+            it records, its `training_run.json` (else `training_recipe.json` / `trainer_state.json`) the training.
         repo_id: where it is published (`namespace/name`), used in the usage snippets.
         results: evaluation `results.json` files (or folders holding one) -> the `model-index`. None or no scores:
             no model-index, and the card says that nothing was evaluated.
         license: a Hub license id.
         datasets: Hub ids of the training datasets.
-        base_models: Hub ids of the vision encoder / LLM / stage-1 model, added to those the config records.
+        base_models: Hub ids of the vision encoder / LLM / stage-1 model, added to those the config records (minus
+            the models the training run loaded from local paths).
         tags: more tags, after the BLIP-2 ones.
         language: the text language(s).
         model_name: the `model-index` name and the card title (default: the repo name).
         template_path: a Jinja2 template to use instead of the shipped one (see `model_cards/README.md`).
+        adapter_base: the card of a LoRA adapter repo: the Hub repo of the base model it applies to, its only
+            `base_model`.
     """
     info = FolderInfo.read(folder)
     config = Blip2Config.from_pretrained(info.folder)
     eval_results = [entry for path in results or () for entry in eval_results_from_json(path)]
     name = model_name or repo_id.split("/")[-1]
-    base = list(dict.fromkeys([*info.recorded_base_models, *(base_models or ())]))
+    local = _local_model_names(_read_training_run(info.folder))
+    if adapter_base is not None:
+        base = [adapter_base]
+    else:
+        base = [m for m in dict.fromkeys([*info.recorded_base_models, *(base_models or ())]) if m not in local]
     for model_id in base:
         if not _is_hub_id(model_id):
             raise ValueError(f"base model {model_id!r} is not a Hub repo id (namespace/name).")
@@ -331,11 +519,11 @@ def build_model_card(
         # model-index needs a model name; without results the card carries none (no empty model-index).
         model_name=name if eval_results else None,
         eval_results=eval_results or None,
-        library_name="transformers",
+        library_name="peft" if adapter_base else "transformers",
         pipeline_tag=info.pipeline_tag,
         base_model=(base[0] if len(base) == 1 else base) or None,
         datasets=list(datasets) if datasets else None,
-        tags=[*BASE_TAGS[info.kind], *(tags or ())],
+        tags=[*BASE_TAGS[info.kind], *(("lora", "peft") if adapter_base else ()), *(tags or ())],
         license=license,
         language=language,
     )
@@ -351,9 +539,12 @@ def build_model_card(
         num_query_tokens=config.num_query_tokens,
         decoder_only=bool(info.kind == "stage2" and config.use_decoder_only_language_model),
         base_models=base,
+        adapter_base=adapter_base,
         results=eval_results,
+        custom_results=any(r.dataset_type == CUSTOM_DATASET for r in eval_results),
         recipe=recipe,
         recipe_source=recipe_source,
+        lora_trained=adapter_base is not None or any(key == "LoRA" for key, _ in recipe),
         blip2_hf_version=__version__,
         transformers_version=transformers.__version__,
     )
@@ -480,6 +671,179 @@ def _processor_files(folder: Path, staging: Path) -> dict[str, Path]:
     return {path.relative_to(staging).as_posix(): path for path in staging.rglob("*") if path.is_file()}
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# LoRA folders: merged, or the adapter with a base model on the Hub
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The folder's peft `adapter_config.json`, None when it is not a LoRA folder."""
+    path = Path(folder) / ADAPTER_CONFIG
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def lora_base_repo(folder: str | os.PathLike, base_models: Sequence[str] | None) -> str:
+    """The Hub repo an adapter push names as `base_model_name_or_path`: the one `base_models` entry. Refuses, naming
+    what to do, when there is none, several, or a local path / None (what peft records for our models): a repo
+    loaded by id resolves its base from the Hub, so a local path there is a 404 for everyone else."""
+    recorded = (read_adapter_config(folder) or {}).get("base_model_name_or_path")
+    options = (
+        "Publish merged weights instead (`--merge-lora` / merge_lora=True), or name the Hub repo of the base model "
+        "with `--base-model NAMESPACE/NAME` (base_models=[...]) and add `--push-base` (push_base=True) to publish "
+        "the folder's base model (its trained Q-Former and the LLM without the adapter) there first."
+    )
+    if not base_models:
+        raise PushError(
+            f"{folder} is a LoRA folder whose adapter records base_model_name_or_path={recorded!r}, which does not "
+            f"resolve on the Hub: loading the pushed adapter by repo id would fail. {options}"
+        )
+    if len(base_models) != 1:
+        raise PushError(f"A LoRA adapter has one base model; got --base-model {list(base_models)}. {options}")
+    (base,) = base_models
+    if not _is_hub_id(base):
+        raise PushError(
+            f"--base-model {base!r} is a local path or not a Hub repo id (namespace/name): the adapter's base "
+            f"must resolve from the Hub. {options}"
+        )
+    return base
+
+
+def merge_lora_folder(folder: str | os.PathLike, output: str | os.PathLike, allow_pickle: bool = False) -> Path:
+    """Write the LoRA folder's model with the adapter merged into its weights (peft `merge_and_unload`) to `output`:
+    a plain full checkpoint (safetensors, config with the remote code), beside the folder's processor, tokenizer and
+    training-record files. Returns `output`."""
+    from peft import PeftModel
+
+    folder, output = Path(folder), Path(output)
+    info = FolderInfo.read(folder)
+    model_class = getattr(modeling_blip2, info.architecture)
+    files = _folder_files(folder, allow_pickle)
+    model_files = {"config.json", "generation_config.json"}
+    with tempfile.TemporaryDirectory() as base_dir:
+        # The base alone (no adapter_config.json beside it), or transformers would inject the adapter itself.
+        for name, path in files.items():
+            if name in model_files or _is_model_weight(name):
+                shutil.copy(path, Path(base_dir) / name)
+        base = model_class.from_pretrained(base_dir)
+        merged = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+    merged.save_pretrained(output)
+    skip = (*ADAPTER_FILES, *model_files, *REMOTE_CODE_FILES)
+    for name, path in files.items():
+        if name not in skip and not _is_model_weight(name):
+            (output / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, output / name)
+    return output
+
+
+def _is_model_weight(name: str) -> bool:
+    """A weight file of the model itself (`*.safetensors` and their index), not the adapter's."""
+    return _matches(name, WEIGHT_PATTERNS) and name not in ADAPTER_FILES
+
+
+def _file_hashes(path: Path) -> tuple[str, str]:
+    """`(git blob sha1, sha256)` of a file: the Hub reports the first for regular files, the second for LFS ones."""
+    blob, sha = hashlib.sha1(f"blob {path.stat().st_size}\0".encode()), hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            blob.update(chunk)
+            sha.update(chunk)
+    return blob.hexdigest(), sha.hexdigest()
+
+
+def _check_base_repo(api: HfApi, base_repo: str, files: dict[str, Path], folder: Path) -> None:
+    """Refuse an adapter push whose `base_repo` does not hold this folder's base weights: stage 2 trains the Q-Former
+    beside the adapter, so any other base (the original BLIP-2, an older push) would give other outputs."""
+    try:
+        remote = {e.path: e for e in api.list_repo_tree(base_repo, recursive=True) if isinstance(e, RepoFile)}
+    except RepositoryNotFoundError:
+        raise PushError(
+            f"The base model repo {base_repo} does not exist (or this token cannot read it). Add --push-base "
+            f"(push_base=True) to publish {folder}'s base model there first."
+        ) from None
+    except HfHubHTTPError:
+        with _explained_hub_errors(base_repo, "list the files of"):
+            raise
+    weights = [name for name in files if _is_model_weight(name)]
+    for name in weights:
+        entry = remote.get(name)
+        blob, sha = _file_hashes(files[name])
+        if entry is None or (entry.lfs.sha256 != sha if entry.lfs is not None else entry.blob_id != blob):
+            raise PushError(
+                f"The base model repo {base_repo} does not hold {folder}'s base weights ({name} "
+                f"{'missing' if entry is None else 'differs'}): the adapter was trained with this folder's Q-Former "
+                "and would give other outputs on another base. Add --push-base (push_base=True) to publish the "
+                "folder's base model there."
+            )
+
+
+def _adapter_repo_files(files: dict[str, Path], base_repo: str, staging: Path) -> dict[str, Path]:
+    """What an adapter repo publishes: the adapter (its config naming `base_repo`), the processor and tokenizer files
+    with the processor's remote code, the training records. Not the base weights or config: loading by repo id takes
+    those from `base_repo`."""
+    adapter = json.loads(files[ADAPTER_CONFIG].read_text(encoding="utf-8"))
+    adapter["base_model_name_or_path"] = base_repo
+    # peft's AutoPeftModel would import this (`blip2_hf.modeling_blip2`), which a Hub user need not have.
+    adapter["auto_mapping"] = None
+    (staging / ADAPTER_CONFIG).write_text(json.dumps(adapter, indent=2), encoding="utf-8")
+    kept = {
+        name: path
+        for name, path in files.items()
+        if name in ADAPTER_FILES
+        or (name not in ("config.json", "generation_config.json", *REMOTE_CODE_FILES) and not _is_model_weight(name))
+    }
+    kept[ADAPTER_CONFIG] = staging / ADAPTER_CONFIG
+    return kept
+
+
+def _publish(
+    api: HfApi,
+    repo_id: str,
+    files: dict[str, Path],
+    config_bytes: bytes | None,
+    card: ModelCard,
+    *,
+    private: bool | None,
+    revision: str | None,
+    message: str,
+) -> str:
+    """One commit: `files`, config.json as `config_bytes` when given, the card; weight and adapter files left from
+    an earlier push and absent now are deleted in the same commit (no loader finds a mix)."""
+    operations: list[CommitOperationAdd | CommitOperationDelete] = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+        for name, path in files.items()
+        if not (name == "config.json" and config_bytes is not None)
+    ]
+    if config_bytes is not None:
+        operations.append(CommitOperationAdd(path_in_repo="config.json", path_or_fileobj=config_bytes))
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))
+    with _explained_hub_errors(repo_id, "create the repo"):
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+    with _explained_hub_errors(repo_id, "list the files of"):
+        existing = api.list_repo_files(repo_id, revision=revision)
+    stale = (*WEIGHT_PATTERNS, *ADAPTER_FILES)
+    operations += [CommitOperationDelete(path_in_repo=n) for n in existing if _matches(n, stale) and n not in files]
+    with _explained_hub_errors(repo_id, "commit to"):
+        commit = api.create_commit(repo_id, operations, commit_message=message, revision=revision)
+    logger.info("Published %s: %s", repo_id, commit.commit_url)
+    return commit.commit_url
+
+
+def _hub_api(token: str | None, repo_id: str) -> tuple[HfApi, str]:
+    """The client for `token` and the full `namespace/name` of `repo_id`; refuses a missing token."""
+    if not token:
+        raise HubAuthError(
+            f"No Hugging Face token: publishing {repo_id} needs one with write access. Run `hf auth login`, or set "
+            "HF_TOKEN=hf_... (tokens: https://huggingface.co/settings/tokens), or pass `token=` in Python."
+        )
+    api = HfApi(token=token)
+    if "/" not in repo_id:  # the Hub creates it in the token's namespace; the card's snippets need the full id
+        with _explained_hub_errors(repo_id, "find the namespace for"):
+            repo_id = f"{api.whoami()['name']}/{repo_id}"
+    return api, repo_id
+
+
 def push_folder(
     folder: str | os.PathLike,
     repo_id: str,
@@ -495,6 +859,8 @@ def push_folder(
     template_path: str | os.PathLike | None = None,
     allow_pickle: bool = False,
     revision: str | None = None,
+    merge_lora: bool = False,
+    push_base: bool = False,
 ) -> str:
     """Publish a saved BLIP-2 folder as `repo_id` in one commit and return the commit's URL.
 
@@ -504,6 +870,10 @@ def push_folder(
     `base_models`, `tags`, `template_path` go there). Weight files left in the repo by an earlier push and absent
     now are deleted in the same commit.
 
+    A LoRA folder (`adapter_config.json`) is published merged (`merge_lora`: a plain checkpoint) or as the adapter
+    and processor, its `base_model_name_or_path` the one `base_models` repo, which `push_base` fills with the
+    folder's base model first (else it must hold exactly those weights). Both load by repo id.
+
     Args:
         token: a Hub token with write access; default: `HF_TOKEN` or the token `hf auth login` stored.
         private: create the repo private (ignored when it exists).
@@ -512,61 +882,53 @@ def push_folder(
 
     Raises:
         HubAuthError: no token, a refused token (401) or no write access (403); the message names the repo.
-        PushError: a folder that cannot be published (no weights, pickles, not BLIP-2) or a failed commit, after
-            which the repo is as it was before.
+        PushError: a folder that cannot be published (no weights, pickles, not BLIP-2, a LoRA folder without a Hub
+            base) or a failed commit, after which the repo is as it was before.
     """
     info = FolderInfo.read(folder)
+    adapter = read_adapter_config(info.folder)
+    if adapter is None and (merge_lora or push_base):
+        raise PushError(
+            f"{folder} has no LoRA adapter ({ADAPTER_CONFIG}): --merge-lora and --push-base apply to the folders "
+            "training/stage2.py writes with --lora_r N."
+        )
+    if merge_lora and push_base:
+        raise PushError("--merge-lora publishes one full checkpoint, --push-base an adapter and its base: pick one.")
+    base_repo = lora_base_repo(info.folder, base_models) if adapter is not None and not merge_lora else None
     files = _folder_files(info.folder, allow_pickle)
     token = token or get_stored_token()
-    if not token:
-        raise HubAuthError(
-            f"No Hugging Face token: publishing {repo_id} needs one with write access. Run `hf auth login`, or set "
-            "HF_TOKEN=hf_... (tokens: https://huggingface.co/settings/tokens), or pass `token=` in Python."
-        )
-    api = HfApi(token=token)
-    if "/" not in repo_id:  # the Hub creates it in the token's namespace; the card's snippets need the full id
-        with _explained_hub_errors(repo_id, "find the namespace for"):
-            repo_id = f"{api.whoami()['name']}/{repo_id}"
+    api, repo_id = _hub_api(token, repo_id)
+    card_args = dict(license=license, datasets=datasets, tags=tags, template_path=template_path)
+    if adapter is not None and merge_lora:
+        with tempfile.TemporaryDirectory() as merged:
+            merge_lora_folder(info.folder, merged, allow_pickle)
+            return push_folder(
+                merged, repo_id, token=token, private=private, commit_message=commit_message, results=results,
+                base_models=base_models, allow_pickle=allow_pickle, revision=revision, **card_args,
+            )  # fmt: skip
     # Everything local comes first (results, card, completed config, processor): an error there leaves the Hub as
     # it was, not with an empty repo.
     card = build_model_card(
-        info.folder,
-        repo_id,
-        results,
-        license=license,
-        datasets=datasets,
-        base_models=base_models,
-        tags=tags,
-        template_path=template_path,
+        info.folder, repo_id, results, base_models=base_models, adapter_base=base_repo, **card_args
     )
+    message = commit_message or f"Upload BLIP-2 ({info.architecture}) with blip2-hf {__version__}"
     with tempfile.TemporaryDirectory() as staging:
         files.update(_processor_files(info.folder, Path(staging)))
         for name in (*REMOTE_CODE_FILES, PROCESSOR_CODE_FILE):
             if name not in files and (PACKAGE_DIR / name).is_file():
                 files[name] = PACKAGE_DIR / name
         config_bytes = _completed_config(info)
-        operations: list[CommitOperationAdd | CommitOperationDelete] = [
-            CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
-            for name, path in files.items()
-            if not (name == "config.json" and config_bytes is not None)
-        ]
-        if config_bytes is not None:
-            operations.append(CommitOperationAdd(path_in_repo="config.json", path_or_fileobj=config_bytes))
-        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))
-
-        with _explained_hub_errors(repo_id, "create the repo"):
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            if revision is not None:
-                api.create_branch(repo_id, branch=revision, exist_ok=True)
-        with _explained_hub_errors(repo_id, "list the files of"):
-            existing = api.list_repo_files(repo_id, revision=revision)
-        operations += [
-            CommitOperationDelete(path_in_repo=name)
-            for name in existing
-            if _matches(name, WEIGHT_PATTERNS) and name not in files
-        ]
-        message = commit_message or f"Upload BLIP-2 ({info.architecture}) with blip2-hf {__version__}"
-        with _explained_hub_errors(repo_id, "commit to"):
-            commit = api.create_commit(repo_id, operations, commit_message=message, revision=revision)
-    logger.info("Published %s: %s", repo_id, commit.commit_url)
-    return commit.commit_url
+        if base_repo is None:
+            return _publish(
+                api, repo_id, files, config_bytes, card, private=private, revision=revision, message=message
+            )
+        if push_base:  # the base first: the adapter repo must never point at a base that is not there
+            base_card = build_model_card(info.folder, base_repo, None, **card_args)
+            base_files = {name: path for name, path in files.items() if name not in ADAPTER_FILES}
+            base_message = f"Base model of the LoRA adapter {repo_id} (blip2-hf {__version__})"
+            _publish(api, base_repo, base_files, config_bytes, base_card, private=private, revision=None,
+                     message=base_message)  # fmt: skip
+        else:
+            _check_base_repo(api, base_repo, files, info.folder)
+        adapter_files = _adapter_repo_files(files, base_repo, Path(staging))
+        return _publish(api, repo_id, adapter_files, None, card, private=private, revision=revision, message=message)

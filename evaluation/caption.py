@@ -14,6 +14,8 @@ Annotation files (`--format auto` tells them apart):
   (`coco_karpathy_test_gt.json`, NoCaps' `nocaps_val_4500_captions.json`). Images with a `domain` (NoCaps:
   in-domain / near-domain / out-domain) are also scored per domain.
 Images are `--image_dir` / the file's path. Files without captions (NoCaps test) give predictions only.
+Results are labelled `custom` (with the file's name) unless `--benchmark coco|nocaps` is given and the file is that
+benchmark's official one, whole (see `common.check_benchmark`).
 
 The model continues `--prompt` ("a photo of") by beam search (5 beams, 8 to 30 new tokens); the caption is the
 decoded continuation without the prompt, stripped. Metrics: `blip2_hf.metrics.coco_caption_scores` (PTB tokenizer;
@@ -30,10 +32,14 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from common import (
+    add_benchmark_arg,
     add_common_args,
     add_generation_args,
     check_args,
+    check_benchmark,
     check_images_exist,
+    custom_table,
+    dataset_fields,
     finish,
     fmt,
     gather,
@@ -88,8 +94,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dataset",
         default="auto",
         choices=["auto", "coco", "nocaps"],
-        help="Table column(s). auto: nocaps when the images have a 'domain', else coco.",
+        help="How the images are scored (nocaps: also per domain), not a label: results are labelled with a "
+        "benchmark only with --benchmark. auto: nocaps when the images have a 'domain', else coco.",
     )
+    add_benchmark_arg(parser, "caption")
     parser.add_argument("--prompt", default="a photo of", help="Text the caption continues (no placeholder).")
     parser.add_argument(
         "--meteor", action=argparse.BooleanOptionalAction, default=True, help="Compute METEOR (a JVM start per score)."
@@ -103,6 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_generation_args(parser, num_beams=5, max_new_tokens=30, min_new_tokens=8, length_penalty=1.0)
     args = parser.parse_args(argv)
     check_args(args)
+    if args.benchmark and args.dataset not in ("auto", args.benchmark):
+        parser.error(f"--benchmark {args.benchmark} sets the scoring: drop --dataset {args.dataset}.")
     return args
 
 
@@ -166,7 +176,7 @@ def load_annotations(args: argparse.Namespace) -> tuple[list[dict], str, str]:
         rows = rows[: args.limit]
     if not rows:
         raise SystemExit(f"No images in {args.annotations}.")
-    dataset = args.dataset
+    dataset = args.benchmark or args.dataset
     if dataset == "auto":
         dataset = "nocaps" if any(row["domain"] for row in rows) else "coco"
     return rows, file_format, dataset
@@ -261,6 +271,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     accelerator = Accelerator()
     rows, file_format, dataset = load_annotations(args)
+    if args.benchmark:
+        check_benchmark("caption", args, args.annotations, len(rows), "images")
     has_references = all(row["references"] for row in rows)
     local_rows = shard(accelerator, rows)
     check_images_exist([row["image"] for row in local_rows])
@@ -284,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         print("Some images have no reference captions: predictions only, nothing scored.")
     results = dict(
         task="caption",
-        dataset=dataset,
+        **dataset_fields(args, args.annotations, dataset),
         metrics=metrics,
         settings=settings(
             args,
@@ -300,7 +312,14 @@ def main(argv: list[str] | None = None) -> dict | None:
             num_predictions=len(predictions),
         ),
     )
-    write_outputs(args.output_dir, results, predictions, table3(model_name(args), dataset, metrics))
+    if args.benchmark:
+        table = table3(model_name(args), dataset, metrics)
+    else:
+        overall = (metrics or {}).get("overall")
+        values = [percent(overall, key) for key in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")]
+        header = ["B@4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"]
+        table = custom_table(model_name(args), os.path.basename(args.annotations), header, values)
+    write_outputs(args.output_dir, results, predictions, table)
     finish(accelerator)
     return results
 

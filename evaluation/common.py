@@ -1,6 +1,11 @@
 """What the three evaluation scripts share: the command-line options every one of them takes, loading the model and
 processor, sharding the work between `accelerate` processes and gathering it back, and writing the results.
 
+Results name a paper benchmark (VQAv2, COCO Karpathy, Flickr30K, ...) only when the run was asked for it with
+`--benchmark NAME` and `check_benchmark` found that benchmark's official file, whole (its name and its number of
+questions or images, no `--limit`). Everything else is recorded as `"dataset": "custom"` with the file's name:
+`blip2-hf push` then puts no benchmark name on the model card.
+
 Each process takes one contiguous slice of the examples (`Accelerator.split_between_processes`), so gathering the
 slices in process order (`accelerate.utils.gather_object`) gives the examples back in file order. Only the main
 process computes metrics and writes files; the other processes stop once their outputs are gathered.
@@ -29,6 +34,28 @@ from blip2_hf import Blip2Config, Blip2Processor
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+CUSTOM = "custom"
+# task -> benchmark -> official file name -> (split, size: questions for VQA, images otherwise). The names are those
+# of the official releases and of LAVIS's annotation files; the sizes those of the splits the paper reports.
+BENCHMARK_FILES: dict[str, dict[str, dict[str, tuple[str, int]]]] = {
+    "vqa": {
+        "vqav2": {
+            "v2_OpenEnded_mscoco_val2014_questions.json": ("val", 214354),
+            "v2_OpenEnded_mscoco_test-dev2015_questions.json": ("test-dev", 107394),
+        },
+        "okvqa": {"OpenEnded_mscoco_val2014_questions.json": ("test", 5046), "okvqa_val_eval.json": ("test", 5046)},
+        "gqa": {"testdev_balanced_questions.json": ("test-dev", 12578)},
+    },
+    "caption": {
+        "coco": {"coco_karpathy_test.json": ("test", 5000), "coco_karpathy_test_gt.json": ("test", 5000)},
+        "nocaps": {"nocaps_val_4500_captions.json": ("validation", 4500), "nocaps_val.json": ("validation", 4500)},
+    },
+    "retrieval": {
+        "coco": {"coco_karpathy_test.json": ("test", 5000), "dataset_coco.json": ("test", 5000)},
+        "flickr30k": {"flickr30k_test.json": ("test", 1000), "dataset_flickr30k.json": ("test", 1000)},
+    },
+}
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +101,57 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         repetition_penalty=args.repetition_penalty,
         do_sample=False,
     )
+
+
+def add_benchmark_arg(parser: argparse.ArgumentParser, task: str) -> None:
+    names = list(BENCHMARK_FILES[task])
+    parser.add_argument(
+        "--benchmark",
+        default=None,
+        choices=names,
+        help="Run this benchmark's protocol on its official file and label the results with its name (the file must "
+        "be the whole official split: "
+        + "; ".join(f"{name}: {', '.join(files)}" for name, files in BENCHMARK_FILES[task].items())
+        + "). Without it the results are labelled custom, with the file's name.",
+    )
+
+
+def check_benchmark(task: str, args: argparse.Namespace, path: str, count: int, unit: str) -> str:
+    """The split of `--benchmark` after checking that `path` is its official file, whole: `count` (questions or
+    images read from it) must be the benchmark's size. Exits with a message naming the problem otherwise."""
+    benchmark, name = args.benchmark, os.path.basename(path)
+    files = BENCHMARK_FILES[task][benchmark]
+    custom = "Evaluate your own data without --benchmark: its results are then labelled custom."
+    if args.limit is not None:
+        raise SystemExit(f"--benchmark {benchmark} evaluates the whole benchmark: drop --limit. {custom}")
+    if name not in files:
+        raise SystemExit(
+            f"--benchmark {benchmark}: {path} is not one of its official files ({', '.join(files)}). {custom}"
+        )
+    split, size = files[name]
+    if count != size:
+        raise SystemExit(
+            f"--benchmark {benchmark}: {name} has {count} {unit}, the official {benchmark} {split} has {size}: not the "
+            f"official file, or not all of it. {custom}"
+        )
+    return split
+
+
+def dataset_fields(args: argparse.Namespace, path: str, protocol: str) -> dict[str, Any]:
+    """results.json's data label: `dataset` is the benchmark only when `--benchmark` was checked, else `custom`;
+    `dataset_file` the evaluated file's name; `protocol` how it was scored (the metric's dataset mode)."""
+    return dict(
+        dataset=args.benchmark or CUSTOM,
+        benchmark=args.benchmark,
+        dataset_file=os.path.basename(path),
+        protocol=protocol,
+    )
+
+
+def custom_table(name: str, file: str, header: Sequence[str], values: Sequence[float | None]) -> str:
+    """Our row alone, for custom data: the paper's rows measure other data and are left out."""
+    title = f"Results on custom data ({file}): not a benchmark, not comparable with the BLIP-2 paper's tables."
+    return title + "\n\n" + markdown_table(["Models", *header], [[f"**{name}**", *map(fmt, values)]])
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -10,6 +10,8 @@ Annotation files (`--format auto` tells them apart):
   `coco_karpathy_test.json`), image paths relative to `--image_dir`.
 - `karpathy`: Karpathy's `dataset_flickr30k.json` / `dataset_coco.json` `{"images": [{"filename", "filepath",
   "split", "sentences": [{"raw"}]}]}`, the images of `--split` (test).
+Results are labelled `custom` (with the file's name) unless `--benchmark coco|flickr30k` is given and the file is
+that benchmark's official one, its whole test split (see `common.check_benchmark`).
 
 The model is a `Blip2ForImageTextRetrieval` folder (a stage-1 folder loads into it); texts are Q-Former (BERT) tokens
 from `processor.qformer_tokenizer` or `--tokenizer`, each caption cleaned by LAVIS's `pre_caption` and cut to 35
@@ -34,9 +36,13 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from common import (
+    add_benchmark_arg,
     add_common_args,
     check_args,
+    check_benchmark,
     check_images_exist,
+    custom_table,
+    dataset_fields,
     finish,
     fmt,
     gather,
@@ -82,9 +88,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dataset",
         default="auto",
         choices=["auto", *TABLE5_DATASETS],
-        help="Table columns. auto: the Karpathy file's 'dataset', else coco when the file name contains 'coco', "
-        "else flickr30k.",
+        help="Recorded as the protocol only (both score alike): results are labelled with a benchmark only with "
+        "--benchmark. auto: the Karpathy file's 'dataset', else coco when the file name contains 'coco', else "
+        "flickr30k.",
     )
+    add_benchmark_arg(parser, "retrieval")
     parser.add_argument("--tokenizer", default=None, help="Q-Former tokenizer (default: the processor's).")
     parser.add_argument("--k", type=int, default=128, help="Candidates re-ranked by ITM per query (LAVIS k_test).")
     parser.add_argument("--max_words", type=int, default=50, help="pre_caption's word limit (LAVIS: 50).")
@@ -95,6 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     check_args(args)
     if args.k < 1 or args.itm_batch_size < 1:
         parser.error("--k and --itm_batch_size must be at least 1.")
+    if args.benchmark and (args.dataset not in ("auto", args.benchmark) or args.split != "test"):
+        parser.error(f"--benchmark {args.benchmark} is its test split: drop --dataset / --split.")
     return args
 
 
@@ -131,7 +141,7 @@ def load_annotations(args: argparse.Namespace) -> tuple[list[str], list[str], li
         entries = entries[: args.limit]
     if not entries or not all(captions for _, captions in entries):
         raise SystemExit(f"{args.annotations}: no images (split {args.split!r}?) or an image without captions.")
-    dataset = args.dataset
+    dataset = args.benchmark or args.dataset
     if dataset == "auto":
         named = data.get("dataset") if isinstance(data, dict) else None
         dataset = named if named in TABLE5_DATASETS else "coco" if "coco" in args.annotations.lower() else "flickr30k"
@@ -302,6 +312,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     accelerator = Accelerator()
     paths, texts, counts, file_format, dataset = load_annotations(args)
+    if args.benchmark:
+        check_benchmark("retrieval", args, args.annotations, len(paths), "images")
     img2txt, txt2img, start = [], [], 0
     for image, count in enumerate(counts):
         img2txt.append(list(range(start, start + count)))
@@ -350,13 +362,19 @@ def main(argv: list[str] | None = None) -> dict | None:
     )
     results = dict(
         task="retrieval",
-        dataset=dataset,
+        **dataset_fields(args, args.annotations, dataset),
         metrics=metrics,
         settings=settings(
             args, accelerator, dtype, format=file_format, num_images=len(paths), num_texts=len(texts), k_used=args.k
         ),
     )
-    write_outputs(args.output_dir, results, predictions, table5(model_name(args), dataset, metrics))
+    if args.benchmark:
+        table = table5(model_name(args), dataset, metrics)
+    else:
+        header = [f"{'TR' if m.startswith('txt') else 'IR'}@{m.rsplit('r', 1)[1]}" for m in TABLE5_METRICS]
+        values = [metrics[m] for m in TABLE5_METRICS]
+        table = custom_table(model_name(args), os.path.basename(args.annotations), header, values)
+    write_outputs(args.output_dir, results, predictions, table)
     if args.save_scores and args.output_dir:
         torch.save(dict(score_i2t=score_i2t, score_t2i=score_t2i), os.path.join(args.output_dir, "scores.pt"))
     finish(accelerator)

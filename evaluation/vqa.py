@@ -20,6 +20,10 @@ Each question is cleaned as LAVIS's `blip_question` processor does, put into `--
 search (5 beams, 1 to 10 new tokens, length penalty -1). The answer is the decoded new tokens, stripped. Metric:
 `blip2_hf.metrics.vqa_accuracy` in the dataset's mode (`vqa`: the official VQAv2 accuracy; `okvqa`; `gqa`: exact
 match after VQA normalization).
+
+Results are labelled `custom` (with the question file's name) unless `--benchmark vqav2|okvqa|gqa` is given and the
+file is that benchmark's official one, whole (see `common.check_benchmark`): only then do `results.json` and the model
+card `blip2-hf push` writes name the benchmark.
 """
 
 from __future__ import annotations
@@ -34,10 +38,14 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from common import (
+    CUSTOM,
+    add_benchmark_arg,
     add_common_args,
     add_generation_args,
     check_args,
+    check_benchmark,
     check_images_exist,
+    dataset_fields,
     finish,
     fmt,
     gather,
@@ -63,7 +71,6 @@ from blip2_hf.metrics import vqa_accuracy
 DECODER_ONLY_PROMPT = "Question: {} Answer:"  # the paper's prompt for OPT
 ENCODER_DECODER_PROMPT = "Question: {} Short answer:"  # the paper's prompt for Flan-T5
 METRIC_MODES = {"vqav2": "vqa", "okvqa": "okvqa", "gqa": "gqa"}
-DEFAULT_SPLITS = {"okvqa": "test", "gqa": "test-dev"}
 
 # Table 2 of the paper: its columns and its BLIP-2 rows (zero-shot accuracy, %).
 TABLE2_COLUMNS = {
@@ -94,14 +101,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dataset",
         default="auto",
         choices=["auto", *METRIC_MODES],
-        help="Sets the metric and the table column. auto: gqa for GQA files and LAVIS files with one answer per "
-        "question, okvqa when a file name contains 'okvqa', else vqav2.",
+        help="How answers are scored (the metric's mode), not a label: results are labelled with a benchmark only "
+        "with --benchmark. auto: gqa for GQA files and LAVIS files with one answer per question, okvqa when a file "
+        "name contains 'okvqa', else vqav2.",
     )
+    add_benchmark_arg(parser, "vqa")
     parser.add_argument(
         "--split",
         default=None,
         choices=["val", "test-dev", "test"],
-        help="Table column (default: VQAv2 val, or test-dev without answers; OK-VQA test; GQA test-dev).",
+        help="The split recorded for custom data (with --benchmark: the official file's split).",
     )
     parser.add_argument(
         "--metric_mode",
@@ -126,6 +135,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_generation_args(parser, num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
     args = parser.parse_args(argv)
     check_args(args)
+    if args.benchmark and (args.dataset not in ("auto", args.benchmark) or args.split):
+        parser.error(f"--benchmark {args.benchmark} sets the scoring and the split: drop --dataset / --split.")
     if args.prompt is not None and "{}" not in args.prompt:
         parser.error("--prompt needs {} where the question goes.")
     return args
@@ -233,7 +244,7 @@ def load_questions(args: argparse.Namespace) -> tuple[list[dict], str, str]:
         rows = rows[: args.limit]
     if not rows:
         raise SystemExit(f"No questions in {args.questions}.")
-    dataset = args.dataset
+    dataset = args.benchmark or args.dataset
     if dataset == "auto":
         names = f"{args.questions} {args.annotations or ''}".lower()
         single_answer = file_format == "lavis" and isinstance(data[0].get("answer"), str)
@@ -303,7 +314,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     accelerator = Accelerator()
     rows, file_format, dataset = load_questions(args)
     has_answers = all(row["answers"] for row in rows)
-    split = args.split or DEFAULT_SPLITS.get(dataset) or ("val" if has_answers else "test-dev")
+    if args.benchmark:
+        split = check_benchmark("vqa", args, args.questions, len(rows), "questions")
+        column = TABLE2_COLUMNS.get((dataset, split), f"{dataset} {split}")
+    else:  # custom data: its own column, never a paper benchmark's
+        split, column = args.split, f"{CUSTOM}: {os.path.basename(args.questions)}"
     local_rows = shard(accelerator, rows)
     check_images_exist([row["image"] for row in local_rows])
 
@@ -336,10 +351,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         )
     else:
         print("No answers in the question file (and no --annotations): predictions only, nothing scored.")
-    column = TABLE2_COLUMNS.get((dataset, split), f"{dataset} {split}")
     results = dict(
         task="vqa",
-        dataset=dataset,
+        **dataset_fields(args, args.questions, dataset),
         split=split,
         table_column=column,
         metrics=metrics,

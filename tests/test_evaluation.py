@@ -1,13 +1,15 @@
 """The evaluation scripts (`evaluation/vqa.py`, `caption.py`, `retrieval.py`) end to end on tiny checkpoints and tiny
 datasets in every supported annotation format: outputs, counts, tables, metrics recomputed from the written
 predictions, answers equal to the model's own unbatched generation, and 2 processes (`accelerate launch`, gloo on
-CPU) equal to 1."""
+CPU) equal to 1. Data labels: custom data is recorded (and carded) as `custom` with its file's name; a benchmark
+only with `--benchmark` on its official file, whole (the tests shrink the official sizes to tiny ones)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +51,15 @@ def load_script(name: str):
 vqa = load_script("vqa")
 caption = load_script("caption")
 retrieval = load_script("retrieval")
+import common  # noqa: E402  (evaluation/common.py, on the path once a script is loaded)
+
+BENCHMARK_NAMES = ("VQAv2", "OK-VQA", "GQA", "COCO", "Karpathy", "NoCaps", "Flickr", "vqav2", "okvqa", "flickr30k")
+
+
+def official_size(monkeypatch, task: str, benchmark: str, file_name: str, size: int) -> None:
+    """Let a tiny file with an official name stand for the benchmark: its size becomes the official one."""
+    split, _ = common.BENCHMARK_FILES[task][benchmark][file_name]
+    monkeypatch.setitem(common.BENCHMARK_FILES[task][benchmark], file_name, (split, size))
 
 
 @pytest.fixture(autouse=True)
@@ -160,13 +171,17 @@ def test_vqa_formats_are_detected():
         vqa.detect_format({"images": []})
 
 
-def test_vqa_official_format_scored_against_the_annotations(world, tmp_path):
-    """First without answers (predictions only, test-dev), then with annotations made from those predictions: every
-    even question's 10 answers are its predicted answer (accuracy 100), every odd one's a wrong answer (0)."""
+def test_vqa_official_format_scored_against_the_annotations(world, tmp_path, monkeypatch):
+    """`--benchmark vqav2` on the official questions file (its size shrunk to 8): first without answers (predictions
+    only), then with annotations made from those predictions: every even question's 10 answers are its predicted
+    answer (accuracy 100), every odd one's a wrong answer (0)."""
     questions = write_official_vqa(tmp_path, 8)
+    official_size(monkeypatch, "vqa", "vqav2", questions.name, 8)
     common = ["--model", str(world / "opt"), "--questions", str(questions), "--image_dir", str(world / "images")]
+    common += ["--benchmark", "vqav2"]
     first = vqa.main([*common, "--batch_size", "3", "--output_dir", str(tmp_path / "first"), *FAST])
-    assert first["metrics"] is None and first["split"] == "test-dev" and first["dataset"] == "vqav2"
+    assert first["metrics"] is None and first["split"] == "val"
+    assert (first["dataset"], first["benchmark"], first["dataset_file"]) == ("vqav2", "vqav2", questions.name)
     predictions = read(tmp_path / "first" / "predictions.json")
     assert [p["question_id"] for p in predictions] == list(range(1000, 1008))
     assert our_row((tmp_path / "first" / "results.md").read_text(), "opt") == ["-"] * 4
@@ -212,7 +227,9 @@ def test_vqa_answer_is_the_unbatched_generation_without_the_prompt(world, tmp_pa
     is the new tokens only (decoder-only output = prompt + new tokens)."""
     questions = write_official_vqa(tmp_path, 4)
     args = ["--model", str(world / "opt"), "--questions", str(questions), "--image_dir", str(world / "images")]
-    vqa.main([*args, "--batch_size", "4", "--max_new_tokens", "4", "--output_dir", str(tmp_path), *FAST])
+    results = vqa.main([*args, "--batch_size", "4", "--max_new_tokens", "4", "--output_dir", str(tmp_path), *FAST])
+    # an official file name alone (4 of 214354 questions, no --benchmark) is custom data
+    assert (results["dataset"], results["benchmark"], results["protocol"]) == ("custom", None, "vqav2")
     predictions = read(tmp_path / "predictions.json")
     model = blip2_hf.Blip2ForConditionalGeneration.from_pretrained(world / "opt").eval()
     processor = blip2_hf.Blip2Processor.from_pretrained(world / "opt")
@@ -236,7 +253,8 @@ def test_vqa_gqa_format_with_an_encoder_decoder_llm(world, tmp_path):
     args = ["--model", str(world / "t5"), "--questions", str(path), "--image_dir", str(world / "gqa")]
     results = vqa.main([*args, "--batch_size", "2", "--limit", "4", "--output_dir", str(out), *FAST])
 
-    assert (results["dataset"], results["split"], results["settings"]["format"]) == ("gqa", "test-dev", "gqa")
+    assert (results["dataset"], results["protocol"], results["settings"]["format"]) == ("custom", "gqa", "gqa")
+    assert results["split"] is None and results["dataset_file"] == "testdev_balanced_questions.json"
     assert results["settings"]["prompt_used"] == "Question: {} Short answer:"  # Flan-T5's prompt
     assert results["settings"]["metric_mode"] == "gqa" and results["metrics"]["num_questions"] == 4
     predictions = read(out / "predictions.json")
@@ -245,10 +263,13 @@ def test_vqa_gqa_format_with_an_encoder_decoder_llm(world, tmp_path):
     references = [[questions[p["question_id"]]["answer"]] for p in predictions]
     recomputed = vqa_accuracy([p["answer"] for p in predictions], references, mode="gqa")
     assert 0 <= results["metrics"]["accuracy"] == recomputed["accuracy"] <= 100
-    assert our_row((out / "results.md").read_text(), "t5") == ["-", "-", "-", f"{results['metrics']['accuracy']:.1f}"]
+    # --limit 4: a custom column of its own, the paper's columns empty
+    row = our_row((out / "results.md").read_text(), "t5")
+    assert row == ["-", "-", "-", "-", f"{results['metrics']['accuracy']:.1f}"]
+    assert "| custom: testdev_balanced_questions.json |" in (out / "results.md").read_text()
 
 
-def test_vqa_lavis_format_okvqa_with_a_custom_prompt(world, tmp_path):
+def test_vqa_lavis_format_okvqa_with_a_custom_prompt(world, tmp_path, monkeypatch):
     entries = [
         dict(
             question_id=i,
@@ -260,8 +281,10 @@ def test_vqa_lavis_format_okvqa_with_a_custom_prompt(world, tmp_path):
     ]
     path = tmp_path / "okvqa_val_eval.json"
     path.write_text(json.dumps(entries))
+    official_size(monkeypatch, "vqa", "okvqa", path.name, 3)
     out = tmp_path / "out"
     args = ["--model", str(world / "opt"), "--questions", str(path), "--image_dir", str(world / "images")]
+    args += ["--benchmark", "okvqa"]
     results = vqa.main([*args, "--prompt", "Q: {} A:", "--num_beams", "2", "--output_dir", str(out), *FAST])
 
     assert (results["dataset"], results["split"], results["settings"]["format"]) == ("okvqa", "test", "lavis")
@@ -280,6 +303,65 @@ def test_vqa_refuses_bad_input(world, tmp_path):
         vqa.main([*args, "--image_dir", str(tmp_path)])
 
 
+def test_vqa_custom_data_is_labelled_custom_in_results_and_on_the_card(world, tmp_path):
+    """Your own questions, scored as VQAv2 is: results.json, results.md and the model card `push` would publish say
+    `custom` and the file's name, never a paper benchmark."""
+    from blip2_hf import hub
+
+    entries = [
+        dict(
+            question_id=i,
+            question=QUESTIONS[i % 4],
+            image=f"val2014/COCO_val2014_{i + 1:012d}.jpg",
+            answer=["red"] * 10,
+        )
+        for i in range(3)
+    ]
+    path = tmp_path / "my_questions.json"
+    path.write_text(json.dumps(entries))
+    out = tmp_path / "out"
+    args = ["--model", str(world / "opt"), "--questions", str(path), "--image_dir", str(world / "images")]
+    results = vqa.main([*args, "--max_new_tokens", "3", "--output_dir", str(out), *FAST])
+
+    assert (results["dataset"], results["benchmark"], results["split"]) == ("custom", None, None)
+    assert (results["dataset_file"], results["protocol"], results["table_column"]) == (
+        "my_questions.json", "vqav2", "custom: my_questions.json",
+    )  # fmt: skip
+    accuracy = results["metrics"]["accuracy"]
+    assert our_row((out / "results.md").read_text(), "opt") == ["-"] * 4 + [f"{accuracy:.1f}"]
+
+    card = hub.build_model_card(world / "opt", "testuser/mine", [out])
+    (entry,) = card.data.eval_results
+    assert (entry.dataset_type, entry.dataset_name, entry.dataset_split) == ("custom", "my_questions.json", None)
+    assert entry.metric_value == round(accuracy, 2)
+    model_index = str(card).split("---")[1]
+    for name in BENCHMARK_NAMES:  # as words: "pycocoevalcap" names a tool, not a dataset
+        assert not re.search(rf"\b{name}\b", str(card)), name
+    assert "my_questions.json" in model_index and "not on a published\nbenchmark" in card.text
+
+
+def test_benchmark_requires_its_official_file_whole(world, tmp_path):
+    """`--benchmark` refuses (before any model work) a file that is not the benchmark's official one, a file of
+    the wrong size, and a subset."""
+    args = ["--model", str(world / "opt"), "--image_dir", str(world / "images"), *FAST]
+    mine = tmp_path / "my_questions.json"
+    mine.write_text(json.dumps({"data_subtype": "val2014", "questions": vqa_questions(4)}))
+    with pytest.raises(SystemExit, match=r"not one of its official files \(v2_OpenEnded_mscoco_val2014_questions"):
+        vqa.main([*args, "--questions", str(mine), "--benchmark", "vqav2"])
+    official = write_official_vqa(tmp_path, 4)
+    with pytest.raises(SystemExit, match=r"has 4 questions, the official vqav2 val has 214354.*without --benchmark"):
+        vqa.main([*args, "--questions", str(official), "--benchmark", "vqav2"])
+    with pytest.raises(SystemExit, match="drop --limit"):
+        vqa.main([*args, "--questions", str(official), "--benchmark", "vqav2", "--limit", "2"])
+    with pytest.raises(SystemExit):  # the benchmark sets the scoring: a contradicting --dataset is a usage error
+        vqa.parse_args(["--model", "m", "--questions", str(official), "--benchmark", "vqav2", "--dataset", "gqa"])
+    flickr = tmp_path / "flickr30k_test.json"
+    flickr.write_text(json.dumps(flickr_entries()))
+    retrieval_args = ["--model", str(world / "stage1"), "--annotations", str(flickr), "--benchmark", "flickr30k"]
+    with pytest.raises(SystemExit, match=f"has {NUM_IMAGES} images, the official flickr30k test has 1000"):
+        retrieval.main([*retrieval_args, "--image_dir", str(world / "images"), *FAST])
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Captioning
 # ---------------------------------------------------------------------------------------------------------------------
@@ -291,15 +373,16 @@ def test_caption_image_id_as_lavis():
 
 
 @pytest.mark.slow
-def test_caption_coco_karpathy_lavis_format(world, tmp_path):
+def test_caption_custom_lavis_format(world, tmp_path):
     entries = [dict(image=f"val2014/COCO_val2014_{i + 1:012d}.jpg", caption=captions_of(i)) for i in range(NUM_IMAGES)]
-    path = tmp_path / "coco_karpathy_test.json"
+    path = tmp_path / "my_captions.json"
     path.write_text(json.dumps(entries))
     out = tmp_path / "out"
     args = ["--model", str(world / "opt"), "--annotations", str(path), "--image_dir", str(world / "images")]
     results = caption.main([*args, "--batch_size", "4", "--max_new_tokens", "12", "--output_dir", str(out), *FAST])
 
-    assert (results["dataset"], results["settings"]["format"]) == ("coco", "lavis")
+    assert (results["dataset"], results["protocol"], results["settings"]["format"]) == ("custom", "coco", "lavis")
+    assert results["dataset_file"] == "my_captions.json" and results["benchmark"] is None
     assert results["settings"]["num_images"] == NUM_IMAGES and results["settings"]["num_references"] == 30
     predictions = read(out / "predictions.json")
     assert [p["image_id"] for p in predictions] == list(range(1, NUM_IMAGES + 1))
@@ -310,8 +393,11 @@ def test_caption_coco_karpathy_lavis_format(world, tmp_path):
     recomputed = coco_caption_scores([p["caption"] for p in predictions], references, spice=False, meteor=False)
     for key in ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr"):
         assert overall[key] == pytest.approx(recomputed[key])
-    row = our_row((out / "results.md").read_text(), "opt")
-    assert row == ["-"] * 8 + [f"{overall['Bleu_4_x100']:.1f}", f"{overall['CIDEr_x100']:.1f}"]
+    markdown = (out / "results.md").read_text()
+    row = our_row(markdown, "opt")
+    keys = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+    assert row == [caption.fmt(overall[f"{key}_x100"]) for key in keys]
+    assert "custom data (my_captions.json)" in markdown and not any(name in markdown for name in BENCHMARK_NAMES)
 
     # The caption is the continuation of the prompt, without it: what the model generates for the image alone.
     model = blip2_hf.Blip2ForConditionalGeneration.from_pretrained(world / "opt").eval()
@@ -323,7 +409,7 @@ def test_caption_coco_karpathy_lavis_format(world, tmp_path):
 
 
 @pytest.mark.slow
-def test_caption_nocaps_per_domain(world, tmp_path):
+def test_caption_nocaps_per_domain(world, tmp_path, monkeypatch):
     domains = ["in-domain", "near-domain", "out-domain"]
     ground_truth = dict(
         images=[
@@ -338,13 +424,15 @@ def test_caption_nocaps_per_domain(world, tmp_path):
     )
     path = tmp_path / "nocaps_val_4500_captions.json"
     path.write_text(json.dumps(ground_truth))
+    official_size(monkeypatch, "caption", "nocaps", path.name, NUM_IMAGES)
     out = tmp_path / "out"
     args = ["--model", str(world / "t5"), "--annotations", str(path), "--image_dir", str(world / "images" / "val2014")]
+    args += ["--benchmark", "nocaps"]
     results = caption.main(
         [*args, "--prompt", "", "--max_new_tokens", "10", "--no-meteor", "--output_dir", str(out), *FAST]
     )
 
-    assert (results["dataset"], results["settings"]["format"]) == ("nocaps", "coco")
+    assert (results["dataset"], results["benchmark"], results["settings"]["format"]) == ("nocaps", "nocaps", "coco")
     assert results["settings"]["num_images_per_domain"] == dict.fromkeys(domains, 2)
     metrics = results["metrics"]
     assert set(metrics) == {"overall", *domains}
@@ -371,16 +459,22 @@ def flickr_entries() -> list[dict]:
     return [dict(image=f"val2014/COCO_val2014_{i + 1:012d}.jpg", caption=captions_of(i)) for i in range(NUM_IMAGES)]
 
 
-def test_retrieval_lavis_format_from_a_stage1_folder(world, tmp_path):
+def test_retrieval_lavis_format_from_a_stage1_folder(world, tmp_path, monkeypatch):
     path = tmp_path / "flickr30k_test.json"
     path.write_text(json.dumps(flickr_entries()))
+    official_size(monkeypatch, "retrieval", "flickr30k", path.name, NUM_IMAGES)
     out = tmp_path / "out"
     args = ["--model", str(world / "stage1"), "--annotations", str(path), "--image_dir", str(world / "images")]
+    args += ["--benchmark", "flickr30k"]
     results = retrieval.main(
         [*args, "--batch_size", "4", "--k", "3", "--save_scores", "--output_dir", str(out), *FAST]
     )
 
-    assert (results["dataset"], results["settings"]["format"]) == ("flickr30k", "lavis")
+    assert (results["dataset"], results["benchmark"], results["settings"]["format"]) == (
+        "flickr30k",
+        "flickr30k",
+        "lavis",
+    )
     assert results["settings"]["num_images"] == NUM_IMAGES and results["settings"]["num_texts"] == 30
     metrics = results["metrics"]
     assert set(metrics) >= {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"}
@@ -417,10 +511,13 @@ def test_retrieval_karpathy_format_test_split(world, tmp_path):
     args = ["--model", str(world / "stage1"), "--annotations", str(path), "--image_dir", str(world / "images")]
     results = retrieval.main([*args, "--limit", "3", "--output_dir", str(out), *FAST])
 
-    assert (results["dataset"], results["settings"]["format"]) == ("coco", "karpathy")
+    # the file says "coco", but it is not COCO's test split (nor all of it): custom data
+    assert (results["dataset"], results["protocol"], results["settings"]["format"]) == ("custom", "coco", "karpathy")
     assert results["settings"]["num_images"] == 3 and results["settings"]["num_texts"] == 15
-    row = our_row((out / "results.md").read_text(), "stage1")
-    assert row[:6] == ["-"] * 6 and row[6] == f"{results['metrics']['txt_r1']:.1f}"
+    markdown = (out / "results.md").read_text()
+    keys = ["txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10"]
+    assert our_row(markdown, "stage1") == [f"{results['metrics'][key]:.1f}" for key in keys]
+    assert "custom data (dataset.json)" in markdown and not any(name in markdown for name in BENCHMARK_NAMES)
 
 
 def test_sharded_itm_rerank_matches_the_library(world):

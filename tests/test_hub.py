@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -141,10 +142,19 @@ def results(tmp_path_factory) -> dict[str, Path]:
     assert set(caption_scores) <= set(CAPTION_METRICS)
     scores = torch.tensor([[0.9, 0.1, 0.3, 0.2], [0.2, 0.1, 0.8, 0.7]])  # 2 images x 4 texts
     retrieval = retrieval_recall(scores, scores.t(), [[0, 1], [2, 3]], [0, 0, 1, 1])
+
+    def run(task: str, benchmark: str | None, file: str, metrics: dict, **extra) -> dict:
+        """A results.json as the script writes it: a benchmark only with --benchmark, else custom."""
+        label = dict(dataset=benchmark or "custom", benchmark=benchmark, dataset_file=file, protocol=benchmark)
+        return dict(task=task, **label, metrics=metrics, **extra)
+
     files = {
-        "vqa": dict(task="vqa", dataset="vqav2", split="val", table_column="VQAv2 val", metrics=vqa, settings={}),
-        "caption": dict(task="caption", dataset="coco", metrics={"overall": caption}, settings={}),
-        "retrieval": dict(task="retrieval", dataset="flickr30k", metrics=retrieval, settings={"split": "test"}),
+        "vqa": run("vqa", "vqav2", "v2_OpenEnded_mscoco_val2014_questions.json", vqa, split="val", settings={}),
+        "caption": run("caption", "coco", "coco_karpathy_test.json", {"overall": caption}, settings={}),
+        "retrieval": run("retrieval", "flickr30k", "flickr30k_test.json", retrieval, settings={"split": "test"}),
+        "custom_vqa": run("vqa", None, "my_questions.json", vqa, split=None, settings={}),
+        "custom_caption": run("caption", None, "my_captions.json", {"overall": caption}, settings={}),
+        "custom_retrieval": run("retrieval", None, "my_pairs.json", retrieval, settings={"split": "test"}),
     }
     paths = {}
     for name, data in files.items():
@@ -247,7 +257,8 @@ def test_stage1_card_retrieval_results(stage1, results):
     assert recall["txt_r1"] == 100.0 and recall["img_r1"] == 75.0  # text 1 ties both images: a miss (pessimistic)
     text = card.text
     assert "AutoModelForPreTraining.from_pretrained(repo, trust_remote_code=True)" in text
-    assert "Stage 1 (vision-language representation learning)" in text  # no log: the paper's recipe
+    # no record of the run: the card says so, and claims no recipe (never the paper's 129M images)
+    assert "No record of the training run was found" in text and "129M" not in text
 
 
 def test_card_without_results_has_no_model_index(stage2, tmp_path):
@@ -270,7 +281,7 @@ def test_nocaps_domains_and_metrics_not_computed(tmp_path):
     scores = {"CIDEr": 1.1, "CIDEr_x100": 110.0, "Bleu_4": 0.3, "Bleu_4_x100": 30.0, "SPICE": None, "SPICE_x100": None}
     path = tmp_path / "results.json"
     metrics = {"overall": scores, "in-domain": dict(scores, CIDEr_x100=120.5, SPICE=0.15, SPICE_x100=15.0)}
-    path.write_text(json.dumps({"task": "caption", "dataset": "nocaps", "metrics": metrics}))
+    path.write_text(json.dumps({"task": "caption", "dataset": "nocaps", "benchmark": "nocaps", "metrics": metrics}))
     entries = {
         (r.dataset_name, r.dataset_config, r.dataset_split, r.metric_name): r.metric_value
         for r in hub.eval_results_from_json(tmp_path)  # a folder means its results.json
@@ -291,6 +302,100 @@ def test_custom_template(stage2, tmp_path):
     card = hub.build_model_card(folder, "testuser/custom", template_path=template)
     assert card.text.strip() == "# custom (stage2) for testuser/custom"
     assert card.data.pipeline_tag == "image-text-to-text"
+
+
+BENCHMARK_NAMES = ("VQAv2", "vqav2", "OK-VQA", "GQA", "COCO", "coco", "Karpathy", "NoCaps", "Flickr", "flickr30k")
+
+
+def test_custom_data_results_name_no_benchmark(stage2, results, tmp_path, caplog):
+    """Results on your own files are `custom` in the model-index, named by the file; so is a results.json that
+    labels a benchmark without recording that it ran one (written before --benchmark existed)."""
+    legacy = tmp_path / "legacy.json"
+    legacy_data = json.loads(results["vqa"].read_text())
+    del legacy_data["benchmark"]
+    legacy_data["settings"] = {"questions": "/data/mine/questions_v3.json"}
+    del legacy_data["dataset_file"]
+    legacy.write_text(json.dumps(legacy_data))
+    paths = [results["custom_vqa"], results["custom_caption"], results["custom_retrieval"], legacy]
+    with caplog.at_level(logging.WARNING, logger="blip2_hf"):
+        card = hub.build_model_card(stage2[0], "testuser/mine", paths)
+    assert "does not record a benchmark run" in caplog.text and "--benchmark vqav2" in caplog.text
+    entries = card.data.eval_results
+    assert len(entries) == 1 + 3 + 6 + 1
+    assert {(r.dataset_type, r.dataset_split) for r in entries} == {("custom", None)}
+    assert {r.dataset_name for r in entries} == {
+        "my_questions.json", "my_captions.json", "my_pairs.json", "questions_v3.json",
+    }  # fmt: skip
+    for name in BENCHMARK_NAMES:  # as words: "pycocoevalcap" names a tool, not a dataset
+        assert not re.search(rf"\b{name}\b", str(card)), name
+    assert "not on a published\nbenchmark" in card.text
+    mismatch = tmp_path / "mismatch.json"
+    mismatch.write_text(json.dumps(dict(legacy_data, benchmark="gqa")))  # dataset vqav2, benchmark gqa
+    with pytest.raises(ValueError, match="benchmark 'gqa' with dataset 'vqav2'"):
+        hub.eval_results_from_json(mismatch)
+
+
+def load_training_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"training_{name}", REPO_ROOT / "training" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_card_training_section_is_the_saved_run(stage2, tmp_path, monkeypatch):
+    """training/stage2.py records its run (`write_training_run`, called with its own argument dataclasses and the
+    Trainer's state); the card shows that run, not the paper's recipe, and no local model as `base_model`."""
+    from transformers import TrainerState
+
+    from blip2_hf.trainer import Blip2TrainingArguments
+
+    stage2_script = load_training_script("stage2")
+    folder = tmp_path / "run"
+    shutil.copytree(stage2[0], folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["_name_or_path"] = "tiny_work/opt"  # a relative local path: it looks like a Hub id
+    (folder / "config.json").write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path)  # where training ran: tiny_work/opt and tiny_work/stage1 exist here
+    (tmp_path / "tiny_work" / "opt").mkdir(parents=True)
+    (tmp_path / "tiny_work" / "stage1").mkdir()
+    model_args = stage2_script.ModelArguments(
+        stage1_name_or_path="tiny_work/stage1", language_model_name_or_path="tiny_work/opt", lora_r=4
+    )
+    data_args = stage2_script.DataArguments(train_data=["tiny_work/data/train.json", "shards/{000..003}.tar"],
+                                            train_data_weights=[3.0, 1.0], prompt="a photo of ")  # fmt: skip
+    training_args = Blip2TrainingArguments(
+        output_dir=str(folder), learning_rate=3e-4, per_device_train_batch_size=8, max_steps=40, warmup_steps=5
+    )
+    history = [{"loss": 5.0, "step": 20}, {"loss": 3.125, "step": 40}, {"train_loss": 4.0625, "step": 40}]
+    state = TrainerState(global_step=40, epoch=2.5, log_history=history)
+    hub.write_training_run(folder, "training/stage2.py", (model_args, data_args, training_args), state, 2)
+    monkeypatch.chdir(REPO_ROOT)  # the card is built elsewhere: tiny_work/opt no longer exists from here
+
+    card = hub.build_model_card(folder, "testuser/run", None)
+    text = card.text
+    for row in (
+        "| script | `training/stage2.py` |",
+        "| language_model_name_or_path | a local folder (`opt`) |",
+        "| training data | `train.json` (weight 3.0), `{000..003}.tar` (weight 1.0) |",
+        "| LoRA | r=4, alpha=16 on the LLM's q/v projections |",
+        "| prompt | `a photo of ` |",
+        "| learning_rate | 0.0003 |",
+        "| max_steps | 40 |",
+        "| global batch size | 16 |",
+        "| optimizer steps | 40 |",
+        "| last logged training loss | 3.1250 |",
+        "| mean training loss | 4.0625 |",
+        "(From training_run.json, saved with the weights.)",
+        "apart from the LoRA adapters added to the language model",
+    ):
+        assert row in text, row
+    assert "num_train_epochs" not in text  # max_steps set: epochs are not the recipe
+    assert "129M" not in text and "LAION" not in text
+    assert card.data.base_model is None  # "tiny_work/opt" was a local folder, not the Hub's
+    assert "tiny_work" not in str(card.data.to_dict())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -680,3 +785,161 @@ def test_cli_subprocess_refused_token(test_hub, stage2, tmp_path):
     assert "401 Unauthorized" in proc.stderr and f"{TEST_USER}/cli-refused" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert token not in proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LoRA folders: merged, or the adapter with its base on the Hub
+# ---------------------------------------------------------------------------------------------------------------------
+
+LORA_PROMPT = "Question: what is it? Answer:"
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory) -> Path:
+    """A LoRA folder as training/stage2.py --lora_r 4 leaves it: adapters added by its `add_lora`, then the adapter
+    files and the base model (trained Q-Former, LLM without the adapter) saved side by side, and the processor."""
+    stage2_script = load_training_script("stage2")
+    folder = tmp_path_factory.mktemp("lora")
+    model, processor = stage2_model_and_processor()
+    perturb_(model, seed=7, scale=0.05)  # stage 2 trains the Q-Former beside the adapter: another base than stage2's
+    peft_model = stage2_script.add_lora(model, stage2_script.ModelArguments(lora_r=4))
+    torch.manual_seed(5)
+    with torch.no_grad():  # "trained": lora_B starts at zero, which would make the adapter a no-op
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    peft_model.save_pretrained(folder)
+    peft_model.unload().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    adapter = json.loads((folder / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] is None  # what peft records: the reason a plain push cannot load
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora_published(test_hub, lora) -> dict[str, str]:
+    """The LoRA folder published by the CLI: merged; as an adapter with its base pushed too; as a second adapter
+    on that base (already on the Hub: checked, not pushed again)."""
+    repos = {"merged": f"{TEST_USER}/lora-merged", "adapter": f"{TEST_USER}/lora-adapter"}
+    repos |= {"base": f"{TEST_USER}/lora-base", "adapter2": f"{TEST_USER}/lora-adapter2"}
+    assert cli.main(["push", str(lora), repos["merged"], "--merge-lora"]) == 0
+    assert cli.main(["push", str(lora), repos["adapter"], "--base-model", repos["base"], "--push-base"]) == 0
+    base_commits = len(test_hub.commits(repos["base"]))
+    assert cli.main(["push", str(lora), repos["adapter2"], "--base-model", repos["base"]]) == 0
+    assert len(test_hub.commits(repos["base"])) == base_commits
+    return repos
+
+
+def test_lora_pushes_publish_merged_weights_or_adapter_and_base(test_hub, lora, lora_published):
+    merged = test_hub.files(lora_published["merged"])
+    assert_loadable_without_the_package(merged, generates=True)
+    assert not any(name.startswith("adapter_") for name in merged)  # a plain checkpoint: nothing points elsewhere
+    assert merged["model.safetensors"] != (lora / "model.safetensors").read_bytes()  # the adapter is in the weights
+    assert ModelCard(merged["README.md"].decode()).data.base_model == LLM_ID  # recorded by the config, a Hub id
+
+    base = test_hub.files(lora_published["base"])
+    assert_loadable_without_the_package(base, generates=True)
+    assert base["model.safetensors"] == (lora / "model.safetensors").read_bytes()
+    assert not any(name.startswith("adapter_") for name in base)
+    for key in ("adapter", "adapter2"):
+        files = test_hub.files(lora_published[key])
+        adapter = json.loads(files["adapter_config.json"])
+        assert adapter["base_model_name_or_path"] == lora_published["base"] and adapter["auto_mapping"] is None
+        assert files["adapter_model.safetensors"] == (lora / "adapter_model.safetensors").read_bytes()
+        assert "model.safetensors" not in files and "config.json" not in files  # the base repo has them
+        assert {"processor_config.json", "tokenizer.json", "processing_blip2.py"} <= set(files)
+        card = ModelCard(files["README.md"].decode())
+        assert card.data.base_model == lora_published["base"] and card.data.library_name == "peft"
+        assert str(lora) not in str(card) and "lora" in card.data.tags
+
+
+def test_lora_push_refusals_say_what_to_do(test_hub, lora, stage2, tmp_path, capsys):
+    before = len(test_hub.requests)
+    with pytest.raises(hub.PushError, match=r"base_model_name_or_path=None.*--merge-lora.*--base-model.*--push-base"):
+        hub.push_folder(lora, f"{TEST_USER}/lora-refused")
+    for local in ("./runs/stage2_lora", str(lora), "~/models/base"):
+        with pytest.raises(hub.PushError, match="is a local path or not a Hub repo id"):
+            hub.push_folder(lora, f"{TEST_USER}/lora-refused", base_models=[local])
+    with pytest.raises(hub.PushError, match="A LoRA adapter has one base model"):
+        hub.push_folder(lora, f"{TEST_USER}/lora-refused", base_models=[LLM_ID, VISION_ID])
+    with pytest.raises(hub.PushError, match="pick one"):
+        hub.push_folder(lora, f"{TEST_USER}/lora-refused", merge_lora=True, push_base=True)
+    with pytest.raises(hub.PushError, match="has no LoRA adapter"):
+        hub.push_folder(stage2[0], f"{TEST_USER}/lora-refused", merge_lora=True)
+    assert len(test_hub.requests) == before  # all refused before any call
+
+    with pytest.raises(hub.PushError, match=r"base model repo testuser/no-such-base does not exist.*--push-base"):
+        hub.push_folder(lora, f"{TEST_USER}/lora-refused", base_models=[f"{TEST_USER}/no-such-base"])
+    hub.push_folder(stage2[0], f"{TEST_USER}/other-base")  # a BLIP-2 repo, but not this adapter's base
+    with pytest.raises(hub.PushError, match=r"does not hold .* base weights \(model.safetensors differs\)"):
+        hub.push_folder(lora, f"{TEST_USER}/lora-refused", base_models=[f"{TEST_USER}/other-base"])
+    assert f"{TEST_USER}/lora-refused" not in test_hub.repos
+
+    capsys.readouterr()
+    assert cli.main(["push", str(lora), f"{TEST_USER}/lora-refused"]) == 1
+    assert cli.main(["card", str(lora), f"{TEST_USER}/lora-refused", "--base-model", "./runs/base"]) == 1
+    err = capsys.readouterr().err
+    assert "blip2-hf push: error:" in err and "is a LoRA folder" in err and "Traceback" not in err
+    assert "blip2-hf card: error: --base-model './runs/base' is a local path" in err
+    assert cli.main(["card", str(lora), f"{TEST_USER}/x", "--merge-lora", "-o", str(tmp_path / "README.md")]) == 0
+
+
+LORA_FRESH_PROCESS = textwrap.dedent(
+    """
+    import json, re, sys
+    sys.modules["blip2_hf"] = None  # everything must come from the repos
+    try:
+        import blip2_hf  # noqa: F401
+        raise SystemExit("blip2_hf should not be importable here")
+    except ImportError:
+        pass
+    from huggingface_hub import hf_hub_download
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+
+    repos, image_path, prompt = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+    Image.open(image_path).save("image.jpg")  # what the card's snippet opens
+    result = {}
+    for repo_id in repos:
+        with open(hf_hub_download(repo_id, "README.md"), encoding="utf-8") as file:
+            exec(re.search("```python(.*?)```", file.read(), re.DOTALL).group(1), {})  # the card's snippet runs
+        model = AutoModelForImageTextToText.from_pretrained(repo_id, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained(repo_id, trust_remote_code=True)
+        inputs = processor(images=Image.open(image_path), text=prompt, return_tensors="pt")
+        result[repo_id] = model.generate(**inputs, max_new_tokens=6, do_sample=False).tolist()
+    print("RESULT" + json.dumps(result))
+    """
+)
+
+
+@pytest.mark.slow
+def test_lora_repos_load_by_id_without_the_package(test_hub, lora, lora_published, tmp_path):
+    """Merged and adapter repos, loaded by repo id in a fresh process that cannot import blip2_hf, generate the
+    ids the LoRA folder generates; the adapter matters (the base alone generates others)."""
+    image_path = tmp_path / "image.png"
+    draw_images(1, size=(40, 30), seed=4)[0].save(image_path)
+    repos = [lora_published["merged"], lora_published["adapter"]]  # adapter2: the same files (checked above)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k != "PYTHONPATH"}
+    env.update(client_env(test_hub.url, str(tmp_path / "empty_hf_home")))
+    proc = subprocess.run(
+        [sys.executable, "-c", LORA_FRESH_PROCESS, json.dumps(repos), str(image_path), LORA_PROMPT],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    remote = json.loads(proc.stdout.split("RESULT", 1)[1])
+
+    from PIL import Image
+
+    def generate(folder: Path) -> list[list[int]]:
+        model = blip2_hf.Blip2ForConditionalGeneration.from_pretrained(folder).eval()
+        processor = blip2_hf.Blip2Processor.from_pretrained(folder)
+        inputs = processor(images=Image.open(image_path), text=LORA_PROMPT, return_tensors="pt")
+        with torch.no_grad():
+            return model.generate(**inputs, max_new_tokens=6, do_sample=False).tolist()
+
+    local = generate(lora)  # from_pretrained finds the adapter beside the weights
+    base_only = tmp_path / "base_only"
+    shutil.copytree(lora, base_only, ignore=shutil.ignore_patterns("adapter_*"))
+    assert generate(base_only) != local, "the adapter changes nothing: the comparison would prove nothing"
+    for repo_id in repos:
+        assert remote[repo_id] == local, repo_id

@@ -22,6 +22,7 @@ from transformers import HfArgumentParser, set_seed
 
 from blip2_hf import Blip2Config, Blip2ForPreTraining, Blip2Processor
 from blip2_hf.data import BadImageTracker, Stage1Collator, training_dataset
+from blip2_hf.hub import write_training_run
 from blip2_hf.modeling_blip2 import read_safetensors_folder
 from blip2_hf.trainer import Blip2Stage1Trainer, Blip2TrainingArguments, parse_args_with_config
 
@@ -109,6 +110,11 @@ def main(argv: list[str] | None = None) -> None:
     trainer.save_model(training_args.output_dir)  # the full model: from_pretrained / AutoModelForPreTraining load it
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)
+        # what the model card's training section reads: arguments, data sources, steps
+        args = (model_args, data_args, training_args)
+        write_training_run(
+            training_args.output_dir, "training/stage1.py", args, trainer.state, training_args.world_size
+        )
         tracker = collator.tracker
         logger.info(f"Done. Unreadable images skipped: {tracker.num_bad} of {tracker.num_seen}.")
     trainer.end_training()

@@ -22,6 +22,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from blip2_hf import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
 from blip2_hf.data import BadImageTracker, Stage2Collator, training_dataset
+from blip2_hf.hub import write_training_run
 from blip2_hf.trainer import Blip2Stage2Trainer, Blip2TrainingArguments, parse_args_with_config
 
 logger = logging.getLogger("blip2_hf.training")
@@ -169,6 +170,9 @@ def main(argv: list[str] | None = None) -> None:
         trainer.save_model(output_dir)
     if trainer.is_world_process_zero():
         processor.save_pretrained(output_dir)
+        # what the model card's training section reads: arguments, data sources, steps
+        args = (model_args, data_args, training_args)
+        write_training_run(output_dir, "training/stage2.py", args, trainer.state, training_args.world_size)
         logger.info(f"Done. Unreadable images skipped: {collator.tracker.num_bad} of {collator.tracker.num_seen}.")
     trainer.end_training()
 
