@@ -141,7 +141,11 @@ def pretrain_image_encoder(
 
 
 def scene_documents(
-    captions: Sequence[Sequence[str]], questions: Sequence[Sequence[dict]], per_scene: int, seed: int = 0
+    captions: Sequence[Sequence[str]],
+    questions: Sequence[Sequence[dict]],
+    per_scene: int,
+    seed: int = 0,
+    questions_per_document: tuple[int, int] = (2, 4),
 ) -> list[str]:
     """The language model's corpus: per scene, `per_scene` documents of one or two of its captions (ones that name
     every attribute), then two to four "Question: ... Short answer: ..." lines about it (LAVIS's zero-shot VQA prompt
@@ -154,7 +158,8 @@ def scene_documents(
         complete = [caption for caption in scene_captions if any(size in caption.split() for size in SIZES)]
         for _ in range(per_scene):
             lines = rng.sample(complete, k=min(len(complete), rng.choice((1, 2))))
-            for qa in rng.sample(list(scene_questions), k=rng.randint(2, 4)):
+            count = min(len(scene_questions), rng.randint(*questions_per_document))
+            for qa in rng.sample(list(scene_questions), k=count):
                 lines.append(f"Question: {qa['question']} Short answer: {qa['answer']}")
             documents.append("".join(line + "\n" for line in lines))
     rng.shuffle(documents)

@@ -61,6 +61,7 @@ class TowerBudget:
     vision_learning_rate: float = 2e-3
     llm_scenes: int = 20000
     documents_per_scene: int = 2
+    questions_per_document: tuple[int, int] = (2, 4)
     llm_width: int = 128
     llm_layers: int = 4
     llm_steps: int = 3000
@@ -119,18 +120,22 @@ def _train_vision(folder: Path, budget: TowerBudget, seed: int, threads: int) ->
         log=curve.append,
     )
     vision.save_pretrained(folder / VISION_SUBDIR)
-    return {"curve": curve, "seconds": time.perf_counter() - start}
+    return _record_tower(folder / VISION_SUBDIR, budget, seed, curve, time.perf_counter() - start)
 
 
 def _train_language_model(folder: Path, budget: TowerBudget, seed: int, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    tokenizer = make_opt_tokenizer(400, text_corpus(seed) + ["\n"])
+    # through the processor, which adds the "<image>" placeholder: the LLM's vocabulary must hold it
+    tokenizer = Blip2Processor(
+        image_processor=Blip2Processor.default_image_processor(IMAGE_SIZE),
+        tokenizer=make_opt_tokenizer(400, text_corpus(seed) + ["\n"]),
+    ).tokenizer
     rng = _scene_rng(seed, "language")
     scenes = [random_scene(rng) for _ in range(budget.llm_scenes)]
     documents = scene_documents(
         [scene.captions() for scene in scenes], [scene.questions() for scene in scenes],
-        per_scene=budget.documents_per_scene, seed=seed,
+        per_scene=budget.documents_per_scene, seed=seed, questions_per_document=budget.questions_per_document,
     )  # fmt: skip
     config = OPTConfig(
         vocab_size=len(tokenizer),
@@ -155,7 +160,7 @@ def _train_language_model(folder: Path, budget: TowerBudget, seed: int, threads:
     )  # fmt: skip
     llm.save_pretrained(folder / LLM_SUBDIR)
     tokenizer.save_pretrained(folder / LLM_SUBDIR)
-    return {"curve": curve, "seconds": time.perf_counter() - start}
+    return _record_tower(folder / LLM_SUBDIR, budget, seed, curve, time.perf_counter() - start)
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
@@ -167,33 +172,72 @@ def file_hashes(folder: Path) -> dict[str, str]:
     }
 
 
+TOWER_RECORD = "training.json"
+
+
+def _tower_budget(folder: Path, budget: TowerBudget) -> dict[str, Any]:
+    """The part of the budget that a tower's training reads (the other tower's may change without retraining it)."""
+    fields = dataclasses.asdict(budget)
+    if folder.name == VISION_SUBDIR:
+        return {name: value for name, value in fields.items() if name.startswith(("vision_", "conv_stem"))}
+    return {name: value for name, value in fields.items() if not name.startswith(("vision_", "conv_stem"))}
+
+
+def _record_tower(folder: Path, budget: TowerBudget, seed: int, curve: list[dict], seconds: float) -> dict[str, Any]:
+    """Written last, once the tower's files are saved: a tower folder without it is incomplete."""
+    record = {"budget": _tower_budget(folder, budget), "seed": seed, "seconds": round(seconds, 1), "curve": curve}
+    (folder / TOWER_RECORD).write_text(json.dumps(record))
+    return record
+
+
+def _finished_tower(folder: Path, budget: TowerBudget, seed: int) -> dict[str, Any] | None:
+    """The record of a tower an earlier, interrupted build finished with the same budget and seed; None if there is
+    none (an incomplete tower folder is trained again from scratch)."""
+    path = folder / TOWER_RECORD
+    if not path.is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    record = json.loads(json.dumps(json.loads(path.read_text())))
+    if record["budget"] != json.loads(json.dumps(_tower_budget(folder, budget))) or record["seed"] != seed:
+        raise FileExistsError(f"{folder} was trained with another budget or seed: build into a new folder")
+    return record
+
+
 def build_towers(output: str | Path, budget: TowerBudget = TowerBudget(), seed: int = 0) -> dict[str, Any]:
     """Train both towers side by side (one process and one core each), save them with the Q-Former tokenizer into
-    `output`, score them on the demo's world (`quality_checks`) and write `output/towers.json`. Returns the manifest."""
+    `output`, score them on the demo's world (`quality_checks`) and write `output/towers.json`. Returns the manifest.
+
+    A build that was interrupted resumes: a tower whose folder holds its `training.json` (same budget and seed) is
+    kept, an incomplete one is trained again. A finished build (`towers.json` present) is never overwritten."""
     output = Path(output)
-    if output.exists() and any(output.iterdir()):
+    if (output / MANIFEST).exists() or (output.exists() and not (output / QFORMER_TOKENIZER_SUBDIR).is_dir()
+                                        and any(output.iterdir())):  # fmt: skip
         raise FileExistsError(f"{output} is not empty: the towers are built into a new folder")
     output.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
     make_bert_tokenizer(200, text_corpus(seed)).save_pretrained(output / QFORMER_TOKENIZER_SUBDIR)
+    runs = {name: _finished_tower(output / name, budget, seed) for name in (VISION_SUBDIR, LLM_SUBDIR)}
+    for name, record in runs.items():
+        if record is not None:
+            print(f"towers: {output / name} was finished by an earlier build ({record['seconds']:.0f} s): kept")
+    start = time.perf_counter()
     with ProcessPoolExecutor(2) as pool:  # two single-threaded trainings beat one after the other on 2 threads
-        vision = pool.submit(_train_vision, output, budget, seed, 1)
-        language = pool.submit(_train_language_model, output, budget, seed, 1)
-        vision_run, language_run = vision.result(), language.result()
-    training_seconds = time.perf_counter() - start
+        jobs = {name: pool.submit(train, output, budget, seed, 1) for name, train in
+                ((VISION_SUBDIR, _train_vision), (LLM_SUBDIR, _train_language_model)) if runs[name] is None}  # fmt: skip
+        runs.update({name: job.result() for name, job in jobs.items()})
     manifest = {
         "command": f"blip2-hf demo --build-towers {output.name}",
         "seed": seed,
         "budget": dataclasses.asdict(budget),
         "wall_time_s": {
-            "total_training": round(training_seconds, 1),
-            "vision_encoder": round(vision_run["seconds"], 1),
-            "language_model": round(language_run["seconds"], 1),
+            "training_this_run": round(time.perf_counter() - start, 1),
+            # the two train side by side: the build's training time is the longer of the two
+            "total_training": max(run["seconds"] for run in runs.values()),
+            **{name: run["seconds"] for name, run in runs.items()},
         },
         "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__},
         "quality": quality_checks(output),
-        "curves": {"vision_encoder": vision_run["curve"], "language_model": language_run["curve"]},
+        "curves": {name: run["curve"] for name, run in runs.items()},
         "files": file_hashes(output),
     }  # fmt: skip
     (output / MANIFEST).write_text(json.dumps(manifest, indent=1))
