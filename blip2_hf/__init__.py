@@ -16,6 +16,7 @@ from transformers import (
 )
 
 from .configuration_blip2 import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
+from .constants import VQA_PROMPT
 from .modeling_blip2 import (
     Blip2ForConditionalGeneration,
     Blip2ForImageTextRetrieval,
@@ -55,4 +56,5 @@ __all__ = [
     "Blip2ForPreTraining",
     "Blip2Processor",
     "Blip2ImageToTextPipeline",
+    "VQA_PROMPT",
 ]

@@ -5,7 +5,7 @@
     blip2-hf push LORA_FOLDER REPO_ID (--merge-lora | --base-model BASE_REPO_ID [--push-base])
     blip2-hf card FOLDER REPO_ID [--results results.json ...] [--output README.md]
     blip2-hf caption IMAGE [IMAGE ...] [--model M] [--prompt TEXT] [--num-beams 3] [--max-new-tokens 30]
-    blip2-hf ask IMAGE QUESTION [--model M] [--prompt-template "Question: {} Short answer:"] [--num-beams 5]
+    blip2-hf ask IMAGE [IMAGE ...] QUESTION [--model M] [--prompt-template "Question: {} Short answer:"]
     blip2-hf retrieve --images DIR --text TEXT [--model M] [--top-k 5] [--rerank-k 16]
 
 `push` / `card`: the token comes from `HF_TOKEN` or `hf auth login`, never from the command line (where shell history
@@ -17,7 +17,8 @@ others still processed); 2 nothing could run (no model, no readable image, unusa
 
 Adding a subcommand: write `add_<name>_command(subparsers)`, which registers its parser and sets `func` (a function of
 the parsed arguments returning the exit code), and call it in `build_parser`. Import torch, transformers and the models
-inside the command functions, not at the top (`blip2-hf --help` should not wait for the model code it does not run).
+inside the command functions, not at the top: the console script (`blip2_hf_launch`) parses the arguments before the
+package's `__init__` runs, so `blip2-hf --help` answers without torch (tests/test_cli.py checks that).
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .demo import CAPTION_MODEL_SUBDIR, RETRIEVAL_MODEL_SUBDIR, VQA_PROMPT, demo_dir
-from .hub import DEFAULT_LICENSE, DEFAULT_TEMPLATE, PushError, build_model_card, push_folder
+# Only light modules at the top: the parsers (and `--help`) must not wait for torch and transformers.
+from .constants import DEFAULT_LICENSE, DEFAULT_TEMPLATE, VQA_PROMPT
+from .demo import CAPTION_MODEL_SUBDIR, RETRIEVAL_MODEL_SUBDIR, demo_dir
 
 if TYPE_CHECKING:  # for the annotations only: the commands import these when they run
     import torch
@@ -38,6 +40,20 @@ if TYPE_CHECKING:  # for the annotations only: the commands import these when th
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from .processing_blip2 import Blip2HFProcessor
+
+
+def push_folder(*args: Any, **kwargs: Any) -> str:
+    """`blip2_hf.hub.push_folder`, imported when called (`hub` imports transformers)."""
+    from .hub import push_folder as push
+
+    return push(*args, **kwargs)
+
+
+def build_model_card(*args: Any, **kwargs: Any) -> Any:
+    """`blip2_hf.hub.build_model_card`, imported when called (`hub` imports transformers)."""
+    from .hub import build_model_card as build
+
+    return build(*args, **kwargs)
 
 
 def _add_card_arguments(parser: argparse.ArgumentParser) -> None:
@@ -202,6 +218,13 @@ def _model_name(args: argparse.Namespace, subdir: str, example: str) -> str | No
     """`--model`, else the demo checkpoint `<demo dir>/<subdir>`; None (after saying why on stderr) when that is
     missing, so the user learns how to make it rather than reading a Hub "repository not found" error."""
     if args.model is not None:
+        if not Path(args.model).exists() and not _looks_like_hub_id(args.model):
+            print(
+                f"blip2-hf {args.command}: error: --model {args.model}: no such folder (and not a Hub id, which is "
+                "NAME or NAMESPACE/NAME).",
+                file=sys.stderr,
+            )
+            return None
         return args.model
     folder = demo_dir() / subdir
     if folder.is_dir():
@@ -213,6 +236,19 @@ def _model_name(args: argparse.Namespace, subdir: str, example: str) -> str | No
         file=sys.stderr,
     )
     return None
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """Whether `name` could be a Hub repo id (`NAME` or `NAMESPACE/NAME`), as `huggingface_hub` validates them: a path
+    such as `./runs/model`, `/abs/model` or `a/b/c` cannot be, so a missing one is a missing folder, not a Hub id."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return not name.startswith((".", "~"))
 
 
 def _device(args: argparse.Namespace) -> torch.device | None:
@@ -243,9 +279,17 @@ def _load_model(
         model = model_class.from_pretrained(name)
         processor = Blip2Processor.from_pretrained(name)
     except (OSError, ValueError) as err:
-        print(f"blip2-hf {args.command}: error: cannot load {name}: {err}", file=sys.stderr)
+        where = "" if Path(name).exists() else " (no such folder here, so it was looked up as a Hub id)"
+        print(f"blip2-hf {args.command}: error: cannot load {name}{where}: {err}", file=sys.stderr)
         return None
     return model.to(device).eval(), processor, device
+
+
+def _progress(**kwargs: Any) -> Any:
+    """A tqdm bar on stderr (stdout keeps the results), shown when stderr is a terminal: for people, not for logs."""
+    from tqdm.auto import tqdm
+
+    return tqdm(file=sys.stderr, disable=not sys.stderr.isatty(), dynamic_ncols=True, **kwargs)
 
 
 def _read_image(path: Path, command: str) -> Image.Image | None:
@@ -268,15 +312,15 @@ def _generate_texts(
     model: PreTrainedModel,
     processor: Blip2HFProcessor,
     images: list[Image.Image],
-    prompt: str,
+    prompts: list[str],
     device: torch.device,
     **generate_kwargs: Any,
 ) -> list[str]:
-    """Generate for each image after `prompt` ("" = caption from the image alone) and return the new text only,
-    stripped."""
+    """Generate for each image after its prompt (`prompts[i]`; "" = caption from the image alone) and return the new
+    text only, stripped."""
     # Always through the processor, even without a prompt: "" tokenizes to `[<image> x Q, BOS]` (T5: `</s>`), what
     # the model builds for image-only input, and the input length is then known for cutting the prompt off below.
-    inputs = processor(images=images, text=[prompt] * len(images), padding=True, return_tensors="pt").to(device)
+    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt").to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.vision_model.dtype)
     ids = model.generate(**inputs, **generate_kwargs)
     if model.config.use_decoder_only_language_model:  # decoder-only LLMs return the input ids, then the new tokens
@@ -308,8 +352,12 @@ def add_caption_command(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_caption)
 
 
-def run_caption(args: argparse.Namespace) -> int:
-    """Print `PATH<TAB>caption` per readable image; 1 if any image could not be read, 2 if no model."""
+def _generate_over_images(
+    args: argparse.Namespace, prompt: str, print_line: Callable[[Path, str], None], **generate_kwargs: Any
+) -> int:
+    """Load the generation model, then for each of `args.images` (in batches of `args.batch_size`) generate after
+    `prompt` and hand `(path, generated text)` to `print_line`, under a progress bar on stderr.
+    Returns the exit code: 0 done, 1 if some images could not be read (each named on stderr), 2 if no model."""
     import torch
 
     from . import Blip2ForConditionalGeneration
@@ -320,68 +368,79 @@ def run_caption(args: argparse.Namespace) -> int:
     model, processor, device = loaded
     failed = 0
     batch: list[tuple[Path, Image.Image]] = []
+    bar = _progress(total=len(args.images), unit="image", desc=args.command)
 
     def flush() -> None:
         if not batch:
             return
-        captions = _generate_texts(
-            model,
-            processor,
-            [image for _, image in batch],
-            args.prompt,
-            device,
-            num_beams=args.num_beams,
-            max_new_tokens=args.max_new_tokens,
-        )
-        for (path, _), caption in zip(batch, captions):
-            print(f"{path}\t{_one_line(caption)}")
+        images = [image for _, image in batch]
+        texts = _generate_texts(model, processor, images, [prompt] * len(images), device, **generate_kwargs)
+        for (path, _), text in zip(batch, texts):
+            print_line(path, _one_line(text))
         sys.stdout.flush()  # each batch's lines as soon as they exist (long runs, pipes)
+        bar.update(len(batch))
         batch.clear()
 
-    with torch.inference_mode():
+    with torch.inference_mode(), bar:
         for path in args.images:
             image = _read_image(path, args.command)
             if image is None:
                 failed += 1
+                bar.update(1)
                 continue
             batch.append((path, image))
             if len(batch) == args.batch_size:
                 flush()
         flush()
     if failed:
-        print(f"blip2-hf caption: {failed} of {len(args.images)} images could not be read.", file=sys.stderr)
+        print(f"blip2-hf {args.command}: {failed} of {len(args.images)} images could not be read.", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _print_line(path: Path, text: str) -> None:
+    """`PATH<TAB>text` on stdout, clear of a progress bar on stderr (tqdm redraws it below)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"{path}\t{text}", file=sys.stdout)
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    """Print `PATH<TAB>caption` per readable image; 1 if any image could not be read, 2 if no model."""
+    return _generate_over_images(
+        args, args.prompt, _print_line, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens
+    )
 
 
 def add_ask_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "ask",
-        help="Answer a question about an image (zero-shot VQA, as BLIP-2 is evaluated).",
+        help="Answer a question about images (zero-shot VQA, as BLIP-2 is evaluated).",
         description="Zero-shot VQA as LAVIS's `predict_answers`: the question goes into --prompt-template, the model "
-        "generates by beam search, and the answer (the generated text only) is printed.",
+        "generates by beam search, and the answer (the generated text only) is printed: alone for one IMAGE, as "
+        "`PATH<TAB>answer` lines (in order) for several. Unreadable images are named on stderr and skipped (exit "
+        "code 1 at the end).",
     )
-    parser.add_argument("image", type=Path, metavar="IMAGE", help="Image file.")
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="Image file(s).")
     parser.add_argument("question", metavar="QUESTION", help="The question, e.g. 'what color is the circle?'.")
     parser.add_argument(
         "--prompt-template",
         default=VQA_PROMPT,
         metavar="TEMPLATE",
-        help=f"The prompt, with {{}} where the question goes (default: {VQA_PROMPT!r}).",
+        help=f"The prompt, with {{}} where the question goes (default: {VQA_PROMPT!r}, as evaluation/vqa.py).",
     )
     parser.add_argument("--num-beams", type=_positive_int, metavar="N", default=5, help="Beam width (default: 5).")
     parser.add_argument(
         "--max-new-tokens", type=_positive_int, metavar="N", default=10, help="Answer length limit (default: 10)."
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, metavar="N", default=16, help="Images per generate call (default: 16)."
     )
     _add_model_arguments(parser, f"<demo dir>/{CAPTION_MODEL_SUBDIR}", CAPTION_MODEL_EXAMPLE)
     parser.set_defaults(func=run_ask)
 
 
 def run_ask(args: argparse.Namespace) -> int:
-    """Print the answer; 1 if the image cannot be read, 2 if no model or an unusable template."""
-    import torch
-
-    from . import Blip2ForConditionalGeneration
-
+    """Print the answer(s); 1 if an image cannot be read, 2 if no model or an unusable template."""
     try:  # LAVIS formats its prompt with `str.format`; a template without {} would silently drop the question
         if "{}" not in args.prompt_template:
             raise ValueError("it has no {}")
@@ -389,22 +448,20 @@ def run_ask(args: argparse.Namespace) -> int:
     except (IndexError, KeyError, ValueError) as err:
         print(f"blip2-hf ask: error: unusable --prompt-template {args.prompt_template!r}: {err}", file=sys.stderr)
         return 2
-    loaded = _load_model(args, Blip2ForConditionalGeneration, CAPTION_MODEL_SUBDIR, CAPTION_MODEL_EXAMPLE)
-    if loaded is None:
-        return 2
-    model, processor, device = loaded
-    image = _read_image(args.image, args.command)
-    if image is None:
-        return 1
-    with torch.inference_mode():
-        # min_new_tokens=1 is LAVIS's `min_len=1`: an end-of-answer ("\n" or EOS) cannot come first, so a model
-        # unsure of the answer still gives one instead of an empty line
-        (answer,) = _generate_texts(
-            model, processor, [image], prompt, device, num_beams=args.num_beams,
-            max_new_tokens=args.max_new_tokens, min_new_tokens=1,
-        )  # fmt: skip
-    print(answer)
-    return 0
+
+    def print_answer(path: Path, answer: str) -> None:
+        if len(args.images) == 1:
+            from tqdm.auto import tqdm
+
+            tqdm.write(answer, file=sys.stdout)
+        else:
+            _print_line(path, answer)
+
+    # min_new_tokens=1 is LAVIS's `min_len=1`: an end-of-answer ("\n" or EOS) cannot come first, so a model unsure
+    # of the answer still gives one instead of an empty line
+    return _generate_over_images(
+        args, prompt, print_answer, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, min_new_tokens=1
+    )
 
 
 def add_retrieve_command(subparsers: argparse._SubParsersAction) -> None:
@@ -600,14 +657,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The parsed command line (default: `sys.argv[1:]`); needs no torch (see `blip2_hf_launch`)."""
+    return build_parser().parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed command; returns its exit code. Errors a user can fix are one line on stderr, exit code 1."""
+    import transformers
+
+    from .hub import PushError
+
     # The package's progress messages on stderr; the libraries' own loggers keep their settings.
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     package_logger = logging.getLogger("blip2_hf")
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.INFO)
+    loading_bars = transformers.utils.logging.is_progress_bar_enabled()
+    if not sys.stderr.isatty():  # the per-tensor "Loading weights" bar: noise in a log, transient on a terminal
+        transformers.utils.logging.disable_progress_bar()
     try:
         return args.func(args)
     except (PushError, FileNotFoundError, FileExistsError, ValueError) as err:
@@ -615,6 +684,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         package_logger.removeHandler(handler)
+        if loading_bars:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`blip2-hf`: parse, run, return the exit code. The console script is `blip2_hf_launch.main`, the same with the
+    package's heavy imports after the parsing."""
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import json
 import math
 import pickle
 import re
+import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -504,9 +505,15 @@ def convert_state_dict(
 def load_lavis_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of a LAVIS `.pth`: its `"model"` entry, or the file itself when it is a bare state dict
     (`eva_vit_g.pth`). Read with `weights_only=True`: nothing but tensors and plain containers is unpickled."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError) as error:  # not a zip / legacy pickle at all, or cut short
+        raise ValueError(f"{path} is not a PyTorch checkpoint: {str(error).splitlines()[0]}") from error
     except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):  # garbage bytes ("Unsupported operand"), not an unsafe object
+            raise ValueError(f"{path} is not a PyTorch checkpoint (torch.load cannot unpickle it)") from error
         raise ValueError(
             f"{path} cannot be read safely: it holds Python objects other than tensors and plain containers, and "
             "this tool only loads .pth files with torch.load(weights_only=True) (unpickling arbitrary objects can "
@@ -692,6 +699,7 @@ def _parser() -> argparse.ArgumentParser:
         "--config", required=True, help=f"a config.json (or its folder), or a preset: {', '.join(PRESETS)}"
     )
     parser.add_argument("--output", required=True, help="folder to write the model to (save_pretrained)")
+    parser.add_argument("--overwrite", action="store_true", help="write into an existing --output")
     return parser
 
 
@@ -699,6 +707,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Convert, load into the matching class with `load_state_dict(strict=False)`, check that every weight left
     missing is one the report lists as not in this checkpoint, `save_pretrained` (safetensors), print the report."""
     args = _parser().parse_args(argv)
+    try:
+        return _convert(args)
+    except (OSError, ValueError) as err:  # a missing or unsafe file, wrong keys or shapes, an existing --output
+        print(f"blip2-hf-convert-lavis: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _convert(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise FileExistsError(f"--output {output} exists; pass --overwrite to write into it")
     config = load_config(args.config)
     checkpoint = load_lavis_checkpoint(args.checkpoint)
     model_class = infer_model_class(checkpoint)
@@ -746,8 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"load_state_dict disagrees with the conversion report: missing but not reported {unexplained}, "
             f"unexpected {result.unexpected_keys}"
         )
-    model.save_pretrained(args.output)
-    output = Path(args.output)
+    model.save_pretrained(output)
     report_dict = dict(report.to_dict(), origins={key: origins[key] for key in lavis})
     (output / "lavis_conversion_report.json").write_text(json.dumps(report_dict, indent=1) + "\n")
     print(report.format(origins))
@@ -756,4 +774,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

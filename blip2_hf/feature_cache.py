@@ -713,7 +713,12 @@ def load_sources(sources: Sequence[str], image_root: str | None = None) -> datas
     """Every row of every source once, in order: `blip2_hf.data.load_training_data` per source (map-style), then
     concatenated. (`load_training_data` of several sources mixes them by weight, repeating the smaller ones: right
     for sampling a training stream, wrong for a cache, which wants each row exactly once.)"""
-    parts = [load_training_data(source, image_root=image_root, streaming=False) for source in sources]
+    parts = []
+    for source in sources:
+        try:
+            parts.append(load_training_data(source, image_root=image_root, streaming=False))
+        except json.JSONDecodeError as err:  # its message names no file
+            raise ValueError(f"{source}: not valid JSON ({err})") from err
     if len({repr(part.features["image"]) for part in parts}) > 1:  # paths and bytes: the Image struct holds both
         parts = [part.cast_column("image", datasets.Image(decode=False)) for part in parts]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
@@ -749,14 +754,35 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`blip2-hf-cache-features --model DIR --data SOURCE [SOURCE ...] [--image-root DIR] --output DIR
-    [--batch-size N] [--dtype fp16|bf16|fp32]` (see `--help` for the rest)."""
+    [--batch-size N] [--dtype fp16|bf16|fp32]` (see `--help` for the rest). Returns 0, or 1 after a one-line error
+    on stderr for the usual mistakes (a missing model, data file or image folder, unreadable data, an existing
+    --output)."""
+    args = _parser().parse_args(argv)
+    try:
+        _check_paths(args)
+        return _run(args)
+    except (OSError, ValueError) as err:  # FileNotFoundError, FileExistsError, JSON errors: the user's to fix
+        print(f"blip2-hf-cache-features: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Fail before loading anything: the model is a folder, the output free (or --overwrite), the image root a
+    folder."""
+    for flag, folder in (("--model", args.model), ("--processor", args.processor), ("--image-root", args.image_root)):
+        if folder is not None and not Path(folder).is_dir():
+            raise FileNotFoundError(f"{flag} {folder}: no such folder")
+    if Path(args.output).exists() and not args.overwrite:
+        raise FileExistsError(f"--output {args.output} exists; pass --overwrite to replace it")
+
+
+def _run(args: argparse.Namespace) -> int:
     from .processing_blip2 import Blip2Processor
 
-    args = _parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dataset = load_sources(args.data, image_root=args.image_root)  # the data first: its errors come cheap
     model = load_model_for_cache(args.model, dtype=args.model_dtype)
     processor = Blip2Processor.from_pretrained(args.processor or args.model)
-    dataset = load_sources(args.data, image_root=args.image_root)
     build_feature_cache(
         model,
         dataset,

@@ -51,14 +51,12 @@ from huggingface_hub.utils import validate_repo_id
 
 from . import __version__, modeling_blip2
 from .configuration_blip2 import Blip2Config
+from .constants import DEFAULT_LICENSE, DEFAULT_TEMPLATE
 from .modeling_blip2 import AUTO_MAP, IMAGE_TO_TEXT_PIPELINE, REMOTE_CODE_FILES
 
 logger = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).parent
-DEFAULT_TEMPLATE = PACKAGE_DIR / "templates" / "model_card.md"
-# The upstream BLIP-2 checkpoints (Salesforce/blip2-*) are published under MIT; the LLM's own license applies too.
-DEFAULT_LICENSE = "mit"
 # A flat JSON of hyperparameters beside the weights, shown as the card's training recipe when present.
 RECIPE_FILE = "training_recipe.json"
 # What the training scripts record about their run (`write_training_run`); the card's training section.

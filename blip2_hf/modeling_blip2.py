@@ -1472,6 +1472,10 @@ class Blip2ForImageTextRetrieval(Blip2Stage1FeaturesMixin, Blip2PreTrainedModel)
     LAVIS's unimodal and multimodal features (`Blip2Stage1FeaturesMixin`).
     """
 
+    # A stage-1 folder (Blip2ForPreTraining) also holds the ITG head, which retrieval does not use: loading it here
+    # is intended, not a mismatch worth a load report.
+    _keys_to_ignore_on_load_unexpected = [r"^cls\.predictions\."]
+
     def __init__(self, config: Blip2Config):
         super().__init__(config)
         if not config.qformer_config.use_qformer_text_input:

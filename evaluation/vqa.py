@@ -64,12 +64,10 @@ from common import (
 )
 from tqdm.auto import tqdm
 
-from blip2_hf import Blip2ForConditionalGeneration
+from blip2_hf import VQA_PROMPT, Blip2ForConditionalGeneration
 from blip2_hf.data import load_image
 from blip2_hf.metrics import vqa_accuracy
 
-DECODER_ONLY_PROMPT = "Question: {} Answer:"  # the paper's prompt for OPT
-ENCODER_DECODER_PROMPT = "Question: {} Short answer:"  # the paper's prompt for Flan-T5
 METRIC_MODES = {"vqav2": "vqa", "okvqa": "okvqa", "gqa": "gqa"}
 
 # Table 2 of the paper: its columns and its BLIP-2 rows (zero-shot accuracy, %).
@@ -128,8 +126,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--prompt",
         default=None,
-        help=f"Template with {{}} for the question. Default: {DECODER_ONLY_PROMPT!r} (decoder-only LLMs), "
-        f"{ENCODER_DECODER_PROMPT!r} (encoder-decoder LLMs).",
+        help=f"Template with {{}} for the question. Default: {VQA_PROMPT!r} (LAVIS's zero-shot VQA configs, every "
+        "LLM; `blip2-hf ask`'s too); the paper's OPT rows used 'Question: {} Answer:'.",
     )
     parser.add_argument("--max_words", type=int, default=50, help="Words kept per question (LAVIS: 50).")
     add_generation_args(parser, num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
@@ -324,8 +322,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     processor = load_processor(args)
     model, dtype = load_model(Blip2ForConditionalGeneration, args, accelerator)
-    decoder_only = model.config.use_decoder_only_language_model
-    prompt = args.prompt or (DECODER_ONLY_PROMPT if decoder_only else ENCODER_DECODER_PROMPT)
+    prompt = args.prompt or VQA_PROMPT
     if accelerator.is_main_process:
         processes = accelerator.num_processes
         print(f"{dataset} ({file_format} format, {split}): {len(rows)} questions, {processes} process(es)")

@@ -5,6 +5,8 @@ unreadable images named and skipped, and the missing default (demo) model explai
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from blip2_hf.testing_utils import (
     tiny_config_dict,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 NUM_QUERY_TOKENS = 4
 QUESTION = "what color is the circle?"
 QUERY = "A red circle on a white background."
@@ -292,8 +295,13 @@ def test_missing_default_model_says_how_to_make_it(world, capsys, monkeypatch, t
 
 def test_bad_model_and_device(world, capsys, tmp_path):
     image = world / "images" / "image0.png"
-    code, out, err = run(capsys, "caption", image, "--model", tmp_path / "nothing_here")
-    assert code == 2 and out == "" and "cannot load" in err and "nothing_here" in err
+    for missing in (tmp_path / "nothing_here", "./runs/nothing_here", "runs/stage2/nothing_here"):
+        code, out, err = run(capsys, "caption", image, "--model", missing)
+        assert code == 2 and out == "" and "Traceback" not in err
+        assert (
+            err
+            == f"blip2-hf caption: error: --model {missing}: no such folder (and not a Hub id, which is NAME or NAMESPACE/NAME).\n"
+        )
     if not torch.cuda.is_available():
         code, out, err = run(capsys, "caption", image, "--model", world / "opt", "--device", "cuda")
         assert code == 2 and out == "" and "CUDA is not available" in err
@@ -314,6 +322,9 @@ def test_defaults():
     assert (caption.num_beams, caption.max_new_tokens, caption.batch_size, caption.prompt) == (3, 30, 16, "")
     ask = parse(["ask", "x.png", "why?"])
     assert (ask.num_beams, ask.max_new_tokens, ask.prompt_template) == (5, 10, VQA_PROMPT)
+    assert ask.images == [Path("x.png")] and ask.question == "why?"
+    assert parse(["ask", "x.png", "y.png", "why?"]).images == [Path("x.png"), Path("y.png")]
+    assert VQA_PROMPT is blip2_hf.VQA_PROMPT is vqa_default_prompt()  # one prompt: ask, evaluation/vqa.py, the demo
     retrieve = parse(["retrieve", "--images", "d", "--text", "t"])
     assert (retrieve.top_k, retrieve.rerank_k) == (5, 16)
     for args in (caption, ask, retrieve):
@@ -339,3 +350,88 @@ def test_help(capsys, command, expected):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0 and command in capsys.readouterr().out
+
+
+def vqa_default_prompt() -> str:
+    """The prompt evaluation/vqa.py uses when none is given."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vqa", ROOT / "evaluation" / "vqa.py")
+    sys.path.insert(0, str(ROOT / "evaluation"))  # vqa.py imports its sibling `common`
+    try:
+        vqa = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(vqa)
+    finally:
+        sys.path.remove(str(ROOT / "evaluation"))
+    return vqa.VQA_PROMPT
+
+
+def test_ask_several_images_prints_path_and_answer(world, capsys):
+    images = [world / "images" / "image0.png", world / "images" / "garbage.png", world / "images" / "image2.png"]
+    code, out, err = run(capsys, "ask", *images, QUESTION, "--model", world / "opt", "--batch-size", 1)
+    assert code == 1 and "garbage.png" in err and "1 of 3 images could not be read" in err
+    single = [run(capsys, "ask", image, QUESTION, "--model", world / "opt")[1].strip() for image in images[::2]]
+    assert out.splitlines() == [f"{images[0]}\t{single[0]}", f"{images[2]}\t{single[1]}"]
+
+
+def test_progress_bars_on_stderr_for_a_terminal(world, capsys, monkeypatch):
+    """On a terminal, caption and ask draw a tqdm bar on stderr; stdout holds the results only."""
+    images = [world / "images" / f"image{index}.png" for index in range(3)]
+    plain = run(capsys, "caption", *images, "--model", world / "opt", "--batch-size", 2)[1]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    code, out, err = run(capsys, "caption", *images, "--model", world / "opt", "--batch-size", 2)
+    assert code == 0 and out == plain and "caption: 100%" in err and "3/3" in err
+    code, out, err = run(capsys, "ask", *images[:2], QUESTION, "--model", world / "opt")
+    assert code == 0 and len(out.splitlines()) == 2 and "ask: 100%" in err and "2/2" in err
+
+
+def test_stage1_folder_loads_for_retrieval_without_a_load_report(world, tmp_path, capfd):
+    """A stage-1 folder holds the ITG head, which retrieval leaves out on purpose: no "unexpected keys" report."""
+    retrieval = blip2_hf.Blip2ForImageTextRetrieval.from_pretrained(world / "retrieval")
+    retrieval.config.qformer_config.bos_token_id = 1  # stage 1 needs a [DEC] id for ITG
+    stage1 = blip2_hf.Blip2ForPreTraining(retrieval.config)
+    stage1.save_pretrained(tmp_path / "stage1")
+    blip2_hf.Blip2Processor.from_pretrained(world / "retrieval").save_pretrained(tmp_path / "stage1")
+    assert any(key.startswith("cls.predictions.") for key in stage1.state_dict())
+    _, info = blip2_hf.Blip2ForImageTextRetrieval.from_pretrained(tmp_path / "stage1", output_loading_info=True)
+    assert info["unexpected_keys"] == set() or not info["unexpected_keys"]
+    capfd.readouterr()
+    code = main(["retrieve", "--images", str(world / "gallery"), "--text", QUERY, "--model", str(tmp_path / "stage1")])
+    out, err = capfd.readouterr()
+    assert code == 0 and len(out.splitlines()) == 5
+    assert "LOAD REPORT" not in err and "UNEXPECTED" not in err and "Loading weights" not in err, err
+
+
+LAUNCH_HELP = """
+import sys
+import blip2_hf_launch
+for argv in ([], ["caption"], ["ask"], ["retrieve"], ["push"], ["card"], ["demo"]):
+    try:
+        blip2_hf_launch.main([*argv, "--help"])
+    except SystemExit as exit:
+        assert exit.code == 0, argv
+heavy = sorted(name for name in ("torch", "transformers", "huggingface_hub", "PIL", "numpy") if name in sys.modules)
+print("heavy:", heavy)
+"""
+
+
+def test_help_imports_no_torch():
+    """`blip2-hf --help` (the console script is `blip2_hf_launch.main`) and each subcommand's answer without
+    importing torch, transformers or the model code: the point of parsing before the package's `__init__`."""
+    proc = subprocess.run([sys.executable, "-c", LAUNCH_HELP], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "heavy: []", proc.stdout[-2000:]
+    assert "usage: blip2-hf retrieve" in proc.stdout and "usage: blip2-hf push" in proc.stdout
+
+
+def test_the_console_script_runs_a_command_as_main_does(world, capsys):
+    """Through the launcher (a fresh process, the package initialised after parsing) `caption` prints what `main`
+    prints here, and usage errors still exit 2 from the parser."""
+    image = world / "images" / "image0.png"
+    expected = run(capsys, "caption", image, "--model", world / "opt")[1]
+    command = [sys.executable, "-m", "blip2_hf_launch"]
+    proc = subprocess.run([*command, "caption", str(image), "--model", str(world / "opt")], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout == expected, proc.stderr[-3000:]
+    proc = subprocess.run([*command, "caption"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2 and "IMAGE" in proc.stderr and "Traceback" not in proc.stderr

@@ -24,6 +24,7 @@ from blip2_hf.convert_lavis import (
     convert_state_dict,
     convert_state_dict_with_report,
     load_config,
+    load_lavis_checkpoint,
     main,
     rename_key,
 )
@@ -507,12 +508,57 @@ def test_unmatched_key_is_named():
         convert_state_dict(sd, Blip2Config(**cfg))
 
 
-def test_misshaped_key_names_both_shapes(tmp_path):
+def refusal(tmp_path: Path, capsys, checkpoint: Path | str, cfg: dict, *extra: str) -> str:
+    """main() on a checkpoint it must refuse: exit code 1, no output folder, and the stderr message (no traceback)."""
+    output = tmp_path / "refused"
+    argv = [
+        "--checkpoint",
+        str(checkpoint),
+        "--config",
+        save_config(tmp_path / "c.json", cfg),
+        "--output",
+        str(output),
+    ]
+    assert main([*argv, *extra]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("blip2-hf-convert-lavis: error: ") and "Traceback" not in err
+    assert not output.exists()
+    return err
+
+
+def test_misshaped_key_names_both_shapes(tmp_path, capsys):
     cfg = stage1_config()
     sd = lavis_stage1(cfg, Rand(13))
     sd["itm_head.weight"] = torch.zeros(3, 32)
-    with pytest.raises(ValueError, match=r"itm_head\.weight -> itm_head\.weight: LAVIS \(3, 32\), expected \(2, 32\)"):
-        run(tmp_path, sd, cfg)
+    err = refusal(tmp_path, capsys, save_pth(tmp_path / "ckpt.pth", sd), cfg)
+    assert "itm_head.weight -> itm_head.weight: LAVIS (3, 32), expected (2, 32)" in err
+
+
+def test_usual_mistakes_are_one_line_messages(tmp_path, capsys):
+    """A missing file, a file that is no PyTorch checkpoint, one that is not BLIP-2 (wrong keys) and an existing
+    --output each get a message naming the problem, exit code 1."""
+    cfg = stage1_config()
+    assert "missing.pth: no such file" in refusal(tmp_path, capsys, tmp_path / "missing.pth", cfg)
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    assert "notes.pth is not a PyTorch checkpoint" in refusal(tmp_path, capsys, tmp_path / "notes.pth", cfg)
+    resnet = save_pth(tmp_path / "resnet.pth", {"conv1.weight": torch.zeros(2, 3, 1, 1), "fc.bias": torch.zeros(2)})
+    err = refusal(tmp_path, capsys, resnet, cfg)
+    assert "conv1.weight" in err and "fc.bias" in err  # the keys that are no LAVIS BLIP-2 key
+    assert "--config 'nope.json': neither a preset" in refusal(tmp_path, capsys, resnet, cfg, "--config", "nope.json")
+
+    good = save_pth(tmp_path / "good.pth", lavis_stage1(cfg, Rand(16)))
+    (tmp_path / "taken").mkdir()
+    argv = [
+        "--checkpoint",
+        good,
+        "--config",
+        save_config(tmp_path / "c.json", cfg),
+        "--output",
+        str(tmp_path / "taken"),
+    ]
+    assert main(argv) == 1
+    assert "--output" in capsys.readouterr().err and not any((tmp_path / "taken").iterdir())
+    assert main([*argv, "--overwrite"]) == 0 and (tmp_path / "taken" / "config.json").is_file()
 
 
 def test_llm_of_the_wrong_family_is_refused():
@@ -521,13 +567,13 @@ def test_llm_of_the_wrong_family_is_refused():
         convert_state_dict(sd, Blip2Config(**tiny_config_dict("t5")))
 
 
-def test_pth_with_python_objects_is_refused(tmp_path):
+def test_pth_with_python_objects_is_refused(tmp_path, capsys):
     cfg = tiny_config_dict("opt")
     path = tmp_path / "unsafe.pth"
     torch.save({"model": lavis_stage2(cfg, Rand(14), "opt"), "args": Path("anything")}, path)
-    argv = ["--checkpoint", str(path), "--config", save_config(tmp_path / "c.json", cfg), "--output", str(tmp_path)]
     with pytest.raises(ValueError, match=r"cannot be read safely(.|\n)*weights_only=True"):
-        main(argv)
+        load_lavis_checkpoint(path)
+    assert "unsafe.pth cannot be read safely" in refusal(tmp_path, capsys, path, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

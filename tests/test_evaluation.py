@@ -211,7 +211,7 @@ def test_vqa_official_format_scored_against_the_annotations(world, tmp_path, mon
     recomputed = vqa_accuracy([p["answer"] for p in predictions], references, mode="vqa")
     assert recomputed["accuracy"] == results["metrics"]["accuracy"]
     settings = results["settings"]
-    assert settings["prompt_used"] == "Question: {} Answer:" and settings["metric_mode"] == "vqa"
+    assert settings["prompt_used"] == "Question: {} Short answer:" and settings["metric_mode"] == "vqa"
     assert settings["generation"] == dict(
         num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0, repetition_penalty=1.0, do_sample=False
     )
@@ -234,7 +234,7 @@ def test_vqa_answer_is_the_unbatched_generation_without_the_prompt(world, tmp_pa
     model = blip2_hf.Blip2ForConditionalGeneration.from_pretrained(world / "opt").eval()
     processor = blip2_hf.Blip2Processor.from_pretrained(world / "opt")
     for index in (0, 3):
-        prompt = f"Question: {vqa.pre_question(QUESTIONS[index])} Answer:"
+        prompt = f"Question: {vqa.pre_question(QUESTIONS[index])} Short answer:"
         image = load_image(world / "images" / "val2014" / f"COCO_val2014_{index + 1:012d}.jpg")
         inputs = processor(images=image, text=prompt, return_tensors="pt")
         ids = model.generate(**inputs, num_beams=5, max_new_tokens=4, min_new_tokens=1, length_penalty=-1.0)
@@ -255,7 +255,7 @@ def test_vqa_gqa_format_with_an_encoder_decoder_llm(world, tmp_path):
 
     assert (results["dataset"], results["protocol"], results["settings"]["format"]) == ("custom", "gqa", "gqa")
     assert results["split"] is None and results["dataset_file"] == "testdev_balanced_questions.json"
-    assert results["settings"]["prompt_used"] == "Question: {} Short answer:"  # Flan-T5's prompt
+    assert results["settings"]["prompt_used"] == "Question: {} Short answer:"  # the one default (blip2_hf.VQA_PROMPT)
     assert results["settings"]["metric_mode"] == "gqa" and results["metrics"]["num_questions"] == 4
     predictions = read(out / "predictions.json")
     assert [p["question_id"] for p in predictions] == ["200", "201", "202", "203"]

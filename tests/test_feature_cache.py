@@ -394,3 +394,37 @@ def test_data_collators_train_from_the_cache(models, processor, caption_data, fp
             with torch.no_grad():
                 losses.append(model(**batch).loss)
         assert torch.equal(losses[0], losses[1]), name
+
+
+def test_console_command_mistakes_are_one_line_messages(processor, image_paths, tmp_path, capsys):
+    """The usual mistakes fail before any encoding with exit code 1 and one line naming the problem, no traceback."""
+    model = tmp_path / "model"
+    stage1_model(processor).save_pretrained(model)
+    processor.save_pretrained(model)
+    good = tmp_path / "train.json"
+    good.write_text(json.dumps([{"image": str(image_paths[0]), "caption": "a caption"}]))
+    (tmp_path / "broken.json").write_text('[{"image": "a.png", "caption": ')
+    (tmp_path / "taken").mkdir()
+    capsys.readouterr()  # save_pretrained's bars
+
+    def refused(*argv: str) -> str:
+        assert feature_cache.main(["--no-progress", *argv]) == 1
+        err = capsys.readouterr().err
+        message = err.strip().splitlines()[-1]  # after transformers' "Loading weights" bar, if it got that far
+        assert message.startswith("blip2-hf-cache-features: error: ") and "Traceback" not in err, err
+        return message
+
+    out = ["--output", str(tmp_path / "cache")]
+    assert "--model nope: no such folder" in refused("--model", "nope", "--data", str(good), *out)
+    assert "missing.json" in refused("--model", str(model), "--data", str(tmp_path / "missing.json"), *out)
+    assert "broken.json: not valid JSON" in refused(
+        "--model", str(model), "--data", str(tmp_path / "broken.json"), *out
+    )
+    assert "--image-root nowhere: no such folder" in refused(
+        "--model", str(model), "--data", str(good), "--image-root", "nowhere", *out
+    )
+    taken = refused("--model", str(model), "--data", str(good), "--output", str(tmp_path / "taken"))
+    assert "taken exists; pass --overwrite" in taken
+    (tmp_path / "unlisted.json").write_text(json.dumps([{"image": "gone.png", "caption": "a caption"}]))
+    assert "gone.png" in refused("--model", str(model), "--data", str(tmp_path / "unlisted.json"), *out)
+    assert not (tmp_path / "cache").exists()

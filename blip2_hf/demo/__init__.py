@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..constants import VQA_PROMPT  # noqa: F401 (the demo's prompt: the package's zero-shot VQA prompt)
+
 DEMO_DIR_ENV = "BLIP2_HF_DEMO_DIR"
 DEFAULT_DEMO_DIR = "blip2_demo"
 CAPTION_MODEL_SUBDIR = "model"
 RETRIEVAL_MODEL_SUBDIR = "retrieval_model"
 # The two arms of the ablation (paper Figure 5), as the results and the report name them.
 ARMS = {"stage1+2": "stage 1 + stage 2 (BLIP-2)", "stage2_only": "stage 2 only (no representation learning)"}
-# LAVIS's zero-shot VQA prompt for OPT-based BLIP-2 (`Blip2OPT.predict_answers`).
-VQA_PROMPT = "Question: {} Short answer:"
 
 
 def demo_dir() -> Path:
