@@ -56,7 +56,7 @@ class TowerBudget:
     vision_width: int = 128
     vision_layers: int = 4
     conv_stem_channels: tuple[int, ...] = (32, 64, 96, 128)  # 4 stride-2 convolutions: 16 x 16 px patches
-    vision_steps: int = 3000
+    vision_steps: int = 2000
     vision_batch_size: int = 128
     vision_learning_rate: float = 2e-3
     llm_scenes: int = 20000
