@@ -93,9 +93,7 @@ def run_case(case: str, work: Path, env: dict[str, str]) -> dict:
          "--num_workers", "0"], work, env,
     )  # fmt: skip
     repo_id = f"{TEST_USER}/tiny-{case}"
-    push = run_command(
-        [*cli, "push", folder, repo_id, "--results", f"{evaluation}/results.json", *push_args], work, env
-    )
+    run_command([*cli, "push", folder, repo_id, "--results", f"{evaluation}/results.json", *push_args], work, env)
     return dict(
         folder=work / folder,
         repo_id=repo_id,
@@ -103,7 +101,6 @@ def run_case(case: str, work: Path, env: dict[str, str]) -> dict:
         answer=ask.stdout.strip("\n"),
         results=json.loads((work / evaluation / "results.json").read_text()),
         predictions=json.loads((work / evaluation / "predictions.json").read_text()),
-        push=push.stdout,
     )
 
 
