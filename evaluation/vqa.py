@@ -45,6 +45,7 @@ from common import (
     check_args,
     check_benchmark,
     check_images_exist,
+    custom_table,
     dataset_fields,
     finish,
     fmt,
@@ -368,7 +369,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         ),
     )
     accuracy = metrics["accuracy"] if metrics else None
-    write_outputs(args.output_dir, results, predictions, table2(model_name(args), column, accuracy))
+    if args.benchmark:
+        table = table2(model_name(args), column, accuracy)
+    else:  # the paper's rows measure other data: custom results stand alone (as caption.py and retrieval.py)
+        table = custom_table(model_name(args), os.path.basename(args.questions), ["accuracy"], [accuracy])
+    write_outputs(args.output_dir, results, predictions, table)
     finish(accelerator)
     return results
 

@@ -27,7 +27,7 @@ from hub_server import (
     patch_client,
 )
 from huggingface_hub import ModelCard
-from utils import draw_images, make_bert_tokenizer, make_opt_tokenizer
+from utils import BENCHMARK_NAMES, draw_images, make_bert_tokenizer, make_opt_tokenizer
 
 import blip2_hf
 from blip2_hf import cli, hub
@@ -302,9 +302,6 @@ def test_custom_template(stage2, tmp_path):
     card = hub.build_model_card(folder, "testuser/custom", template_path=template)
     assert card.text.strip() == "# custom (stage2) for testuser/custom"
     assert card.data.pipeline_tag == "image-text-to-text"
-
-
-BENCHMARK_NAMES = ("VQAv2", "vqav2", "OK-VQA", "GQA", "COCO", "coco", "Karpathy", "NoCaps", "Flickr", "flickr30k")
 
 
 def test_custom_data_results_name_no_benchmark(stage2, results, tmp_path, caplog):

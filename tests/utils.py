@@ -27,3 +27,18 @@ from blip2_hf.testing_utils import (  # noqa: F401  (re-exported for the tests)
     make_opt_tokenizer,
     make_t5_tokenizer,
 )
+
+# Paper benchmarks by name, as words: a card or result for custom data must name none of them.
+BENCHMARK_NAMES = (
+    "VQAv2",
+    "vqav2",
+    "OK-VQA",
+    "GQA",
+    "COCO",
+    "coco",
+    "Karpathy",
+    "NoCaps",
+    "Flickr",
+    "flickr30k",
+    "okvqa",
+)

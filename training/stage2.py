@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, HfArgumentParser, set_seed
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -164,7 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     if model_args.lora_r > 0:
         # the adapters, then the base model (trained Q-Former, original LLM) beside them
         if trainer.is_world_process_zero():
+            card = Path(output_dir) / "README.md"
+            had_card = card.exists()
             model.save_pretrained(output_dir)
+            if not had_card:  # peft's blank template (empty base_model): `blip2-hf card` / `push` write the real one
+                card.unlink(missing_ok=True)
             model.unload().save_pretrained(output_dir)
     else:
         trainer.save_model(output_dir)
