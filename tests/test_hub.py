@@ -192,7 +192,7 @@ def test_template_ships_in_the_package_and_model_cards_holds_the_same_file():
     assert hub.DEFAULT_TEMPLATE.is_file() and hub.DEFAULT_TEMPLATE.parent.parent == Path(blip2_hf.__file__).parent
     assert (REPO_ROOT / "model_cards" / "blip2.md").read_text() == hub.DEFAULT_TEMPLATE.read_text()
     setup_cfg = (REPO_ROOT / "setup.cfg").read_text()
-    assert "blip2_hf = templates/*.md" in setup_cfg and "blip2-hf = blip2_hf.cli:main" in setup_cfg
+    assert "blip2_hf = templates/*.md," in setup_cfg and "blip2-hf = blip2_hf_launch:main" in setup_cfg
 
 
 def test_stage2_card_metadata_results_and_sections(stage2, results, tmp_path, test_hub):
