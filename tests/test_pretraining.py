@@ -352,7 +352,9 @@ def test_stage1_checkpoint_flows_to_retrieval_and_stage2(tmp_path):
     inputs = batch(2)
 
     retrieval, info = blip2_hf.Blip2ForImageTextRetrieval.from_pretrained(tmp_path, output_loading_info=True)
-    assert not info["missing_keys"] and {k.split(".")[0] for k in info["unexpected_keys"]} == {"cls"}
+    # the ITG head (`cls.*`) is left behind on purpose and not reported (`_keys_to_ignore_on_load_unexpected`)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not any(name.startswith("cls.") for name in retrieval.state_dict())
     reference, info = transformers.Blip2ForImageTextRetrieval.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and info["unexpected_keys"] == {"temp"} | {
         k for k in info["unexpected_keys"] if k.startswith("cls.")

@@ -158,7 +158,10 @@ def test_killed_run_resumes_to_the_same_losses(stage1: Path):
     )
     resumed = losses(work / "tiny_work" / "killed")
     assert len(resumed) == len(reference) == 24
-    assert resumed == pytest.approx(reference, abs=1e-6)  # every step, the ones after the kill included
+    # Every step, the ones after the kill included. Not bitwise: without dropout the tiny stage 1 runs CPU attention
+    # kernels whose backward sums in a thread-dependent order (two uninterrupted runs differ by ~5e-7, growing to a
+    # few 1e-6 over 24 steps); a resume that lost state (optimizer, scheduler, data order, RNG) is off by > 1e-3.
+    assert resumed == pytest.approx(reference, abs=2e-5)
 
 
 def test_lora_adapter_saves_reloads_and_generates(stage1: Path):

@@ -241,7 +241,7 @@ def build_towers(output: str | Path, budget: TowerBudget = TowerBudget(), seed: 
         "files": file_hashes(output),
     }  # fmt: skip
     (output / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return manifest
+    return verify_towers(output)  # as a later reader sees it (tuples read back as lists)
 
 
 class TowersError(ValueError):
