@@ -77,7 +77,7 @@ QUICK = DemoSettings(
     num_validation=40,
     num_test=60,
     stage1_steps=60,
-    stage2_steps=60,
+    stage2_steps=150,
     batch_size=32,
     num_query_tokens=8,
 )
