@@ -8,7 +8,7 @@ install:
 	$(PYTHON) -m pip install -q -e ".[test]"
 
 test: install
-	$(PYTHON) -m ruff check blip2_hf tests benchmarks training evaluation
+	$(PYTHON) -m ruff check blip2_hf blip2_hf_launch.py tests benchmarks training evaluation
 	$(PYTHON) -m pytest -q -p no:cacheprovider
 
 # `make demo` is the README's main command: a miniature BLIP-2 end to end on CPU (see `blip2-hf demo --help`).

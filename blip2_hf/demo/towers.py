@@ -3,7 +3,7 @@
 
 BLIP-2 starts from strong frozen models that someone else trained. Trained inside the demo (a few minutes), the image
 encoder carried colors but not shapes or sides, and no Q-Former can pass on what the encoder never saw. So the towers
-are made here, by `blip2-hf demo --build-towers DIR` (about 40 minutes on 2 CPU cores), and the files in
+are made here, by `blip2-hf demo --build-towers DIR` (about 25 minutes on 2 CPU cores), and the files in
 `blip2_hf/demo/towers/` are that command's output:
 
 - `vision_encoder/`: a `Blip2VisionModel` (ViT with a convolutional stem) trained by scene tagging, no text;
@@ -49,7 +49,7 @@ VISION_SUBDIR, LLM_SUBDIR, QFORMER_TOKENIZER_SUBDIR = "vision_encoder", "languag
 
 @dataclasses.dataclass(frozen=True)
 class TowerBudget:
-    """Architectures and budgets of the two towers. The default is what ships (about 40 minutes on 2 CPU cores:
+    """Architectures and budgets of the two towers. The default is what ships (about 25 minutes on 2 CPU cores:
     the two towers train side by side, one core each)."""
 
     vision_scenes: int = 30000  # the image pool (drawn once; 30000 x 12 kB as bytes)
