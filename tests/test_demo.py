@@ -194,7 +194,7 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch, capsys):
     for run, dropout in (("stage1", 0.0), ("stage2", 0.1), ("stage2_without_stage1", 0.1)):
         qformer = json.loads((output / "runs" / "seed0" / run / "config.json").read_text())["qformer_config"]
         assert qformer["hidden_dropout_prob"] == qformer["attention_probs_dropout_prob"] == dropout, run
-    probe = results["towers"]["vision"]["probe"]
+    probe = results["towers"]["probe"]
     assert len(probe) == 18 and all(0 <= m["accuracy"] <= 100 and 50 <= m["majority"] <= 100 for m in probe.values())
     report = (output / "report.md").read_text()
     assert report.startswith("# blip2-hf demo") and report.index("## Results") < report.index("## Examples")
