@@ -197,7 +197,8 @@ def _finished_tower(folder: Path, budget: TowerBudget, seed: int) -> dict[str, A
     if not path.is_file():
         shutil.rmtree(folder, ignore_errors=True)
         return None
-    record = json.loads(json.dumps(json.loads(path.read_text())))
+    record = json.loads(path.read_text())
+    # compared as JSON reads it back (tuples become lists)
     if record["budget"] != json.loads(json.dumps(_tower_budget(folder, budget))) or record["seed"] != seed:
         raise FileExistsError(f"{folder} was trained with another budget or seed: build into a new folder")
     return record
