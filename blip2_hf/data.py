@@ -871,6 +871,7 @@ __all__ = [
     "load_training_data",
     "load_webdataset",
     "pre_caption",
+    "share_naming_sides",
 ]
 
 
@@ -893,4 +894,26 @@ def training_dataset(
         return load_feature_cache(feature_cache), None
     dataset = load_training_data(list(sources), list(weights) if weights else None, image_root=image_root, seed=seed)
     transform = RandomResizedCropFlip(model.config.vision_config.image_size) if augment else None
+    from datasets import Dataset
+
+    if transform is not None and isinstance(dataset, Dataset):  # a streamed source is not read ahead
+        share = share_naming_sides(dataset["caption"][:SIDE_CHECK_ROWS])
+        if share >= SIDE_WARNING_SHARE:
+            logger.warning(
+                "%.0f%% of the first captions name a side (left / right): the training augmentation flips half of "
+                "the images horizontally, which makes those captions false. Pass --augment false to keep the "
+                "images as they are.", 100 * share,
+            )  # fmt: skip
     return dataset, transform
+
+
+SIDE_CHECK_ROWS, SIDE_WARNING_SHARE = 2000, 0.05
+_SIDE_WORDS = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def share_naming_sides(captions: Sequence[str | Sequence[str]]) -> float:
+    """The share of `captions` (a string, or a list of a sample's captions) that say "left" or "right"."""
+    if len(captions) == 0:
+        return 0.0
+    texts = [caption if isinstance(caption, str) else " ".join(caption) for caption in captions]
+    return sum(bool(_SIDE_WORDS.search(text)) for text in texts) / len(texts)

@@ -27,6 +27,8 @@ from blip2_hf.data import (
     load_training_data,
     load_webdataset,
     pre_caption,
+    share_naming_sides,
+    training_dataset,
 )
 from blip2_hf.processing_blip2 import Blip2Processor
 
@@ -380,6 +382,27 @@ def test_random_resized_crop_flip_output_size_and_reproducibility():
     assert [out.tobytes() for out in first] == [out.tobytes() for out in second]
     assert len({out.tobytes() for out in first}) == 5  # the draws differ from call to call
     assert RandomResizedCropFlip((20, 30))(image).size == (30, 20)  # (height, width)
+
+
+def test_share_naming_sides_counts_whole_words_in_any_caption_of_a_sample():
+    captions = ["a dog on the left", ["a cat", "a cat to the RIGHT"], "the leftover cake", "brightness"]
+    assert share_naming_sides(captions) == 0.5
+    assert share_naming_sides([]) == 0.0
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_training_data_warns_when_the_flip_would_make_side_captions_false(tmp_path, caplog, augment):
+    from types import SimpleNamespace
+
+    draw_images(1)[0].save(tmp_path / "a.png")
+    records = [{"image": "a.png", "caption": f"a red square on the {side}"} for side in ("left", "right")]
+    (tmp_path / "train.json").write_text(json.dumps(records + [{"image": "a.png", "caption": "a cat"}]))
+    model = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(image_size=SIZE)))
+    with caplog.at_level(logging.WARNING, logger="blip2_hf.data"):
+        _, transform = training_dataset(model, [str(tmp_path / "train.json")], augment=augment)
+    assert (transform is not None) == augment
+    assert ("67% of the first captions name a side" in caplog.text) == augment, caplog.text
+    assert ("--augment false" in caplog.text) == augment
 
 
 def test_random_resized_crop_respects_scale_and_ratio():

@@ -10,7 +10,8 @@
     python training/stage1.py --config training/configs/tiny/stage1.yaml
     python training/stage2.py --config training/configs/tiny/stage2_opt.yaml   # or stage2_t5.yaml
 
-The towers are random: the tiny run shows the pipeline and its losses falling, not a useful model.
+The towers are random: the tiny run shows the pipeline and its losses falling (stage 1's ITC and ITM below their
+priors, `tests/test_training.py`), not a useful model.
 """
 
 from __future__ import annotations
