@@ -875,39 +875,6 @@ __all__ = [
 ]
 
 
-def training_dataset(
-    model: torch.nn.Module,
-    sources: Sequence[str],
-    weights: Sequence[float] | None = None,
-    image_root: str | None = None,
-    feature_cache: str | None = None,
-    augment: bool = True,
-    seed: int = 42,
-) -> tuple[Any, RandomResizedCropFlip | None]:
-    """The training scripts' data: `(dataset, image_transform)`. From a frozen-feature cache (checked against the
-    model's vision encoder; no augmentation: the cache holds one view of each image) or from `sources` (mixed by
-    `weights`) with LAVIS's random resized crop and flip at the model's image size."""
-    if feature_cache is not None:
-        from .feature_cache import check_cache_matches, load_feature_cache
-
-        check_cache_matches(model, feature_cache)
-        return load_feature_cache(feature_cache), None
-    dataset = load_training_data(list(sources), list(weights) if weights else None, image_root=image_root, seed=seed)
-    transform = RandomResizedCropFlip(model.config.vision_config.image_size) if augment else None
-    from datasets import Dataset
-
-    if transform is not None and isinstance(dataset, Dataset):  # a streamed source is not read ahead
-        share = share_naming_sides(dataset["caption"][:SIDE_CHECK_ROWS])
-        if share >= SIDE_WARNING_SHARE:
-            logger.warning(
-                "%.0f%% of the first captions name a side (left / right): the training augmentation flips half of "
-                "the images horizontally, which makes those captions false. Pass --augment false to keep the "
-                "images as they are.", 100 * share,
-            )  # fmt: skip
-    return dataset, transform
-
-
-SIDE_CHECK_ROWS, SIDE_WARNING_SHARE = 2000, 0.05
 _SIDE_WORDS = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
 

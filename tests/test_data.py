@@ -28,9 +28,9 @@ from blip2_hf.data import (
     load_webdataset,
     pre_caption,
     share_naming_sides,
-    training_dataset,
 )
 from blip2_hf.processing_blip2 import Blip2Processor
+from blip2_hf.training_scripts import training_dataset
 
 Q = 4
 SIZE = 24
@@ -398,7 +398,7 @@ def test_training_data_warns_when_the_flip_would_make_side_captions_false(tmp_pa
     records = [{"image": "a.png", "caption": f"a red square on the {side}"} for side in ("left", "right")]
     (tmp_path / "train.json").write_text(json.dumps(records + [{"image": "a.png", "caption": "a cat"}]))
     model = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(image_size=SIZE)))
-    with caplog.at_level(logging.WARNING, logger="blip2_hf.data"):
+    with caplog.at_level(logging.WARNING, logger="blip2_hf.training_scripts"):
         _, transform = training_dataset(model, [str(tmp_path / "train.json")], augment=augment)
     assert (transform is not None) == augment
     assert ("67% of the first captions name a side" in caplog.text) == augment, caplog.text

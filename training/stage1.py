@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser, set_seed
 
 from blip2_hf import Blip2Config, Blip2ForPreTraining, Blip2Processor
-from blip2_hf.data import BadImageTracker, Stage1Collator, training_dataset
+from blip2_hf.data import BadImageTracker, Stage1Collator
 from blip2_hf.hub import write_training_run
 from blip2_hf.modeling_blip2 import read_safetensors_folder
-from blip2_hf.trainer import Blip2Stage1Trainer, Blip2TrainingArguments, parse_args_with_config
+from blip2_hf.trainer import Blip2Stage1Trainer, Blip2TrainingArguments
+from blip2_hf.training_scripts import parse_args_with_config, training_dataset
 
 logger = logging.getLogger("blip2_hf.training")
 

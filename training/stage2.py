@@ -22,9 +22,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from blip2_hf import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
-from blip2_hf.data import BadImageTracker, Stage2Collator, training_dataset
+from blip2_hf.data import BadImageTracker, Stage2Collator
 from blip2_hf.hub import write_training_run
-from blip2_hf.trainer import Blip2Stage2Trainer, Blip2TrainingArguments, parse_args_with_config
+from blip2_hf.trainer import Blip2Stage2Trainer, Blip2TrainingArguments
+from blip2_hf.training_scripts import parse_args_with_config, training_dataset
 
 logger = logging.getLogger("blip2_hf.training")
 

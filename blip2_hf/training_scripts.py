@@ -1,0 +1,90 @@
+"""What the training scripts (`training/stage1.py`, `training/stage2.py`) share: their arguments, read from a YAML/JSON
+config file with command-line overrides (`parse_args_with_config`), and their training data, from caption sources
+or a frozen-feature cache (`training_dataset`). Library code does not import this module."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import HfArgumentParser
+
+from .data import RandomResizedCropFlip, load_training_data, share_naming_sides
+from .feature_cache import check_cache_matches, load_feature_cache
+
+logger = logging.getLogger(__name__)
+
+# How many captions `training_dataset` reads to decide whether flips would contradict them, and the share of
+# side-naming captions from which it warns.
+SIDE_CHECK_ROWS, SIDE_WARNING_SHARE = 2000, 0.05
+
+
+def training_dataset(
+    model: torch.nn.Module,
+    sources: Sequence[str],
+    weights: Sequence[float] | None = None,
+    image_root: str | None = None,
+    feature_cache: str | None = None,
+    augment: bool = True,
+    seed: int = 42,
+) -> tuple[Any, RandomResizedCropFlip | None]:
+    """The training scripts' data: `(dataset, image_transform)`. From a frozen-feature cache (checked against the
+    model's vision encoder; no augmentation: the cache holds one view of each image) or from `sources` (mixed by
+    `weights`) with LAVIS's random resized crop and flip at the model's image size."""
+    if feature_cache is not None:
+        check_cache_matches(model, feature_cache)
+        return load_feature_cache(feature_cache), None
+    dataset = load_training_data(list(sources), list(weights) if weights else None, image_root=image_root, seed=seed)
+    transform = RandomResizedCropFlip(model.config.vision_config.image_size) if augment else None
+    from datasets import Dataset
+
+    if transform is not None and isinstance(dataset, Dataset):  # a streamed source is not read ahead
+        share = share_naming_sides(dataset["caption"][:SIDE_CHECK_ROWS])
+        if share >= SIDE_WARNING_SHARE:
+            logger.warning(
+                "%.0f%% of the first captions name a side (left / right): the training augmentation flips half of "
+                "the images horizontally, which makes those captions false. Pass --augment false to keep the "
+                "images as they are.", 100 * share,
+            )  # fmt: skip
+    return dataset, transform
+
+
+def parse_args_with_config(parser: HfArgumentParser, argv: Sequence[str] | None = None) -> tuple:
+    """The training scripts' arguments: `--config FILE` (YAML or JSON: a flat mapping of argument names to values)
+    then `--name value` overrides from the command line (values read as YAML, so `--max_steps 10` is an int and
+    `--train_data a.json b.json` a list). Unknown names are errors (`HfArgumentParser.parse_dict`)."""
+    import yaml
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    values: dict = {}
+    if "--config" in argv:
+        index = argv.index("--config")
+        path = argv[index + 1]
+        del argv[index : index + 2]
+        with open(path) as handle:
+            values = yaml.safe_load(handle) or {}
+    key, items = None, []
+    for token in argv + ["--"]:
+        if token.startswith("--"):
+            if key is not None:
+                values[key] = True if not items else items[0] if len(items) == 1 else items
+            key, items = (token[2:].split("=", 1)[0], []) if token != "--" else (None, [])
+            if key and "=" in token:
+                items.append(yaml.safe_load(token.split("=", 1)[1]))
+        elif key is None:
+            raise ValueError(f"Unexpected argument {token!r}: use --config FILE and --name value pairs.")
+        else:
+            items.append(yaml.safe_load(token))
+    # YAML reads 1e-4 as a string (it wants 1.0e-4): give float fields their type
+    for dataclass_type in parser.dataclass_types:
+        hints = typing.get_type_hints(dataclass_type)
+        for field_ in dataclasses.fields(dataclass_type):
+            value = values.get(field_.name)
+            if isinstance(value, str) and hints.get(field_.name) in (float, float | None):
+                values[field_.name] = float(value)
+    return parser.parse_dict(values)
