@@ -14,7 +14,8 @@ copies the special-token layout of the model family it stands in for (ids for th
 OPT, T5 and LLaMA have exactly `vocab_size` tokens; BERT has one more (`[DEC]`). Each builder trains once per process
 (`functools.cache`) and returns a deep copy, so a test that mutates its tokenizer (a processor adding `<image>`)
 cannot leak into another test. Import as `from utils import ...` (pytest puts `tests/` on `sys.path`). The builders live in
-`blip2_hf.testing_utils` (the tiny training configs use them too); this module re-exports them.
+`blip2_hf.tokenizer_training` (the demo and the tiny training setup use them too), with the corpus default in
+`blip2_hf.testing_utils`; this module re-exports them.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from transformers import BertConfig, BertForMaskedLM, OPTConfig, OPTForCausalLM, T5Config, T5ForConditionalGeneration
 
 from blip2_hf import Blip2Config, Blip2Processor, Blip2VisionConfig, Blip2VisionModel
-from blip2_hf.testing_utils import make_bert_tokenizer, make_opt_tokenizer, make_t5_tokenizer
+from blip2_hf.tokenizer_training import train_bert_tokenizer, train_opt_tokenizer, train_t5_tokenizer
 
 IMAGE_SIZE, NUM_QUERY_TOKENS, WIDTH = 32, 8, 64
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 80, 220), "yellow": (240, 210, 30)}
@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     captions = make_data(out / "data", args.num_images, args.seed)
     corpus = captions + ["\n"]
     image_processor = Blip2Processor.default_image_processor(IMAGE_SIZE)
-    qformer_tokenizer = make_bert_tokenizer(vocab_size=120, corpus=corpus)
-    for name, tokenizer in (("opt", make_opt_tokenizer(320, corpus)), ("t5", make_t5_tokenizer(160, corpus))):
+    qformer_tokenizer = train_bert_tokenizer(corpus, vocab_size=120)
+    for name, tokenizer in (("opt", train_opt_tokenizer(corpus, 320)), ("t5", train_t5_tokenizer(corpus, 160))):
         processor = Blip2Processor(
             image_processor=image_processor,
             tokenizer=tokenizer,

@@ -37,7 +37,7 @@ from transformers import OPTConfig
 
 from ..configuration_blip2 import Blip2VisionConfig
 from ..processing_blip2 import Blip2HFProcessor as Blip2Processor
-from ..testing_utils import make_bert_tokenizer, make_opt_tokenizer
+from ..tokenizer_training import train_bert_tokenizer, train_opt_tokenizer
 from .pretrain import pretrain_image_encoder, pretrain_language_model, scene_documents
 from .quality import quality_checks
 from .world import IMAGE_SIZE, random_scene
@@ -129,7 +129,7 @@ def _train_language_model(folder: Path, budget: TowerBudget, seed: int, threads:
     # through the processor, which adds the "<image>" placeholder: the LLM's vocabulary must hold it
     tokenizer = Blip2Processor(
         image_processor=Blip2Processor.default_image_processor(IMAGE_SIZE),
-        tokenizer=make_opt_tokenizer(400, text_corpus(seed) + ["\n"]),
+        tokenizer=train_opt_tokenizer(text_corpus(seed) + ["\n"], 400),
     ).tokenizer
     rng = _scene_rng(seed, "language")
     scenes = [random_scene(rng) for _ in range(budget.llm_scenes)]
@@ -215,7 +215,7 @@ def build_towers(output: str | Path, budget: TowerBudget = TowerBudget(), seed: 
                                         and any(output.iterdir())):  # fmt: skip
         raise FileExistsError(f"{output} is not empty: the towers are built into a new folder")
     output.mkdir(parents=True, exist_ok=True)
-    make_bert_tokenizer(200, text_corpus(seed)).save_pretrained(output / QFORMER_TOKENIZER_SUBDIR)
+    train_bert_tokenizer(text_corpus(seed), 200).save_pretrained(output / QFORMER_TOKENIZER_SUBDIR)
     runs = {name: _finished_tower(output / name, budget, seed) for name in (VISION_SUBDIR, LLM_SUBDIR)}
     for name, record in runs.items():
         if record is not None:
