@@ -3,7 +3,7 @@
 Importing the package registers its classes with transformers' auto classes, so `AutoConfig`, `AutoModel`,
 `AutoModelForImageTextToText`, `AutoModelForZeroShotImageClassification`, `AutoModelForPreTraining` and
 `AutoProcessor` resolve our
-`blip2_hf` checkpoints in this process; saved checkpoints also carry the code (see `modeling_blip2.AUTO_MAP`).
+`blip2_hf` checkpoints in this process; saved checkpoints also carry the code (see `remote_code.py`).
 """
 
 from transformers import (

@@ -52,7 +52,7 @@ from huggingface_hub.utils import validate_repo_id
 from . import __version__, modeling_blip2
 from .configuration_blip2 import Blip2Config
 from .constants import DEFAULT_LICENSE, DEFAULT_TEMPLATE
-from .modeling_blip2 import AUTO_MAP, IMAGE_TO_TEXT_PIPELINE, REMOTE_CODE_FILES
+from .remote_code import REMOTE_CODE_FILES, has_complete_auto_map, set_auto_map
 
 logger = logging.getLogger(__name__)
 
@@ -630,10 +630,7 @@ def _completed_config(info: FolderInfo) -> bytes | None:
     completed through our `Blip2Config`, as our `save_pretrained` would have written it."""
     config = info.config
     generates = getattr(modeling_blip2, info.architecture).can_generate()
-    complete = all((config.get("auto_map") or {}).get(k) == v for k, v in AUTO_MAP.items())
-    if generates:
-        complete &= (config.get("custom_pipelines") or {}).get("image-to-text") == IMAGE_TO_TEXT_PIPELINE
-    if complete:
+    if has_complete_auto_map(config, generates):
         return None
     logger.warning(
         "%s/config.json lacks the complete auto_map%s: publishing it completed (the local folder is unchanged).",
@@ -642,9 +639,7 @@ def _completed_config(info: FolderInfo) -> bytes | None:
     )
     fixed = Blip2Config.from_pretrained(info.folder)
     fixed.architectures = config.get("architectures") or [info.architecture]
-    fixed.auto_map = dict(AUTO_MAP)
-    if generates:
-        fixed.custom_pipelines = {"image-to-text": dict(IMAGE_TO_TEXT_PIPELINE)}
+    set_auto_map(fixed, generates)
     return fixed.to_json_string().encode("utf-8")
 
 

@@ -6,7 +6,7 @@ the image and the paper's three self-attention masks), then the models users loa
 
 Module names are the checkpoint keys of transformers' BLIP-2 (the Salesforce/blip2-* checkpoints), so those load here
 without conversion, and what we save loads there. This file is copied into saved checkpoints as remote code: it imports
-only torch, transformers and the configuration file beside it.
+only torch, transformers and the configuration and packaging files beside it (`remote_code.py`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,26 +31,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .configuration_blip2 import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
+from .remote_code import copy_remote_code, set_auto_map
 
 logger = logging.get_logger(__name__)
 
 SelfAttentionMask = Literal["bidirectional", "unimodal", "multimodal_causal"]
-
-# Every checkpoint we save carries its code and a complete `auto_map`, so that where blip2_hf is not installed
-# `AutoModel*.from_pretrained(folder, trust_remote_code=True)` and `pipeline(..., trust_remote_code=True)` work.
-AUTO_MAP = {
-    "AutoConfig": "configuration_blip2.Blip2Config",
-    "AutoModel": "modeling_blip2.Blip2Model",
-    "AutoModelForImageTextToText": "modeling_blip2.Blip2ForConditionalGeneration",
-    "AutoModelForZeroShotImageClassification": "modeling_blip2.Blip2ForImageTextRetrieval",
-    "AutoModelForPreTraining": "modeling_blip2.Blip2ForPreTraining",
-}
-REMOTE_CODE_FILES = ("configuration_blip2.py", "modeling_blip2.py", "pipeline_blip2.py")
-IMAGE_TO_TEXT_PIPELINE = {
-    "impl": "pipeline_blip2.Blip2ImageToTextPipeline",
-    "pt": ["AutoModelForImageTextToText"],
-    "type": "multimodal",
-}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -638,16 +622,11 @@ class Blip2PreTrainedModel(PreTrainedModel):
         """`PreTrainedModel.save_pretrained`, plus the remote code: the composite models write the full `auto_map`
         (and, for generation, the `image-to-text` pipeline entry) and copy this package's model files beside the
         weights. `push_to_hub` goes through here too."""
-        code_dir = Path(__file__).parent
         if isinstance(self.config, Blip2Config):
-            self.config.auto_map = dict(AUTO_MAP)
-            if self.can_generate() and (code_dir / "pipeline_blip2.py").exists():
-                self.config.custom_pipelines = {"image-to-text": dict(IMAGE_TO_TEXT_PIPELINE)}
+            set_auto_map(self.config, self.can_generate())
         super().save_pretrained(save_directory, *args, **kwargs)
         if isinstance(self.config, Blip2Config) and kwargs.get("is_main_process", True):
-            for name in REMOTE_CODE_FILES:
-                if (code_dir / name).exists():
-                    shutil.copyfile(code_dir / name, Path(save_directory) / name)
+            copy_remote_code(save_directory)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)  # Linear / Embedding: normal(0, initializer_range); LayerNorm: 1, 0

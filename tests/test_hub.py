@@ -32,7 +32,7 @@ from utils import BENCHMARK_NAMES, draw_images, make_bert_tokenizer, make_opt_to
 import blip2_hf
 from blip2_hf import cli, hub
 from blip2_hf.metrics import CAPTION_METRICS, retrieval_recall, vqa_accuracy
-from blip2_hf.modeling_blip2 import AUTO_MAP, IMAGE_TO_TEXT_PIPELINE, REMOTE_CODE_FILES
+from blip2_hf.remote_code import AUTO_MAP, IMAGE_TO_TEXT_PIPELINE, REMOTE_CODE_FILES
 from blip2_hf.testing_utils import perturb_, tiny_config_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
