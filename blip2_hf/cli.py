@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # for the annotations only: the commands import these when th
     from PIL import Image
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from .processing_blip2 import Blip2HFProcessor
+    from .processing_blip2 import Blip2Processor
 
 
 def push_folder(*args: Any, **kwargs: Any) -> str:
@@ -265,7 +265,7 @@ def _device(args: argparse.Namespace) -> torch.device | None:
 
 def _load_model(
     args: argparse.Namespace, model_class: type[PreTrainedModel], subdir: str, example: str
-) -> tuple[PreTrainedModel, Blip2HFProcessor, torch.device] | None:
+) -> tuple[PreTrainedModel, Blip2Processor, torch.device] | None:
     """`(model, processor, device)`: `--model` (else the demo checkpoint `subdir`) loaded, the model in eval mode on
     `--device`. None, after an error on stderr, when there is no such model (a missing folder, a Hub id that does not
     resolve, files missing) or no such device."""
@@ -310,7 +310,7 @@ def _one_line(text: str) -> str:
 
 def _generate_texts(
     model: PreTrainedModel,
-    processor: Blip2HFProcessor,
+    processor: Blip2Processor,
     images: list[Image.Image],
     prompts: list[str],
     device: torch.device,
@@ -502,7 +502,7 @@ def add_retrieve_command(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_retrieve)
 
 
-def _qformer_tokenizer(processor: Blip2HFProcessor) -> PreTrainedTokenizerBase | None:
+def _qformer_tokenizer(processor: Blip2Processor) -> PreTrainedTokenizerBase | None:
     """The Q-Former (BERT) tokenizer: the processor's `qformer_tokenizer`, else its tokenizer when that is BERT-like
     (transformers' Salesforce/blip2-itm-vit-g ships its BERT tokenizer as the processor's only tokenizer, as
     evaluation/retrieval.py also accepts)."""

@@ -6,6 +6,7 @@ torch and transformers.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +30,8 @@ _ACCEPTED_IMAGE_TYPES = "PIL.Image.Image, numpy.ndarray (HWC or HW) or torch.Ten
 _PIL_16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 # Per-token outputs that `tokenizer.pad` knows how to pad; the image-token prefix is prepended to each of them.
 _PREFIX_VALUES = {"attention_mask": 1, "token_type_ids": 0, "special_tokens_mask": 1}
+# `push_to_hub` arguments that `save_pretrained(..., push_to_hub=True)` passes on.
+_PUSH_KWARGS = ("commit_message", "token", "private", "revision", "create_pr")
 # Tokenizer outputs that have no meaning once image tokens are prepended and the rows re-padded.
 _UNSUPPORTED_WITH_EXPANSION = ("return_overflowing_tokens", "return_offsets_mapping", "return_length")
 # Tokenizer arguments forwarded to the Q-Former tokenizer. `padding_side` is deliberately not among them: the merged
@@ -57,7 +60,7 @@ class _PresentSubProcessors:
         return lambda: [name for name in declared if name not in absent]
 
 
-class Blip2HFProcessor(ProcessorMixin):
+class Blip2Processor(ProcessorMixin):
     r"""
     Builds BLIP-2 inputs: `pixel_values` from images, language-model `input_ids` / `attention_mask` from text (with
     the image placeholder tokens in front), and, for stage-1 (Q-Former) training, `qformer_input_ids` /
@@ -161,7 +164,7 @@ class Blip2HFProcessor(ProcessorMixin):
             sub_processors["qformer_tokenizer"] = qformer_tokenizer
         super().__init__(**sub_processors, chat_template=chat_template)
 
-    def without_qformer_tokenizer(self) -> Blip2HFProcessor:
+    def without_qformer_tokenizer(self) -> Blip2Processor:
         """
         This processor without its Q-Former tokenizer: what a model whose Q-Former reads no text consumes (stage 2,
         `Blip2ForConditionalGeneration` with `qformer_config.use_qformer_text_input=False`, like the Salesforce/blip2-*
@@ -479,6 +482,33 @@ class Blip2HFProcessor(ProcessorMixin):
         except (OSError, ValueError):
             return None
 
+    # No `processor_class` is saved (neither in processor_config.json nor in the tokenizers' configs): `AutoProcessor`
+    # resolves that name among transformers' classes first, so "Blip2Processor" would load transformers' own
+    # processor. Without it, `AutoProcessor` finds this class through the model's config (`AutoProcessor.register` in
+    # blip2_hf/__init__.py) or, where blip2_hf is not installed, through the `auto_map` and this file.
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output.pop("processor_class", None)
+        return output
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> list:
+        """`ProcessorMixin.save_pretrained` without the `processor_class` entries; `push_to_hub=True` uploads through
+        `push_to_hub` (which saves through this method), so the Hub never holds them either."""
+        if push_to_hub:
+            hub_kwargs = {key: kwargs.pop(key) for key in _PUSH_KWARGS if key in kwargs}
+            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+            files = self.save_pretrained(save_directory, **kwargs)
+            self.push_to_hub(repo_id, **hub_kwargs)
+            return files
+        files = super().save_pretrained(save_directory, **kwargs)
+        for name in self.get_attributes():
+            tokenizer = getattr(self, name)
+            if isinstance(tokenizer, PreTrainedTokenizerBase):
+                tokenizer._processor_class = None  # stamped by `ProcessorMixin.save_pretrained`
+                folder = save_directory if name == "tokenizer" else os.path.join(save_directory, name)
+                _drop_processor_class(os.path.join(folder, "tokenizer_config.json"))
+        return files
+
     @property
     def model_input_names(self) -> list[str]:
         names = ["input_ids", "attention_mask", *self.image_processor.model_input_names]
@@ -495,8 +525,13 @@ class Blip2HFProcessor(ProcessorMixin):
         return self.tokenizer.decode(*args, **kwargs)
 
 
-# The public name. The class itself has a name of its own because `AutoProcessor` resolves the `processor_class`
-# written in `processor_config.json` by name, and transformers' own `Blip2Processor` would win that lookup.
-Blip2Processor = Blip2HFProcessor
+def _drop_processor_class(path: str | os.PathLike) -> None:
+    """Remove the `processor_class` entry of a saved tokenizer_config.json (see `Blip2Processor.to_dict`)."""
+    with open(path, encoding="utf-8") as file:
+        config = json.load(file)
+    if config.pop("processor_class", None) is not None:
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
-__all__ = ["Blip2HFProcessor", "Blip2Processor"]
+
+__all__ = ["Blip2Processor"]

@@ -303,11 +303,11 @@ def save_tiny_generation_checkpoint(folder, text: str = "opt", num_query_tokens:
     scale 0.2) so that generations differ per image; returns the model."""
     from .configuration_blip2 import Blip2Config
     from .modeling_blip2 import Blip2ForConditionalGeneration
-    from .processing_blip2 import Blip2HFProcessor
+    from .processing_blip2 import Blip2Processor
 
     tokenizer = make_opt_tokenizer() if text == "opt" else make_t5_tokenizer()
-    processor = Blip2HFProcessor(
-        image_processor=Blip2HFProcessor.default_image_processor(30),
+    processor = Blip2Processor(
+        image_processor=Blip2Processor.default_image_processor(30),
         tokenizer=tokenizer,
         num_query_tokens=num_query_tokens,
     )

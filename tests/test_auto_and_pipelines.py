@@ -46,8 +46,10 @@ def test_checkpoint_carries_code_and_complete_auto_map(checkpoint):
     for name in ("configuration_blip2.py", "modeling_blip2.py", "remote_code.py", "pipeline_blip2.py", "processing_blip2.py"):
         assert (folder / name).is_file(), name
     processor_config = json.loads((folder / "processor_config.json").read_text())
-    assert processor_config["auto_map"]["AutoProcessor"] == "processing_blip2.Blip2HFProcessor"
-    assert processor_config["processor_class"] == "Blip2HFProcessor"
+    assert processor_config["auto_map"]["AutoProcessor"] == "processing_blip2.Blip2Processor"
+    # no class name: AutoProcessor would resolve "Blip2Processor" to transformers' class
+    assert "processor_class" not in processor_config
+    assert "processor_class" not in json.loads((folder / "tokenizer_config.json").read_text())
 
 
 def test_auto_classes_in_process(checkpoint):
@@ -126,7 +128,7 @@ def test_fresh_process_without_the_package(checkpoint):
     assert result["model"][0] == "Blip2Model" and result["model"][1].startswith("transformers_modules")
     assert result["generator"][0] == "Blip2ForConditionalGeneration"
     assert result["generator"][1].startswith("transformers_modules")
-    assert result["processor"][0] == "Blip2HFProcessor" and result["processor"][1].startswith("transformers_modules")
+    assert result["processor"][0] == "Blip2Processor" and result["processor"][1].startswith("transformers_modules")
     assert result["caption_pipeline"] == "Blip2ImageToTextPipeline"
     assert result["answer_pipeline"] == "ImageTextToTextPipeline"
 

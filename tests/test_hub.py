@@ -425,7 +425,7 @@ def assert_loadable_without_the_package(files: dict[str, bytes], generates: bool
     for name in (*REMOTE_CODE_FILES, "processing_blip2.py"):
         assert name in files, name
     assert (
-        json.loads(files["processor_config.json"])["auto_map"]["AutoProcessor"] == "processing_blip2.Blip2HFProcessor"
+        json.loads(files["processor_config.json"])["auto_map"]["AutoProcessor"] == "processing_blip2.Blip2Processor"
     )
     assert "model.safetensors" in files and "tokenizer.json" in files
 
@@ -572,7 +572,7 @@ def test_fresh_process_loads_every_published_repo(test_hub, published, stage2, s
     assert remote.pop("snippets_run") == [f"{TEST_USER}/stage2", f"{TEST_USER}/stage1"]
     for repo_id, kind in published.items():
         entry = remote[repo_id]
-        assert entry["processor"][0] == "Blip2HFProcessor" and entry["processor"][1].startswith("transformers_modules")
+        assert entry["processor"][0] == "Blip2Processor" and entry["processor"][1].startswith("transformers_modules")
         assert entry["classes"][0].startswith("transformers_modules"), entry["classes"]
         for key, value in local[kind].items():
             assert entry[key] == value, f"{repo_id}: {key} differs"

@@ -456,6 +456,36 @@ def test_save_load_round_trip(tmp_path, qformer):
         assert torch.equal(actual[key], expected[key]), key
 
 
+def test_saved_folders_name_no_processor_class(tmp_path):
+    """`AutoProcessor` resolves a saved `processor_class` among transformers' classes first: "Blip2Processor" there
+    would load transformers' processor. So no file names one; the `auto_map` names this class for remote code."""
+    build(qformer=True).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "processor_config.json").read_text())
+    assert "processor_class" not in config
+    assert config["auto_map"]["AutoProcessor"] == "processing_blip2.Blip2Processor"
+    for tokenizer_config in (tmp_path / "tokenizer_config.json", tmp_path / "qformer_tokenizer" / "tokenizer_config.json"):
+        assert "processor_class" not in json.loads(tokenizer_config.read_text()), tokenizer_config
+
+
+def test_loads_folder_saved_under_the_old_class_name(tmp_path):
+    """Folders saved before the class was renamed name `Blip2HFProcessor` (`processor_class`, `auto_map`, the
+    tokenizer configs); they carry their own processing_blip2.py for remote code, and load here unchanged."""
+    processor = build(qformer=True)
+    processor.save_pretrained(tmp_path)
+    for path in (tmp_path / "processor_config.json", tmp_path / "tokenizer_config.json"):
+        config = json.loads(path.read_text())
+        config["processor_class"] = "Blip2HFProcessor"
+        config["auto_map"] = {"AutoProcessor": "processing_blip2.Blip2HFProcessor"}
+        path.write_text(json.dumps(config))
+    loaded = Blip2Processor.from_pretrained(tmp_path)
+    assert type(loaded) is Blip2Processor and loaded.qformer_tokenizer is not None
+    inputs = {"images": draw_images(2), "text": [SHORT, LONG], "padding": True, "return_tensors": "pt"}
+    expected, actual = processor(**inputs), loaded(**inputs)
+    assert set(actual) == set(expected)
+    for key in expected:
+        assert torch.equal(actual[key], expected[key]), key
+
+
 def test_loads_folder_saved_by_transformers_blip2_processor(tmp_path):
     tokenizer = make_opt_tokenizer()
     theirs = transformers.Blip2Processor(BlipImageProcessorPil(size=SMALL), tokenizer, num_query_tokens=Q)
@@ -509,7 +539,7 @@ def test_module_imports_only_remote_code_safe_packages():
         elif isinstance(node, ast.ImportFrom):
             assert node.level == 0 or node.module is None or not node.module.startswith("blip2_hf")
             roots.add(node.module.split(".")[0] if node.level == 0 else ".")
-    assert roots <= {"__future__", "os", "collections", "typing", "numpy", "PIL", "torch", "transformers"}, roots
+    assert roots <= {"__future__", "json", "os", "collections", "typing", "numpy", "PIL", "torch", "transformers"}, roots
 
 
 def test_helper_tokenizers_have_the_documented_special_ids():

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, OPTForCausalLM
 
 from ..metrics import vqa_accuracy
 from ..modeling_blip2 import Blip2VisionModel
-from ..processing_blip2 import Blip2HFProcessor as Blip2Processor
+from ..processing_blip2 import Blip2Processor
 from . import VQA_PROMPT
 from .probe import probe_image_encoder
 from .world import IMAGE_SIZE, make_world

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from ..modeling_blip2 import Blip2ForConditionalGeneration
-from ..processing_blip2 import Blip2HFProcessor as Blip2Processor
+from ..processing_blip2 import Blip2Processor
 from . import ARMS, VQA_PROMPT
 from .world import CAPTION_ATTRIBUTES, caption_is_right
 

@@ -34,7 +34,7 @@ from ..modeling_blip2 import (
     Blip2ForPreTraining,
     Blip2VisionModel,
 )
-from ..processing_blip2 import Blip2HFProcessor as Blip2Processor
+from ..processing_blip2 import Blip2Processor
 from ..retrieval import encode_images, encode_texts, itc_similarity, itm_rerank, recall_at_k
 from ..trainer import Blip2Stage1Trainer, Blip2Stage2Trainer, Blip2TrainingArguments
 from . import ARMS, CAPTION_MODEL_SUBDIR, RETRIEVAL_MODEL_SUBDIR, VQA_PROMPT

@@ -36,7 +36,7 @@ import transformers
 from transformers import OPTConfig
 
 from ..configuration_blip2 import Blip2VisionConfig
-from ..processing_blip2 import Blip2HFProcessor as Blip2Processor
+from ..processing_blip2 import Blip2Processor
 from ..tokenizer_training import train_bert_tokenizer, train_opt_tokenizer
 from .pretrain import pretrain_image_encoder, pretrain_language_model, scene_documents
 from .quality import quality_checks
