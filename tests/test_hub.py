@@ -427,6 +427,8 @@ def assert_loadable_without_the_package(files: dict[str, bytes], generates: bool
     assert (
         json.loads(files["processor_config.json"])["auto_map"]["AutoProcessor"] == "processing_blip2.Blip2Processor"
     )
+    for name in ("processor_config.json", "tokenizer_config.json"):  # by name, AutoProcessor would pick transformers'
+        assert "processor_class" not in json.loads(files[name]), name
     assert "model.safetensors" in files and "tokenizer.json" in files
 
 
@@ -458,6 +460,17 @@ def test_push_to_hub_of_models_and_processor(test_hub, published):
                 "Upload processor",
             ]
     assert "qformer_tokenizer/tokenizer.json" in test_hub.files(f"{TEST_USER}/stage1-push-to-hub")
+
+
+def test_processor_save_pretrained_with_push_to_hub_names_no_processor_class(test_hub, stage1, tmp_path):
+    repo_id = f"{TEST_USER}/processor-save-and-push"
+    stage1[2].save_pretrained(tmp_path / "processor", push_to_hub=True, repo_id=repo_id, commit_message="processor")
+    files = test_hub.files(repo_id)
+    assert [c.title for c in test_hub.commits(repo_id)][1:] == ["processor"]
+    for name in ("processor_config.json", "tokenizer_config.json", "qformer_tokenizer/tokenizer_config.json"):
+        assert "processor_class" not in json.loads(files[name]), name
+        assert "processor_class" not in json.loads((tmp_path / "processor" / name).read_text()), name
+    assert json.loads(files["processor_config.json"])["auto_map"]["AutoProcessor"] == "processing_blip2.Blip2Processor"
 
 
 # The outputs compared across processes: this code runs in the fresh process on the loaded repos and here on the
