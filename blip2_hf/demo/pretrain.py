@@ -192,8 +192,8 @@ def pretrain_language_model(
 ) -> OPTForCausalLM:
     """Next-token prediction on `documents` (BOS + text, every token a target).
 
-    Batches are grouped by length (`length_grouped_batches`): random batches of 32 documents padded to ~1.5x their
-    mean length (86 tokens for a mean of 58, measured), so a third of the compute went to padding."""
+    Batches are grouped by length (`length_grouped_batches`): random batches pad every document to the longest of
+    its batch, which spent about a third of the compute on padding (benchmarks/README.md, "Training choices")."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = OPTForCausalLM(config)

@@ -60,10 +60,9 @@ class DemoSettings:
     stage1_steps: int = 500
     stage2_steps: int = 400
     batch_size: int = 32
-    # Q-Former dropout (LAVIS: 0.1 in both stages). Stage 1 runs without: at this scale and budget, dropout 0.1 kept
-    # ITM at its prior (loss 0.635, the entropy of one positive in three rows) and retrieval R@1 at 12.7 / 12.2%;
-    # without it ITM learns (~0.59), R@1 is 31.3 / 25.3% and stage 1 takes 122-136 s, not 185-216 s (3 seeds each).
-    # Stage 2 keeps LAVIS's 0.1: without it both arms' answers collapsed into caption words (VQA 39.7 / 33.6%).
+    # Q-Former dropout (LAVIS: 0.1 in both stages, meant for bert-base on 129M images). Stage 1 runs without: at
+    # this scale and budget dropout keeps ITM at its prior, so stage 1 would learn no matching. Stage 2 keeps 0.1,
+    # without which the answers collapse into caption words (benchmarks/README.md, "Training choices").
     stage1_dropout: float = 0.0
     stage2_dropout: float = 0.1
     learning_rate: float = 1e-3
