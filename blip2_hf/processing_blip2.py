@@ -31,7 +31,7 @@ _PIL_16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 # Per-token outputs that `tokenizer.pad` knows how to pad; the image-token prefix is prepended to each of them.
 _PREFIX_VALUES = {"attention_mask": 1, "token_type_ids": 0, "special_tokens_mask": 1}
 # `push_to_hub` arguments that `save_pretrained(..., push_to_hub=True)` passes on.
-_PUSH_KWARGS = ("commit_message", "token", "private", "revision", "create_pr")
+_PUSH_KWARGS = ("commit_message", "commit_description", "token", "private", "revision", "create_pr", "tags")
 # Tokenizer outputs that have no meaning once image tokens are prepended and the rows re-padded.
 _UNSUPPORTED_WITH_EXPANSION = ("return_overflowing_tokens", "return_offsets_mapping", "return_length")
 # Tokenizer arguments forwarded to the Q-Former tokenizer. `padding_side` is deliberately not among them: the merged
