@@ -914,13 +914,15 @@ class Blip2Model(Blip2PreTrainedModel):
     `get_qformer_features` (query outputs `[B, Q, Dq]`) and `get_text_features` (the LLM's text hidden states).
     """
 
-    def __init__(self, config: Blip2Config):
+    def __init__(self, config: Blip2Config, language_model: PreTrainedModel | None = None):
         super().__init__(config)
         self.vision_model = Blip2VisionModel._from_config(config.vision_config)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
         self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
         self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
-        if config.use_decoder_only_language_model:
+        if language_model is not None:  # `from_stage1`: the LLM from its own `from_pretrained`, not built at random
+            self.language_model = language_model
+        elif config.use_decoder_only_language_model:
             self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         else:
             self.language_model = AutoModelForSeq2SeqLM.from_config(config.text_config)
@@ -941,12 +943,14 @@ class Blip2Model(Blip2PreTrainedModel):
     def get_encoder(self, modality: str | None = None) -> nn.Module:
         return self.language_model.get_encoder() if modality is None else super().get_encoder(modality=modality)
 
-    def init_from_stage1(self, stage1_folder: str | os.PathLike) -> dict[str, list[str]]:
-        """Initialize stage 2 from a stage-1 (`Blip2ForPreTraining` / retrieval) checkpoint: the vision encoder, the
-        query tokens and the Q-Former are copied; the LLM and `language_projection` keep what they have (new); the
-        stage-1 heads, text embeddings and, unless this Q-Former has them, the text FFNs are dropped. Logs and returns
-        `{"loaded": [...], "new": [...], "dropped": [...]}`; a tensor whose shape differs is an error naming it."""
-        stage1 = read_safetensors_folder(stage1_folder)
+    def init_from_stage1(self, stage1_folder: str | os.PathLike | dict[str, torch.Tensor]) -> dict[str, list[str]]:
+        """Initialize stage 2 from a stage-1 (`Blip2ForPreTraining` / retrieval) checkpoint folder or state dict: the
+        vision encoder, the query tokens and the Q-Former are copied; the LLM and `language_projection` keep what they
+        have (new); the stage-1 heads, text embeddings and, unless this Q-Former has them, the text FFNs are dropped.
+        Logs and returns `{"loaded": [...], "new": [...], "dropped": [...]}`; a tensor whose shape differs is an error
+        naming it."""
+        source = "a state dict" if isinstance(stage1_folder, dict) else stage1_folder
+        stage1 = stage1_folder if isinstance(stage1_folder, dict) else read_safetensors_folder(stage1_folder)
         own = self.state_dict()
         loaded, dropped = [], []
         for key, tensor in stage1.items():
@@ -966,7 +970,7 @@ class Blip2Model(Blip2PreTrainedModel):
 
         new_roots, dropped_roots = groups(report["new"]), groups(report["dropped"])
         logger.warning(
-            f"Stage 2 from {stage1_folder}: {len(loaded)} tensors loaded; new (not in stage 1): {new_roots}; dropped "
+            f"Stage 2 from {source}: {len(loaded)} tensors loaded; new (not in stage 1): {new_roots}; dropped "
             f"(stage-1 only): {dropped_roots}"
         )
         return report
@@ -1172,6 +1176,132 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
       gives prompt + answer;
     - encoder-decoder LLMs (T5, Flan-T5): the output is the decoder sequence only (decoder start token + new tokens).
     """
+
+    @classmethod
+    def from_stage1(
+        cls,
+        stage1: str | os.PathLike | Blip2PreTrainedModel,
+        language_model: str | os.PathLike | PreTrainedModel,
+        processor: Any | None = None,
+        **config_overrides: Any,
+    ) -> tuple[Blip2ForConditionalGeneration, Any]:
+        """
+        Stage 2 assembled from its parts (paper section 3.3): stage 1's image encoder, query tokens and Q-Former (its
+        text-only parts dropped: stage 2 feeds it no text), a new `language_projection`, and the LLM loaded once with
+        `from_pretrained`. Freezing is left to the caller, as with `from_pretrained`.
+
+        Args:
+            stage1: a stage-1 folder (`Blip2ForPreTraining`, retrieval, or a stage-2 model, whose LLM side is left
+                out) or such a model. Every image-encoder, query and Q-Former tensor must be in it (a Trainer
+                checkpoint without the frozen ViT is an error, not a random encoder).
+            language_model: the LLM's name or path (`AutoModelForCausalLM` or `AutoModelForSeq2SeqLM` by its model
+                type), or a loaded `PreTrainedModel`, used as is.
+            processor: the stage-2 processor (a stage-1 one is used without its Q-Former tokenizer), or None: the
+                stage-1 folder's image processor and the LLM's tokenizer, writing `num_query_tokens` image tokens.
+            config_overrides: `Blip2Config` fields, e.g. `num_query_tokens`; a dict for `qformer_config` or
+                `vision_config` updates those fields of stage 1's (e.g. the Q-Former's dropout).
+
+        The processor adds `<image>` to the tokenizer when it has no image token; when the tokenizer then outgrows
+        the LLM's embeddings (Llama-2: 32000 tokens in 32000 rows) they are resized, and `config.image_token_index` is
+        its id. Decoder-only LLMs also stop at "\\n": LAVIS trains OPT to end each caption with it.
+
+        Returns:
+            `(model, processor)`: the processor is what the model consumes (save it beside the model).
+        """
+        for name in ("text_config", "image_token_index"):
+            if name in config_overrides:
+                raise ValueError(f"from_stage1: {name} comes from the language model and processor; do not pass it.")
+        stage1_config, stage1_weights, stage1_folder = cls._stage1_parts(stage1)
+        llm = cls._load_language_model(language_model)
+        num_query_tokens = config_overrides.pop("num_query_tokens", stage1_config.num_query_tokens)
+        processor = cls._stage2_processor(processor, stage1_folder, llm, num_query_tokens)
+        if len(processor.tokenizer) > llm.get_input_embeddings().num_embeddings:
+            llm.resize_token_embeddings(len(processor.tokenizer))  # a row for `<image>`
+        vision_config = stage1_config.vision_config.to_dict()
+        qformer_config = stage1_config.qformer_config.to_dict()
+        qformer_config["use_qformer_text_input"] = False  # stage 2 runs no text through the Q-Former (LAVIS drops it)
+        for name, sub_config in (("vision_config", vision_config), ("qformer_config", qformer_config)):
+            sub_config.pop("_name_or_path", None)  # where stage 1 loaded its encoder from is not this model's
+            sub_config.update(config_overrides.pop(name, {}))
+        config = Blip2Config(
+            vision_config=vision_config,
+            qformer_config=qformer_config,
+            text_config=llm.config.to_dict(),
+            num_query_tokens=num_query_tokens,
+            image_token_index=processor.image_token_id,
+            **config_overrides,
+        )
+        if processor.num_query_tokens != config.num_query_tokens:
+            raise ValueError(
+                f"from_stage1: the processor writes {processor.num_query_tokens} image tokens, the model has "
+                f"num_query_tokens={config.num_query_tokens}."
+            )
+        model = cls(config, language_model=llm)
+        model.config.text_config = llm.config
+        report = model.init_from_stage1(stage1_weights)
+        missing = [key for key in report["new"] if not key.startswith(("language_model.", "language_projection."))]
+        if missing:
+            raise ValueError(
+                f"from_stage1: {stage1_folder or type(stage1).__name__} lacks {len(missing)} tensors of the image "
+                f"encoder, queries or Q-Former, e.g. {missing[:3]} (a Trainer checkpoint holds only trained tensors: "
+                "pass the final folder)."
+            )
+        if config.use_decoder_only_language_model:
+            newline = processor.tokenizer("\n", add_special_tokens=False).input_ids
+            eos = model.generation_config.eos_token_id
+            eos = [eos] if isinstance(eos, int) else list(eos or [])
+            if len(newline) == 1 and newline[0] not in eos:
+                model.generation_config.eos_token_id = eos + newline
+        return model, processor
+
+    @staticmethod
+    def _stage1_parts(
+        stage1: str | os.PathLike | Blip2PreTrainedModel,
+    ) -> tuple[Blip2Config, Path | dict[str, torch.Tensor], Path | None]:
+        """`(config, weights, folder or None)` of a stage-1 folder or model, the weights as `init_from_stage1` takes
+        them: the folder itself, or the model's state dict."""
+        if isinstance(stage1, PreTrainedModel):
+            if not isinstance(stage1.config, Blip2Config):
+                raise TypeError(f"from_stage1: stage1 is a {type(stage1).__name__}; expected a BLIP-2 model.")
+            folder = Path(stage1.name_or_path) if stage1.name_or_path and Path(stage1.name_or_path).is_dir() else None
+            return stage1.config, stage1.state_dict(), folder
+        folder = Path(stage1)
+        return Blip2Config.from_pretrained(folder), folder, folder
+
+    @staticmethod
+    def _load_language_model(language_model: str | os.PathLike | PreTrainedModel) -> PreTrainedModel:
+        if isinstance(language_model, PreTrainedModel):
+            return language_model
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        causal = AutoConfig.from_pretrained(language_model).model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        return (AutoModelForCausalLM if causal else AutoModelForSeq2SeqLM).from_pretrained(language_model)
+
+    @staticmethod
+    def _stage2_processor(
+        processor: Any | None, stage1_folder: Path | None, llm: PreTrainedModel, num_query_tokens: int
+    ) -> Any:
+        """The given processor without a Q-Former tokenizer, or one built from the stage-1 folder's image processor
+        and the LLM's tokenizer (by `llm.name_or_path`)."""
+        if processor is not None:
+            has_qformer_tokenizer = getattr(processor, "qformer_tokenizer", None) is not None
+            return processor.without_qformer_tokenizer() if has_qformer_tokenizer else processor
+        from transformers import AutoTokenizer
+
+        from .processing_blip2 import Blip2Processor  # lazily: remote code (this file alone) passes a processor
+
+        if stage1_folder is None or not llm.name_or_path:
+            raise ValueError(
+                "from_stage1: processor=None needs a stage-1 folder (for its image processor) and a language model "
+                "loaded from a name or path (for its tokenizer); pass processor= instead."
+            )
+        try:
+            image_processor = Blip2Processor.from_pretrained(stage1_folder).image_processor
+        except (OSError, ValueError) as error:
+            raise ValueError(f"from_stage1: {stage1_folder} holds no processor; pass processor=. ({error})") from error
+        tokenizer = AutoTokenizer.from_pretrained(llm.name_or_path)
+        return Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=num_query_tokens)
 
     def _image_only_input_ids(self, batch_size: int, device: torch.device) -> torch.LongTensor:
         """The LLM input for captioning without a prompt, as LAVIS tokenizes the empty prompt: the image tokens then

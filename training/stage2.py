@@ -18,10 +18,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, HfArgumentParser, set_seed
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers import HfArgumentParser, set_seed
 
-from blip2_hf import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+from blip2_hf import Blip2ForConditionalGeneration, Blip2Processor
 from blip2_hf.data import BadImageTracker, Stage2Collator
 from blip2_hf.hub import write_training_run
 from blip2_hf.trainer import Blip2Stage2Trainer, Blip2TrainingArguments
@@ -40,7 +39,11 @@ class ModelArguments:
     language_model_name_or_path: str | None = field(default=None, metadata={"help": "The frozen LLM."})
     model_name_or_path: str | None = field(default=None, metadata={"help": "A stage-2 folder to continue from."})
     processor_name_or_path: str | None = field(
-        default=None, metadata={"help": "Blip2Processor folder (image processor + this LLM's tokenizer)."}
+        default=None,
+        metadata={
+            "help": "Blip2Processor folder (image processor + this LLM's tokenizer). Default: the stage-1 "
+            "folder's image processor + the LLM's tokenizer, or the stage-2 folder's processor."
+        },
     )
     num_query_tokens: int | None = field(default=None, metadata={"help": "Default: the stage-1 model's."})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank for the LLM (0: no LoRA, the LLM stays frozen)."})
@@ -62,32 +65,31 @@ class DataArguments:
     max_bad_fraction: float = field(default=0.5, metadata={"help": "Stop when more images than this are unreadable."})
 
 
-def build_model(args: ModelArguments, processor: Blip2Processor) -> Blip2ForConditionalGeneration:
-    if args.model_name_or_path is not None:
-        return Blip2ForConditionalGeneration.from_pretrained(args.model_name_or_path)
-    if args.stage1_name_or_path is None or args.language_model_name_or_path is None:
-        raise ValueError("Give stage1_name_or_path and language_model_name_or_path, or model_name_or_path.")
-    stage1 = Blip2Config.from_pretrained(args.stage1_name_or_path)
-    llm_config = AutoConfig.from_pretrained(args.language_model_name_or_path)
-    qformer_config = stage1.qformer_config.to_dict()
-    qformer_config["use_qformer_text_input"] = False  # stage 2 runs no text through the Q-Former (LAVIS drops it)
-    config = Blip2Config(
-        vision_config=stage1.vision_config.to_dict(),
-        qformer_config=qformer_config,
-        text_config=llm_config.to_dict(),
-        num_query_tokens=args.num_query_tokens or stage1.num_query_tokens,
-        image_token_index=processor.image_token_id,
-    )
-    model = Blip2ForConditionalGeneration(config)
-    model.init_from_stage1(args.stage1_name_or_path)
-    llm_class = (
-        AutoModelForCausalLM if llm_config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModelForSeq2SeqLM
-    )
-    model.language_model = llm_class.from_pretrained(args.language_model_name_or_path)
-    if len(processor.tokenizer) > model.language_model.get_input_embeddings().num_embeddings:
-        model.language_model.resize_token_embeddings(len(processor.tokenizer))  # room for `<image>`
-    model.config.text_config = model.language_model.config
-    return model
+def build_model(args: ModelArguments) -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
+    """The model to train and the processor that feeds it: a stage-2 folder to continue from, or stage 2 assembled
+    from a stage-1 folder and an LLM (`Blip2ForConditionalGeneration.from_stage1`)."""
+    processor_path = args.processor_name_or_path
+    processor = Blip2Processor.from_pretrained(processor_path) if processor_path else None
+    if args.model_name_or_path is None:
+        if args.stage1_name_or_path is None or args.language_model_name_or_path is None:
+            raise ValueError("Give stage1_name_or_path and language_model_name_or_path, or model_name_or_path.")
+        overrides = {"num_query_tokens": args.num_query_tokens} if args.num_query_tokens else {}
+        return Blip2ForConditionalGeneration.from_stage1(
+            args.stage1_name_or_path, args.language_model_name_or_path, processor, **overrides
+        )
+    model = Blip2ForConditionalGeneration.from_pretrained(args.model_name_or_path)
+    processor_path = processor_path or args.model_name_or_path
+    processor = processor or Blip2Processor.from_pretrained(processor_path)
+    if processor.qformer_tokenizer is not None and not model.config.qformer_config.use_qformer_text_input:
+        # The stage-1 processor tokenizes text for the Q-Former too; this model's Q-Former reads none. Trained and
+        # saved without that tokenizer, the folder's processor returns exactly what the model consumes.
+        processor = processor.without_qformer_tokenizer()
+    if processor.num_query_tokens != model.config.num_query_tokens:
+        raise ValueError(
+            f"{processor_path}: the processor writes {processor.num_query_tokens} image tokens, the model has "
+            f"num_query_tokens={model.config.num_query_tokens}."
+        )
+    return model, processor
 
 
 def add_lora(model: Blip2ForConditionalGeneration, args: ModelArguments):
@@ -116,25 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(training_args.seed)
 
-    processor_path = model_args.processor_name_or_path or model_args.model_name_or_path
-    processor = Blip2Processor.from_pretrained(processor_path)
-    model = build_model(model_args, processor)
-    if processor.qformer_tokenizer is not None and not model.config.qformer_config.use_qformer_text_input:
-        # The stage-1 processor tokenizes text for the Q-Former too; this model's Q-Former reads none. Trained and
-        # saved without that tokenizer, the folder's processor returns exactly what the model consumes.
-        processor = processor.without_qformer_tokenizer()
-    if processor.num_query_tokens != model.config.num_query_tokens:
-        raise ValueError(
-            f"{processor_path}: the processor writes {processor.num_query_tokens} image tokens, the model has "
-            f"num_query_tokens={model.config.num_query_tokens}."
-        )
+    model, processor = build_model(model_args)
     decoder_only = model.config.use_decoder_only_language_model
-    if decoder_only:  # LAVIS trains OPT to end captions with "\n" and stops generation there
-        newline = processor.tokenizer("\n", add_special_tokens=False).input_ids
-        eos = model.generation_config.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        if len(newline) == 1 and newline[0] not in eos:
-            model.generation_config.eos_token_id = eos + newline
     model.freeze_vision_encoder()
     model.freeze_language_model()
     if model_args.lora_r > 0:

@@ -2,7 +2,7 @@
 evaluation -> results table, plots, report. `blip2-hf demo` calls `run_demo`.
 
 Everything BLIP-2 goes through the package's own code paths: `Blip2ForPreTraining` + `Blip2Stage1Trainer` +
-`Stage1Collator`, `Blip2ForConditionalGeneration.init_from_stage1` + `Blip2Stage2Trainer` + `Stage2Collator`, the
+`Stage1Collator`, `Blip2ForConditionalGeneration.from_stage1` + `Blip2Stage2Trainer` + `Stage2Collator`, the
 frozen-feature cache, `generate`, `blip2_hf.metrics` and `blip2_hf.retrieval`. Only the unimodal pretraining (which
 BLIP-2 takes as given) is the demo's own.
 """
@@ -168,6 +168,20 @@ def _train(trainer_class: type, model: Any, collator: Any, processor: Blip2Proce
     return trainer.state.log_history
 
 
+def stage1_model(
+    pretrained: Path,
+    processor: Blip2Processor,
+    settings: DemoSettings,
+    objectives: Sequence[str] = ("itc", "itm", "itg"),
+) -> Blip2ForPreTraining:
+    """Stage 1 before training: the frozen image encoder, queries and a Q-Former randomly initialized (there is no
+    BERT in this world)."""
+    vision = Blip2VisionModel.from_pretrained(pretrained / "vision_encoder", dtype=torch.float32)
+    model = Blip2ForPreTraining(stage1_config(vision.config, processor.qformer_tokenizer, settings, objectives))
+    model.vision_model.load_state_dict(vision.state_dict())
+    return model
+
+
 def train_stage1(
     output_dir: Path,
     pretrained: Path,
@@ -177,13 +191,10 @@ def train_stage1(
     seed: int,
     objectives: Sequence[str] = ("itc", "itm", "itg"),
 ) -> list[dict]:
-    """Stage 1 from a random Q-Former (there is no BERT in this world) against the frozen image encoder, with the
-    `objectives` (all three, or an ablation); saves a `Blip2ForPreTraining` folder and returns the Trainer's log
-    history."""
+    """Stage 1 from a random Q-Former against the frozen image encoder, with the `objectives` (all three, or an
+    ablation); saves a `Blip2ForPreTraining` folder and returns the Trainer's log history."""
     torch.manual_seed(seed)
-    vision = Blip2VisionModel.from_pretrained(pretrained / "vision_encoder", dtype=torch.float32)
-    model = Blip2ForPreTraining(stage1_config(vision.config, processor.qformer_tokenizer, settings, objectives))
-    model.vision_model.load_state_dict(vision.state_dict())
+    model = stage1_model(pretrained, processor, settings, objectives)
     collator = Stage1Collator(processor, max_length=32)
     return _train(
         Blip2Stage1Trainer, model, collator, processor, output_dir, settings.stage1_steps, cache, settings, seed
@@ -193,30 +204,18 @@ def train_stage1(
 def stage2_model(
     pretrained: Path, processor: Blip2Processor, settings: DemoSettings, stage1_dir: Path | None
 ) -> Blip2ForConditionalGeneration:
-    """The frozen image encoder and LLM bridged by a Q-Former: from stage 1 (`stage1_dir`), or fresh (the ablation:
-    query tokens and Q-Former randomly initialized, the same towers)."""
-    vision_config = Blip2VisionConfig.from_pretrained(pretrained / "vision_encoder")
+    """The frozen image encoder and LLM bridged by a Q-Former (`Blip2ForConditionalGeneration.from_stage1`, as
+    training/stage2.py): from stage 1 (`stage1_dir`), or fresh (the ablation: stage 1 untrained, so query tokens and
+    Q-Former randomly initialized, the same towers)."""
+    stage1 = stage1_model(pretrained, processor, settings) if stage1_dir is None else stage1_dir
     llm = OPTForCausalLM.from_pretrained(pretrained / "language_model", dtype=torch.float32)
-    qformer_config = stage1_config(vision_config, processor.qformer_tokenizer, settings).qformer_config.to_dict()
-    qformer_config["use_qformer_text_input"] = False  # stage 2 runs no text through the Q-Former (LAVIS drops it)
-    qformer_config["hidden_dropout_prob"] = qformer_config["attention_probs_dropout_prob"] = settings.stage2_dropout
-    config = Blip2Config(
-        vision_config=vision_config.to_dict(),
-        qformer_config=qformer_config,
-        text_config=llm.config.to_dict(),
-        num_query_tokens=settings.num_query_tokens,
-        image_token_index=processor.image_token_id,
+    dropout = settings.stage2_dropout
+    model, _ = Blip2ForConditionalGeneration.from_stage1(
+        stage1,
+        llm,
+        processor,
+        qformer_config={"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout},
     )
-    model = Blip2ForConditionalGeneration(config)
-    model.language_model = llm
-    if stage1_dir is not None:  # the image encoder (with stage 1's trained post_layernorm), queries, Q-Former
-        model.init_from_stage1(stage1_dir)
-    else:
-        model.vision_model = Blip2VisionModel.from_pretrained(pretrained / "vision_encoder", dtype=torch.float32)
-    # LAVIS trains OPT to end a caption with "\n" and stops generating there
-    newline = processor.tokenizer("\n", add_special_tokens=False).input_ids[0]
-    model.generation_config.eos_token_id = [llm.config.eos_token_id, newline]
-    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.freeze_vision_encoder()
     model.freeze_language_model()
     return model
