@@ -882,21 +882,37 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
             image = replace(image, states=image.states.to(self.layernorm.weight.dtype))
         return image
 
-    def _padding_mask(
-        self, attention_mask: torch.Tensor | None, batch_size: int, past_length: int, query_length: int, length: int
+    def _self_mask(
+        self,
+        mask_type: SelfAttentionMask,
+        attention_mask: torch.Tensor | None,
+        hidden_states: torch.Tensor,
+        query_length: int,
+        past_length: int,
     ) -> torch.Tensor | None:
-        """`attention_mask` for the text alone `[B, T]`, or for everything `[B, past + Q + T]`, as the latter."""
-        if attention_mask is None:
-            return None
-        if attention_mask.shape[1] == length - query_length:  # text only: queries and the past are never padding
-            return torch.cat([attention_mask.new_ones(batch_size, past_length + query_length), attention_mask], dim=1)
-        if attention_mask.shape[1] != past_length + length:
+        """`build_self_attention_mask` for `hidden_states [B, Q + T, D]` after `past_length` cached positions, with
+        `attention_mask` given for the text alone `[B, T]` or for everything `[B, past + Q + T]`."""
+        batch_size, length = hidden_states.shape[:2]
+        if attention_mask is not None and attention_mask.shape[1] == length - query_length:
+            # text only: queries and the past are never padding
+            attention_mask = torch.cat(
+                [attention_mask.new_ones(batch_size, past_length + query_length), attention_mask], dim=1
+            )
+        elif attention_mask is not None and attention_mask.shape[1] != past_length + length:
             raise ValueError(
                 f"attention_mask has {attention_mask.shape[1]} columns; expected {length - query_length} (text "
                 f"tokens) or {past_length + length} (cached {past_length} + queries {query_length} + text "
                 f"{length - query_length})."
             )
-        return attention_mask
+        return self.build_self_attention_mask(
+            mask_type,
+            query_length,
+            length - query_length,
+            past_length,
+            attention_mask,
+            hidden_states.dtype,
+            hidden_states.device,
+        )
 
     @staticmethod
     def build_self_attention_mask(
@@ -972,22 +988,12 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
         dtype = self.layernorm.weight.dtype  # the Q-Former runs in its own (fp32) precision
         parts = [x.to(dtype) for x in (query_embeds, text_embeds) if x is not None]
         hidden_states = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        batch_size, length = hidden_states.shape[:2]
         query_length = 0 if query_embeds is None else query_embeds.shape[1]
-        image = self._image_input(encoder_hidden_states, encoder_attention_mask, batch_size, query_length)
+        image = self._image_input(encoder_hidden_states, encoder_attention_mask, hidden_states.shape[0], query_length)
         if use_cache and cache is None:
             cache = DynamicCache()
         past_length = cache.get_seq_length() if cache is not None else 0
-        attention_mask = self._padding_mask(attention_mask, batch_size, past_length, query_length, length)
-        self_mask = self.build_self_attention_mask(
-            self_attention_mask,
-            query_length,
-            length - query_length,
-            past_length,
-            attention_mask,
-            dtype,
-            hidden_states.device,
-        )
+        self_mask = self._self_mask(self_attention_mask, attention_mask, hidden_states, query_length, past_length)
         cross_mask = None if image is None else image.cross_attention_mask(query_length, dtype)
 
         hidden_states = self.dropout(self.layernorm(hidden_states))
@@ -1884,17 +1890,14 @@ class Blip2ForPreTraining(Blip2Stage1FeaturesMixin, Blip2PreTrainedModel):
         qformer_attention_mask: torch.LongTensor | None = None,
         **kwargs,
     ) -> Blip2ForPreTrainingOutput | tuple:
-        """Images (`pixel_values [B, 3, H, W]`, or `image_embeds [B, 1 + P, Dv]` from `encode_image_frozen`) and their
-        captions (`input_ids` / `attention_mask [B, T]`, Q-Former tokens led by `[CLS]`; or a processor's
-        `qformer_input_ids` / `qformer_attention_mask`) -> `Blip2ForPreTrainingOutput`: the losses of
-        `config.pretraining_objectives` (means over the local batch, against the global batch in a process group)."""
+        """Images (`pixel_values [B, 3, H, W]` or `image_embeds [B, 1 + P, Dv]` from `encode_image_frozen`) and captions
+        (`input_ids` / `attention_mask [B, T]`, `[CLS]`-led Q-Former tokens, or a processor's `qformer_*` pair) -> the
+        losses of `config.pretraining_objectives` (local means, against the global batch in a process group)."""
         input_ids, attention_mask = self._captions(
             input_ids, attention_mask, qformer_input_ids, qformer_attention_mask
         )
         config = self.config
-        if config.temperature_range is not None:
-            with torch.no_grad():
-                self.temp.clamp_(*config.temperature_range)
+        self._clamp_temperature()
         # The queries read the images once; ITC, ITM and ITG all start from this pass.
         image_embeds = self._image_embeds(pixel_values, image_embeds)
         image = self._qformer_image(image_embeds)
@@ -1906,11 +1909,10 @@ class Blip2ForPreTraining(Blip2Stage1FeaturesMixin, Blip2PreTrainedModel):
         sim_i2t, sim_t2i = itc_similarities(image_feats, text_feat, self.temp)
         loss_itc = itc_loss(sim_i2t, sim_t2i, text.rows, config.itc_label_smoothing)
         # ITM: queries and text together, on the pairs and on hard negatives drawn from the ITC logits
-        loss_itm = logits_itm = None
+        loss_itm = logits_itm = loss_itg = logits_itg = None
         if "itm" in config.pretraining_objectives:
             loss_itm, logits_itm = self._itm(image, image_embeds, text, sim_i2t, sim_t2i)
         # ITG: the text decoded from the queries, each token seeing the queries and the tokens before it
-        loss_itg = logits_itg = None
         if "itg" in config.pretraining_objectives:
             loss_itg, logits_itg = self._itg(text, attention_mask, query_pass, image)
         losses = {"itc": loss_itc, "itm": loss_itm, "itg": loss_itg}
@@ -1925,6 +1927,13 @@ class Blip2ForPreTraining(Blip2Stage1FeaturesMixin, Blip2PreTrainedModel):
             logits_itg=logits_itg,
         )
         return output if return_dict is not False else output.to_tuple()
+
+    def _clamp_temperature(self) -> None:
+        """`config.temperature_range`, if set, clamps the ITC temperature before each step (ALBEF/BLIP; LAVIS's
+        BLIP-2 does not)."""
+        if self.config.temperature_range is not None:
+            with torch.no_grad():
+                self.temp.clamp_(*self.config.temperature_range)
 
     @staticmethod
     def _captions(
