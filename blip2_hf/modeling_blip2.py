@@ -355,7 +355,7 @@ class Blip2Encoder(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)  # tensors: compare by identity
 class Blip2QFormerImage:
     """The image as the Q-Former's cross-attention reads it, one object for every way a pass can be given it:
 
