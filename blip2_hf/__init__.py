@@ -23,6 +23,7 @@ from .modeling_blip2 import (
     Blip2ForPreTraining,
     Blip2Model,
     Blip2PreTrainedModel,
+    Blip2QFormerImage,
     Blip2QFormerModel,
     Blip2VisionModel,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "Blip2PreTrainedModel",
     "Blip2VisionModel",
     "Blip2QFormerModel",
+    "Blip2QFormerImage",
     "Blip2Model",
     "Blip2ForConditionalGeneration",
     "Blip2ForImageTextRetrieval",

@@ -14,8 +14,8 @@ from __future__ import annotations
 import copy
 import os
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +31,20 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .configuration_blip2 import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
+from .losses import (
+    gather_no_grad,
+    gather_with_grad,
+    itc_loss,
+    itc_similarities,
+    itg_inputs,
+    itg_loss,
+    itm_loss,
+    local_offset,
+    pad_to_world_length,
+    sample_itm_batch,
+    world,
+)
+from .losses import sample_hard_negatives as sample_hard_negatives  # re-exported: it was defined here
 from .remote_code import copy_remote_code, set_auto_map
 
 logger = logging.get_logger(__name__)
@@ -325,11 +339,100 @@ class Blip2Encoder(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@dataclass(eq=False)  # tensors: compare by identity
+class Blip2QFormerImage:
+    """The image as the Q-Former's cross-attention reads it, one object for every way a pass can be given it:
+
+    - `states [N, P, Dv]`: features of N distinct images (the vision encoder's output), which each cross-attention
+      layer projects to its keys and values; or instead
+    - `key_values`: those keys and values already projected, `(key, value)` of `[N, H, P, d]` per layer (None for
+      layers without cross-attention), made by `Blip2QFormerModel.project_image`, so that several passes over the
+      same images (stage 1's query pass and its ITM pass) project them once;
+    - `attention_mask [N, P]`: 1 for real patches (None: all real, as BLIP-2's images);
+    - `rows [B]`: the image each row of the batch attends to (None: row b attends to image b). Rows on one image (ITM's
+      positives and negatives) then share its keys and values instead of each projecting its own copy.
+
+    `select(rows)` picks rows, `cat(other)` appends images. `Blip2QFormerModel.forward` takes it as
+    `encoder_hidden_states`, where a plain tensor `[B, P, Dv]` means `Blip2QFormerImage(states=tensor)`.
+    """
+
+    states: torch.Tensor | None = None
+    key_values: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...] | None = None
+    attention_mask: torch.Tensor | None = None
+    rows: torch.LongTensor | None = None
+
+    def __post_init__(self):
+        if (self.states is None) == (self.key_values is None):
+            raise ValueError(
+                "Blip2QFormerImage holds either states (image features [N, P, Dv]) or key_values (their projection "
+                "by Blip2QFormerModel.project_image): exactly one of them."
+            )
+        if self.key_values is not None:
+            self.key_values = tuple(self.key_values)
+
+    @property
+    def num_images(self) -> int:
+        """N, the number of distinct images."""
+        if self.states is not None:
+            return self.states.shape[0]
+        return next((key.shape[0] for key, _ in filter(None, self.key_values)), 0)
+
+    def __len__(self) -> int:
+        """The number of rows that attend to these images (B)."""
+        return self.num_images if self.rows is None else len(self.rows)
+
+    def select(self, rows: torch.LongTensor) -> Blip2QFormerImage:
+        """The images seen by `rows [B']` of this batch: no copy, only the row index changes."""
+        return replace(self, rows=rows if self.rows is None else self.rows[rows])
+
+    def cat(self, other: Blip2QFormerImage) -> Blip2QFormerImage:
+        """These images followed by `other`'s (both without `rows`, both states or both projected)."""
+        if self.rows is not None or other.rows is not None:
+            raise ValueError("Blip2QFormerImage.cat appends images: call it before select(rows).")
+        if (self.states is None) != (other.states is None):
+            raise ValueError("Blip2QFormerImage.cat: both images must hold states, or both key_values.")
+        mask = None
+        if self.attention_mask is not None or other.attention_mask is not None:
+            mask = torch.cat([image.patch_mask() for image in (self, other)])
+        if self.states is not None:
+            return Blip2QFormerImage(states=torch.cat([self.states, other.states]), attention_mask=mask)
+        key_values = [
+            None if mine is None else (torch.cat([mine[0], theirs[0]]), torch.cat([mine[1], theirs[1]]))
+            for mine, theirs in zip(self.key_values, other.key_values, strict=True)
+        ]
+        return Blip2QFormerImage(key_values=key_values, attention_mask=mask)
+
+    def patch_mask(self) -> torch.Tensor:
+        """`[N, P]` patch mask, ones where none was given."""
+        if self.attention_mask is not None:
+            return self.attention_mask
+        if self.states is not None:
+            return self.states.new_ones(self.states.shape[:2], dtype=torch.long)
+        key = next(key for key, _ in filter(None, self.key_values))
+        return key.new_ones((key.shape[0], key.shape[2]), dtype=torch.long)
+
+    def layer_inputs(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """What layer `layer_idx` cross-attends to: `(states, None, None)` or `(None, key, value)`."""
+        if self.key_values is None:
+            return self.states, None, None
+        key_value = self.key_values[layer_idx]
+        return (None, None, None) if key_value is None else (None, *key_value)
+
+    def cross_attention_mask(self, query_length: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """The additive cross-attention mask `[B, 1, Q, P]` (per row), or None when no patch is masked."""
+        if self.attention_mask is None or bool(self.attention_mask.all()):
+            return None
+        mask = self.attention_mask
+        if self.rows is not None:  # the layers index the keys per row: index their mask once, here
+            mask = mask[self.rows]
+        return _additive_mask(mask[:, None, :].bool().expand(-1, query_length, -1), dtype)
+
+
 class Blip2QFormerMultiHeadAttention(nn.Module):
     """BERT attention. Self-attention over `[queries; text]`, or cross-attention from the queries to the image
     (`key`/`value` then read `encoder_hidden_size`-wide image features). Self-attention can append its keys/values
     to a `Cache`, so that text run later (ITG, Q-Former generation) attends to the queries without running them again.
-    Cross-attention can project each distinct image once and hand it to several rows (`encoder_index`).
+    Cross-attention is given its keys and values (`key_value`, see `Blip2QFormerLayer`).
     """
 
     def __init__(self, config: Blip2QFormerConfig, is_cross_attention: bool = False, layer_idx: int | None = None):
@@ -350,22 +453,16 @@ class Blip2QFormerMultiHeadAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
+        key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
-        encoder_index: torch.LongTensor | None = None,
-        image_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states `[B, L, D]`; encoder_hidden_states `[B, P, Dv]` for cross-attention, or `[B_images, P, Dv]`
-        with `encoder_index [B]` the image row each row attends to, or instead `image_key_value`, their keys and values
-        already projected (`project_key_value`); additive mask `[B, 1, L, L_keys]` (per row, also with
-        `encoder_index`). Returns `[B, L, D]` and the attention probabilities (eager only)."""
+        """hidden_states `[B, L, D]`; `key_value`: keys and values `[B, H, L_keys, d]` (cross-attention, from
+        `project_key_value`), or None to attend to `hidden_states` (self-attention); additive mask
+        `[B, 1, L, L_keys]`. Returns `[B, L, D]` and the attention probabilities (eager only)."""
         batch_size, seq_len, _ = hidden_states.shape
-        kv_states = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query = self._heads(self.query(hidden_states))
-        key, value = self.project_key_value(kv_states) if image_key_value is None else image_key_value
-        if encoder_index is not None:  # keys/values were projected once per distinct image: give each row its own
-            key, value = key[encoder_index], value[encoder_index]
+        key, value = self.project_key_value(hidden_states) if key_value is None else key_value
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -418,19 +515,10 @@ class Blip2QFormerAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
+        key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
-        encoder_index: torch.LongTensor | None = None,
-        image_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn_output, attn_weights = self.attention(
-            hidden_states,
-            attention_mask,
-            encoder_hidden_states,
-            cache,
-            encoder_index=encoder_index,
-            image_key_value=image_key_value,
-        )
+        attn_output, attn_weights = self.attention(hidden_states, attention_mask, key_value, cache)
         return self.output(attn_output, hidden_states), attn_weights
 
 
@@ -447,10 +535,13 @@ class Blip2QFormerIntermediate(nn.Module):
 class Blip2QFormerLayer(GradientCheckpointingLayer):
     """One Q-Former layer. Self-attention is shared by queries and text (the mask decides who sees whom); then the
     first `query_length` positions (the queries) cross-attend to the image, if this layer has cross-attention, and go
-    through the query FFN, while the text positions go through the text FFN (BERT's). With `encoder_index [B]`,
-    `encoder_hidden_states [B_images, P, Dv]` holds distinct images and row b attends to image `encoder_index[b]`;
-    `encoder_attention_mask` stays per row, `[B, 1, Q, P]`. `image_key_value` replaces `encoder_hidden_states` with
-    this layer's cross-attention keys and values of the images, projected beforehand."""
+    through the query FFN, while the text positions go through the text FFN (BERT's).
+
+    The image comes as this layer's part of a `Blip2QFormerImage`: `encoder_hidden_states [N, P, Dv]`, which the
+    layer projects, or `image_key` / `image_value` `[N, H, P, d]` projected beforehand; with `image_rows [B]`, row b
+    attends to image `image_rows[b]` (else N = B). The image tensors come positionally, as inputs of an activation
+    checkpoint: a reentrant one then backpropagates into a projection shared by several passes once, from outside,
+    instead of from each layer's recompute. `encoder_attention_mask` is per row, `[B, 1, Q, P]`."""
 
     def __init__(self, config: Blip2QFormerConfig, layer_idx: int):
         super().__init__()
@@ -469,24 +560,24 @@ class Blip2QFormerLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
+        image_key: torch.Tensor | None = None,
+        image_value: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        image_rows: torch.LongTensor | None = None,
         query_length: int = 0,
         cache: Cache | None = None,
-        encoder_index: torch.LongTensor | None = None,
-        image_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         attention_output, self_weights = self.attention(hidden_states, attention_mask, cache=cache)
         query_part, text_part = attention_output[:, :query_length], attention_output[:, query_length:]
         outputs, cross_weights = [], None
         if query_length > 0:
             if self.has_cross_attention:
-                query_part, cross_weights = self.crossattention(
-                    query_part,
-                    encoder_attention_mask,
-                    encoder_hidden_states=encoder_hidden_states,
-                    encoder_index=encoder_index,
-                    image_key_value=image_key_value,
-                )
+                cross = self.crossattention
+                if image_key is None:
+                    image_key, image_value = cross.attention.project_key_value(encoder_hidden_states)
+                if image_rows is not None:  # each distinct image was projected once: give each row its own
+                    image_key, image_value = image_key[image_rows], image_value[image_rows]
+                query_part, cross_weights = cross(query_part, encoder_attention_mask, (image_key, image_value))
             outputs.append(self.output_query(self.intermediate_query(query_part), query_part))
         if text_part.shape[1] > 0:
             if not hasattr(self, "intermediate"):
@@ -720,16 +811,87 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
     def get_input_embeddings(self) -> None:
         return None  # queries and text embeddings live in the models that own them
 
-    def project_image(self, encoder_hidden_states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-        """Every layer's cross-attention keys and values of `encoder_hidden_states [B_images, P, Dv]`: one
-        `(key, value)` pair of `[B_images, H, P, d]` per layer, None for layers without cross-attention. Passed to
-        `forward` as `image_key_values`, they stand for `encoder_hidden_states`, so that several passes over the same
-        images (stage 1's query pass and its ITM pass) project them once."""
+    def project_image(
+        self, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor | None = None
+    ) -> Blip2QFormerImage:
+        """Every layer's cross-attention keys and values of `encoder_hidden_states [N, P, Dv]` (`[N, H, P, d]` per
+        layer), with the patch mask `[N, P]` if any, as a `Blip2QFormerImage` to pass as `encoder_hidden_states`:
+        several passes over the same images (stage 1's query pass and its ITM pass) then project them once."""
         states = encoder_hidden_states.to(self.layernorm.weight.dtype)
-        return [
+        key_values = [
             layer.crossattention.attention.project_key_value(states) if layer.has_cross_attention else None
             for layer in self.encoder.layer
         ]
+        return Blip2QFormerImage(key_values=key_values, attention_mask=encoder_attention_mask)
+
+    def _image_input(
+        self,
+        encoder_hidden_states: torch.Tensor | Blip2QFormerImage | None,
+        encoder_attention_mask: torch.Tensor | None,
+        batch_size: int,
+        query_length: int,
+    ) -> Blip2QFormerImage | None:
+        """`forward`'s image argument as one `Blip2QFormerImage` (states in the Q-Former's dtype), checked."""
+        if encoder_hidden_states is None:
+            if query_length > 0 and self.config.num_hidden_layers > 0:
+                raise ValueError(
+                    "Queries cross-attend to the image: pass encoder_hidden_states [batch, patches, width]."
+                )
+            return None
+        if not isinstance(encoder_hidden_states, Blip2QFormerImage):
+            image = Blip2QFormerImage(states=encoder_hidden_states, attention_mask=encoder_attention_mask)
+        elif encoder_attention_mask is not None:
+            raise ValueError(
+                "encoder_hidden_states is a Blip2QFormerImage: give its patch mask as its attention_mask, not as "
+                "encoder_attention_mask."
+            )
+        else:
+            image = encoder_hidden_states
+            if image.rows is not None and len(image) != batch_size:
+                raise ValueError(
+                    f"encoder_hidden_states.rows has shape {tuple(image.rows.shape)}; expected [{batch_size}]: the "
+                    "image of each row of the batch."
+                )
+            if image.key_values is not None and len(image.key_values) != self.config.num_hidden_layers:
+                raise ValueError(
+                    f"encoder_hidden_states.key_values has {len(image.key_values)} entries; expected "
+                    f"{self.config.num_hidden_layers}, one per layer, as project_image returns."
+                )
+        if image.states is not None:
+            image = replace(image, states=image.states.to(self.layernorm.weight.dtype))
+        return image
+
+    def _self_mask(
+        self,
+        mask_type: SelfAttentionMask,
+        attention_mask: torch.Tensor | None,
+        hidden_states: torch.Tensor,
+        query_length: int,
+        past_length: int,
+    ) -> torch.Tensor | None:
+        """`build_self_attention_mask` for `hidden_states [B, Q + T, D]` after `past_length` cached positions, with
+        `attention_mask` given for the text alone `[B, T]` or for everything `[B, past + Q + T]`."""
+        batch_size, length = hidden_states.shape[:2]
+        if attention_mask is not None and attention_mask.shape[1] == length - query_length:
+            # text only: queries and the past are never padding
+            attention_mask = torch.cat(
+                [attention_mask.new_ones(batch_size, past_length + query_length), attention_mask], dim=1
+            )
+        elif attention_mask is not None and attention_mask.shape[1] != past_length + length:
+            raise ValueError(
+                f"attention_mask has {attention_mask.shape[1]} columns; expected {length - query_length} (text "
+                f"tokens) or {past_length + length} (cached {past_length} + queries {query_length} + text "
+                f"{length - query_length})."
+            )
+        return self.build_self_attention_mask(
+            mask_type,
+            query_length,
+            length - query_length,
+            past_length,
+            attention_mask,
+            hidden_states.dtype,
+            hidden_states.device,
+        )
 
     @staticmethod
     def build_self_attention_mask(
@@ -774,10 +936,8 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
         query_embeds: torch.Tensor | None = None,
         text_embeds: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | Blip2QFormerImage | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
-        encoder_index: torch.LongTensor | None = None,
-        image_key_values: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
         self_attention_mask: SelfAttentionMask = "bidirectional",
         cache: Cache | None = None,
         use_cache: bool = False,
@@ -792,15 +952,11 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
             text_embeds: `[B, T, D]` embedded text (`Blip2TextEmbeddings`), or None for queries alone.
             attention_mask: padding mask, 1 = real token: `[B, T]` for the text alone (queries and cached positions
                 are never padding), or `[B, past + Q + T]` for everything.
-            encoder_hidden_states: `[B, P, Dv]` image embeddings, needed whenever queries are given; with
-                `encoder_index`, `[B_images, P, Dv]` distinct images.
-            encoder_attention_mask: `[B, P]` image padding mask (all ones for BLIP-2 images); with `encoder_index`,
-                `[B_images, P]`, one per image.
-            encoder_index: `[B]` which row of `encoder_hidden_states` each row cross-attends to, or None for row b to
-                image b. Several rows on one image (ITM's positives and negatives) then share one key/value
-                projection of it, instead of each projecting its own copy.
-            image_key_values: instead of `encoder_hidden_states`, their keys and values from `project_image`
-                (`[B_images, H, P, d]` per cross-attention layer; with or without `encoder_index` as above).
+            encoder_hidden_states: the image the queries cross-attend to, needed whenever queries are given:
+                `[B, P, Dv]` image embeddings (row b attends to image b), or a `Blip2QFormerImage` (distinct images
+                shared by several rows, and/or their keys and values projected beforehand by `project_image`).
+            encoder_attention_mask: `[B, P]` patch mask of a plain `encoder_hidden_states` (all ones for BLIP-2
+                images); a `Blip2QFormerImage` carries its own.
             self_attention_mask: "bidirectional" (ITM), "unimodal" (ITC) or "multimodal_causal" (ITG).
             cache / use_cache: keep and reuse the self-attention keys/values (a `DynamicCache` is made if needed).
         Returns:
@@ -811,64 +967,13 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
         dtype = self.layernorm.weight.dtype  # the Q-Former runs in its own (fp32) precision
         parts = [x.to(dtype) for x in (query_embeds, text_embeds) if x is not None]
         hidden_states = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        batch_size, length = hidden_states.shape[:2]
         query_length = 0 if query_embeds is None else query_embeds.shape[1]
-        has_image = encoder_hidden_states is not None or image_key_values is not None
-        if encoder_hidden_states is not None and image_key_values is not None:
-            raise ValueError(
-                "Pass encoder_hidden_states or image_key_values (their projection by project_image), not both."
-            )
-        if image_key_values is not None and len(image_key_values) != self.config.num_hidden_layers:
-            raise ValueError(
-                f"image_key_values has {len(image_key_values)} entries; expected {self.config.num_hidden_layers}, one "
-                "per layer, as project_image returns."
-            )
-        if query_length > 0 and not has_image and self.config.num_hidden_layers > 0:
-            raise ValueError("Queries cross-attend to the image: pass encoder_hidden_states [batch, patches, width].")
-        if encoder_index is not None and not has_image:
-            raise ValueError(
-                "encoder_index picks rows of encoder_hidden_states: pass encoder_hidden_states too (or "
-                "image_key_values)."
-            )
-        if encoder_index is not None and encoder_index.shape != (batch_size,):
-            raise ValueError(
-                f"encoder_index has shape {tuple(encoder_index.shape)}; expected [{batch_size}]: the image row of "
-                "each row of the batch."
-            )
-
+        image = self._image_input(encoder_hidden_states, encoder_attention_mask, hidden_states.shape[0], query_length)
         if use_cache and cache is None:
             cache = DynamicCache()
         past_length = cache.get_seq_length() if cache is not None else 0
-        if attention_mask is not None:
-            if attention_mask.shape[1] == length - query_length:  # text only: queries and the past are never padding
-                attention_mask = torch.cat(
-                    [attention_mask.new_ones(batch_size, past_length + query_length), attention_mask], dim=1
-                )
-            elif attention_mask.shape[1] != past_length + length:
-                raise ValueError(
-                    f"attention_mask has {attention_mask.shape[1]} columns; expected {length - query_length} (text "
-                    f"tokens) or {past_length + length} (cached {past_length} + queries {query_length} + text "
-                    f"{length - query_length})."
-                )
-        self_mask = self.build_self_attention_mask(
-            self_attention_mask,
-            query_length,
-            length - query_length,
-            past_length,
-            attention_mask,
-            dtype,
-            hidden_states.device,
-        )
-        cross_mask = None
-        if encoder_hidden_states is not None:
-            encoder_hidden_states = encoder_hidden_states.to(dtype)
-        if has_image:
-            if encoder_attention_mask is not None and not bool(encoder_attention_mask.all()):
-                if encoder_index is not None:  # the layers index the keys per row: index their mask once, here
-                    encoder_attention_mask = encoder_attention_mask[encoder_index]
-                cross_mask = _additive_mask(
-                    encoder_attention_mask[:, None, :].bool().expand(-1, query_length, -1), dtype
-                )
+        self_mask = self._self_mask(self_attention_mask, attention_mask, hidden_states, query_length, past_length)
+        cross_mask = None if image is None else image.cross_attention_mask(query_length, dtype)
 
         hidden_states = self.dropout(self.layernorm(hidden_states))
         all_hidden_states = (hidden_states,) if output_hidden_states else None
@@ -878,12 +983,11 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
             hidden_states, self_weights, cross_weights = layer(
                 hidden_states,
                 self_mask,
-                encoder_hidden_states,  # positional, for gradient checkpointing
+                *(image.layer_inputs(index) if image is not None else ()),  # positional, for gradient checkpointing
                 encoder_attention_mask=cross_mask,
+                image_rows=None if image is None else image.rows,
                 query_length=query_length,
                 cache=cache,
-                encoder_index=encoder_index,
-                image_key_value=None if image_key_values is None else image_key_values[index],
             )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
@@ -1478,7 +1582,12 @@ class Blip2Stage1FeaturesMixin:
 
     def _text_feature(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Q-Former ids `[B, T]` (no placeholders) -> the normalized `[CLS]` projection `[B, E]`."""
-        return nn.functional.normalize(self.text_projection(self._text_pass(input_ids, attention_mask)[:, 0]), dim=-1)
+        return self._text_feature_of(self.embeddings(input_ids), attention_mask)
+
+    def _text_feature_of(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Embedded text `[B, T, D]` -> the normalized `[CLS]` projection `[B, E]` of the text-only (unimodal) pass."""
+        cls_output = self.qformer(text_embeds=text_embeds, attention_mask=attention_mask).last_hidden_state[:, 0]
+        return nn.functional.normalize(self.text_projection(cls_output), dim=-1)
 
     def _text_pass(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Q-Former ids `[B, T]` (no placeholders) -> the text-only pass's outputs `[B, T, D]`."""
@@ -1498,12 +1607,23 @@ class Blip2Stage1FeaturesMixin:
         self, image_embeds: torch.Tensor, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, Blip2QFormerModelOutput]:
         """The ITM pass over Q-Former ids without placeholders: `(logits [B, 2], joint output [B, Q + T, D])`."""
-        query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self._itm_logits(image_embeds, self.embeddings(input_ids), attention_mask)
+
+    def _itm_logits(
+        self,
+        image: torch.Tensor | Blip2QFormerImage,
+        text_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, Blip2QFormerModelOutput]:
+        """One bidirectional pass over `[queries; text]`, row b on image b of `image` (`[B, P, Dv]` or a
+        `Blip2QFormerImage` of B rows) and text `text_embeds [B, T, D]`; `itm_head` averaged over the query outputs:
+        `(logits [B, 2], joint output [B, Q + T, D])`."""
+        query_tokens = self.query_tokens.expand(len(image), -1, -1)
         joint_output = self.qformer(
             query_embeds=query_tokens,
-            text_embeds=self.embeddings(input_ids),
+            text_embeds=text_embeds,
             attention_mask=attention_mask,
-            encoder_hidden_states=image_embeds,
+            encoder_hidden_states=image,
             self_attention_mask="bidirectional",
         )
         query_part = joint_output.last_hidden_state[:, : query_tokens.shape[1]]
@@ -1668,95 +1788,6 @@ class Blip2ForImageTextRetrieval(Blip2Stage1FeaturesMixin, Blip2PreTrainedModel)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without an initialized process group (LAVIS crashes there, #537)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-class _AllGatherWithGrad(torch.autograd.Function):
-    """All-gather along dim 0, processes may hold different numbers of rows (a collator that skipped an unreadable
-    image, a last batch). The backward hands each process the sum over all processes of the gradient of its own rows
-    (all-reduce, then its slice), so gradients are those of one process running the whole batch."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        rank, world_size = _world()
-        sizes = _gather_sizes(tensor.shape[0], tensor.device)
-        largest = max(sizes)
-        padded = tensor.new_zeros((largest, *tensor.shape[1:]))
-        padded[: tensor.shape[0]] = tensor
-        parts = [torch.empty_like(padded) for _ in range(world_size)]
-        torch.distributed.all_gather(parts, padded.contiguous())
-        ctx.start, ctx.size = sum(sizes[:rank]), tensor.shape[0]
-        return torch.cat([part[:size] for part, size in zip(parts, sizes)], dim=0)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
-        grad = grad_output.contiguous()
-        torch.distributed.all_reduce(grad)
-        return grad[ctx.start : ctx.start + ctx.size]
-
-
-def _gather_sizes(size: int, device: torch.device) -> list[int]:
-    """Every process's number of rows, in rank order."""
-    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(_world()[1])]
-    torch.distributed.all_gather(sizes, torch.tensor([size], dtype=torch.long, device=device))
-    return [int(s.item()) for s in sizes]
-
-
-def _gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate `tensor` from every process along dim 0, differentiably (see `_AllGatherWithGrad`). With DDP's
-    gradient averaging the gradients equal those of one process on the whole batch (LAVIS gathers the other side's
-    features without gradient, which is not exact)."""
-    if _world()[1] == 1:
-        return tensor
-    return _AllGatherWithGrad.apply(tensor)
-
-
-def _gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
-    if _world()[1] == 1:
-        return tensor
-    with torch.no_grad():
-        return _AllGatherWithGrad.apply(tensor)
-
-
-def _pad_to_world_length(ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token ids and mask to the longest length over the processes, so that they can be gathered."""
-    if _world()[1] == 1:
-        return ids, mask
-    length = torch.tensor([ids.shape[1]], device=ids.device)
-    torch.distributed.all_reduce(length, op=torch.distributed.ReduceOp.MAX)
-    extra = int(length.item()) - ids.shape[1]
-    if extra:
-        ids = nn.functional.pad(ids, (0, extra), value=pad_id)
-        mask = nn.functional.pad(mask, (0, extra), value=0)
-    return ids, mask
-
-
-def sample_hard_negatives(similarity: torch.Tensor, positive_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one negative per row with probability softmax(similarity) over the row, positives excluded (LAVIS's ITM
-    hard-negative mining, vectorized: one `multinomial` call, no per-sample host sync).
-
-    Args:
-        similarity: `[B, N]` logits (similarity / temperature) of each local row against the whole global batch.
-        positive_index: `[B]` column of each row's positive.
-    Returns:
-        `[B]` sampled columns, and `[B]` bool: whether the row had any candidate at all (False when the global batch
-        is one pair). NaN similarities get no weight; a row whose weights are all zero or NaN draws uniformly.
-    """
-    logits = torch.nan_to_num(similarity.detach().float(), nan=-torch.inf, posinf=-torch.inf)
-    candidates = torch.ones_like(logits, dtype=torch.bool)
-    candidates[torch.arange(len(positive_index), device=logits.device), positive_index] = False
-    weights = torch.softmax(logits.masked_fill(~candidates, -torch.inf), dim=1)
-    broken = ~torch.isfinite(weights).all(dim=1) | (weights.sum(dim=1) <= 0)
-    weights = torch.where(broken[:, None], candidates.float(), weights.nan_to_num(0.0))
-    has_negative = candidates.any(dim=1)
-    weights[~has_negative] = 1.0  # keep multinomial valid; these rows are dropped by the caller
-    return torch.multinomial(weights, 1).squeeze(1), has_negative
-
-
 class Blip2QFormerPredictionHeadTransform(nn.Module):
     def __init__(self, config: Blip2QFormerConfig):
         super().__init__()
@@ -1790,6 +1821,24 @@ class Blip2QFormerLMHead(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.predictions(hidden_states)
+
+
+@dataclass
+class _Stage1Text:
+    """The captions of a stage-1 step, embedded once for the three objectives.
+
+    embeds: `[B, T, D]` the local captions (ITC's text pass).
+    rows: `[B]` the local pairs' rows of the global batch (`N` pairs over all processes).
+    embeds_all / mask_all: `[N, W, D]` / `[N, W]` every process's captions, right-padded to the longest (ITM's texts).
+    decoder_embeds / labels: `[B, T, D]` / `[B, T]` the `[DEC]`-led captions and their ITG labels (`itg_inputs`).
+    """
+
+    embeds: torch.Tensor
+    rows: torch.LongTensor
+    embeds_all: torch.Tensor
+    mask_all: torch.Tensor
+    decoder_embeds: torch.Tensor
+    labels: torch.LongTensor
 
 
 @dataclass
@@ -1939,10 +1988,6 @@ class Blip2ForPreTraining(Blip2Stage1FeaturesMixin, Blip2PreTrainedModel):
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.cls.predictions.decoder = new_embeddings
 
-    def _query_pass(self, image_embeds: torch.Tensor, use_cache: bool) -> Blip2QFormerModelOutput:
-        query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        return self.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds, use_cache=use_cache)
-
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -1954,100 +1999,34 @@ class Blip2ForPreTraining(Blip2Stage1FeaturesMixin, Blip2PreTrainedModel):
         qformer_attention_mask: torch.LongTensor | None = None,
         **kwargs,
     ) -> Blip2ForPreTrainingOutput | tuple:
-        """
-        Args:
-            pixel_values: `[B, 3, H, W]` images, or
-            image_embeds: `[B, 1 + P, Dv]` the frozen encoder's output (`encode_image_frozen`), e.g. from a cache.
-            input_ids: `[B, T]` Q-Former (BERT) tokens starting with `[CLS]`, as LAVIS tokenizes captions.
-            attention_mask: `[B, T]`, 1 for real tokens.
-            qformer_input_ids / qformer_attention_mask: the same from a processor, so `model(**processor(images=...,
-                text=..., return_tensors="pt"))` works (the processor's `input_ids` are the language model's and are
-                then not read).
-        Returns:
-            `Blip2ForPreTrainingOutput` with the three losses (mean over the local batch, computed against the global
-            batch when a process group is initialized) and their logits.
-        """
-        if qformer_input_ids is not None:
-            input_ids, attention_mask = qformer_input_ids, qformer_attention_mask
-        if input_ids is None:
-            raise ValueError("Stage 1 trains on image-text pairs: pass input_ids (and attention_mask).")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        config = self.config
-        rank, world_size = _world()
-        if self.config.temperature_range is not None:
-            with torch.no_grad():
-                self.temp.clamp_(*self.config.temperature_range)
-
-        image_embeds = self._image_embeds(pixel_values, image_embeds)
-        batch_size = image_embeds.shape[0]
-        # The query pass and the ITM pass cross-attend to the same B images, so each cross-attention layer projects
-        # their keys/values once for both (LAVIS projects them again in the ITM pass: at ViT-g width that is about a
-        # tenth of the step's FLOPs). Under gradient checkpointing every layer projects its own, because a reentrant
-        # checkpoint passes no gradient to tensors handed to it by keyword.
-        share_image_projection = not self.qformer.is_activation_checkpointing
-        image_inputs = (
-            {"image_key_values": self.qformer.project_image(image_embeds)}
-            if share_image_projection
-            else {"encoder_hidden_states": image_embeds}
+        """Images (`pixel_values [B, 3, H, W]` or `image_embeds [B, 1 + P, Dv]` from `encode_image_frozen`) and captions
+        (`input_ids` / `attention_mask [B, T]`, `[CLS]`-led Q-Former tokens, or a processor's `qformer_*` pair) -> the
+        losses of `config.pretraining_objectives` (local means, against the global batch in a process group)."""
+        input_ids, attention_mask = self._captions(
+            input_ids, attention_mask, qformer_input_ids, qformer_attention_mask
         )
-        query_tokens = self.query_tokens.expand(batch_size, -1, -1)
-        query_pass = self.qformer(query_embeds=query_tokens, use_cache=True, **image_inputs)
-        query_output = query_pass.last_hidden_state
-        image_feats = nn.functional.normalize(self.vision_projection(query_output), dim=-1)  # [B, Q, E]
-
-        # The text of all three passes (ITC: the captions; ITM: captions of the global batch; ITG: captions led by
-        # [DEC]) embedded in one lookup: the word-embedding gradient of a lookup is a dense [vocab, D] tensor (30523 x
-        # 768 for BERT), which backward would otherwise fill and sum three times a step.
-        text_length = input_ids.shape[1]
-        pad_id = config.qformer_config.pad_token_id or 0
-        ids_all, mask_all = _pad_to_world_length(input_ids, attention_mask, pad_id)
-        ids_all, mask_all = _gather_no_grad(ids_all), _gather_no_grad(mask_all)  # [N, W]: every process's captions
-        width = ids_all.shape[1]
-        decoder_ids = input_ids.clone()
-        decoder_ids[:, 0] = config.qformer_config.bos_token_id
-        lookup = torch.cat([ids_all, nn.functional.pad(decoder_ids, (0, width - text_length), value=pad_id)])
-        text_embeds_all, decoder_embeds = self.embeddings(lookup).split([ids_all.shape[0], batch_size])
-        offset = sum(_gather_sizes(batch_size, image_embeds.device)[:rank]) if world_size > 1 else 0
-        local_rows = torch.arange(batch_size, device=ids_all.device) + offset  # this process's rows of the N
-
-        text_embeds = text_embeds_all[offset : offset + batch_size, :text_length]
-        text_output = self.qformer(text_embeds=text_embeds, attention_mask=attention_mask)
-        text_feat = nn.functional.normalize(self.text_projection(text_output.last_hidden_state[:, 0]), dim=-1)
-
-        # ITC over the global batch
-        image_feats_all = _gather_with_grad(image_feats)  # [N, Q, E]
-        text_feat_all = _gather_with_grad(text_feat)  # [N, E]
-        sim_i2t = torch.einsum("bqe,ne->bqn", image_feats, text_feat_all).max(dim=1).values / self.temp  # [B, N]
-        sim_t2i = torch.einsum("be,nqe->bnq", text_feat, image_feats_all).max(dim=2).values / self.temp  # [B, N]
-        targets = local_rows
-        smoothing = config.itc_label_smoothing
-        loss_itc = (
-            nn.functional.cross_entropy(sim_i2t, targets, label_smoothing=smoothing)
-            + nn.functional.cross_entropy(sim_t2i, targets, label_smoothing=smoothing)
-        ) / 2
-
-        objectives = config.pretraining_objectives
+        config = self.config
+        self._clamp_temperature()
+        # The queries read the images once; ITC, ITM and ITG all start from this pass.
+        image_embeds = self._image_embeds(pixel_values, image_embeds)
+        image = self._qformer_image(image_embeds)
+        query_pass = self._query_pass(image, use_cache=True)
+        image_feats = nn.functional.normalize(self.vision_projection(query_pass.last_hidden_state), dim=-1)
+        text = self._embed_captions(input_ids, attention_mask)
+        text_feat = self._text_feature_of(text.embeds, attention_mask)
+        # ITC: queries and text apart; each pair against the global batch
+        sim_i2t, sim_t2i = itc_similarities(image_feats, text_feat, self.temp)
+        loss_itc = itc_loss(sim_i2t, sim_t2i, text.rows, config.itc_label_smoothing)
+        # ITM: queries and text together, on the pairs and on hard negatives drawn from the ITC logits
         loss_itm = logits_itm = loss_itg = logits_itg = None
-        if "itm" in objectives:
-            loss_itm, logits_itm = self._itm_loss(
-                image_embeds,
-                image_inputs,
-                text_embeds_all,
-                mask_all,
-                sim_i2t,
-                sim_t2i,
-                local_rows,
-                share_image_projection,
-            )
-        if "itg" in objectives:
-            loss_itg, logits_itg = self._itg_loss(
-                decoder_ids, decoder_embeds, attention_mask, text_length, query_pass, image_embeds
-            )
+        if "itm" in config.pretraining_objectives:
+            loss_itm, logits_itm = self._itm(image, image_embeds, text, sim_i2t, sim_t2i)
+        # ITG: the text decoded from the queries, each token seeing the queries and the tokens before it
+        if "itg" in config.pretraining_objectives:
+            loss_itg, logits_itg = self._itg(text, attention_mask, query_pass, image)
         losses = {"itc": loss_itc, "itm": loss_itm, "itg": loss_itg}
-
         output = Blip2ForPreTrainingOutput(
-            loss=sum(losses[name] for name in objectives),
+            loss=sum(losses[name] for name in config.pretraining_objectives),
             loss_itc=loss_itc,
             loss_itm=loss_itm,
             loss_itg=loss_itg,
@@ -2058,102 +2037,116 @@ class Blip2ForPreTraining(Blip2Stage1FeaturesMixin, Blip2PreTrainedModel):
         )
         return output if return_dict is not False else output.to_tuple()
 
-    def _itm_loss(
+    def _clamp_temperature(self) -> None:
+        """`config.temperature_range`, if set, clamps the ITC temperature before each step (ALBEF/BLIP; LAVIS's
+        BLIP-2 does not)."""
+        if self.config.temperature_range is not None:
+            with torch.no_grad():
+                self.temp.clamp_(*self.config.temperature_range)
+
+    @staticmethod
+    def _captions(
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        qformer_input_ids: torch.LongTensor | None,
+        qformer_attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.LongTensor, torch.Tensor]:
+        """The Q-Former captions `(ids [B, T], mask [B, T])`: a processor's `qformer_*` pair when given (its
+        `input_ids` are the language model's and are then not read), else `input_ids`; mask all ones if none."""
+        if qformer_input_ids is not None:
+            input_ids, attention_mask = qformer_input_ids, qformer_attention_mask
+        if input_ids is None:
+            raise ValueError("Stage 1 trains on image-text pairs: pass input_ids (and attention_mask).")
+        return input_ids, torch.ones_like(input_ids) if attention_mask is None else attention_mask
+
+    def _qformer_image(self, image_embeds: torch.Tensor) -> Blip2QFormerImage:
+        """The images `[B, 1 + P, Dv]` as the Q-Former reads them. The query pass and the ITM pass cross-attend to
+        the same B images, so each cross-attention layer projects their keys/values once for both (LAVIS projects
+        them again in the ITM pass: at ViT-g width that is about a tenth of the step's FLOPs). Under activation
+        checkpointing every layer projects its own inside the checkpoint, as that is what checkpointing is for: the
+        projected keys/values of all layers would otherwise stay in memory until the backward."""
+        if self.qformer.is_activation_checkpointing:
+            return Blip2QFormerImage(states=image_embeds)
+        return self.qformer.project_image(image_embeds)
+
+    def _query_pass(self, image: torch.Tensor | Blip2QFormerImage, use_cache: bool) -> Blip2QFormerModelOutput:
+        """The queries alone over the images (`[B, 1 + P, Dv]` or a `Blip2QFormerImage`): `[B, Q, D]`, and with
+        `use_cache` their self-attention keys/values, which ITG's text attends to."""
+        query_tokens = self.query_tokens.expand(len(image), -1, -1)
+        return self.qformer(query_embeds=query_tokens, encoder_hidden_states=image, use_cache=use_cache)
+
+    def _embed_captions(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> _Stage1Text:
+        """The text of the three objectives (`_Stage1Text`) embedded in one lookup: the word-embedding gradient of a
+        lookup is a dense `[vocab, D]` tensor (30523 x 768 for BERT), which backward would otherwise fill and sum
+        three times a step."""
+        qformer_config = self.config.qformer_config
+        pad_id = qformer_config.pad_token_id or 0
+        ids_all, mask_all = pad_to_world_length(input_ids, attention_mask, pad_id)
+        ids_all, mask_all = gather_no_grad(ids_all), gather_no_grad(mask_all)  # [N, W]: every process's captions
+        decoder_ids, labels = itg_inputs(input_ids, attention_mask, qformer_config.bos_token_id)
+        batch_size, text_length = input_ids.shape
+        padded_decoder_ids = nn.functional.pad(decoder_ids, (0, ids_all.shape[1] - text_length), value=pad_id)
+        embeds_all, decoder_embeds = self.embeddings(torch.cat([ids_all, padded_decoder_ids])).split(
+            [ids_all.shape[0], batch_size]
+        )
+        offset = local_offset(batch_size, input_ids.device)
+        return _Stage1Text(
+            embeds=embeds_all[offset : offset + batch_size, :text_length],
+            rows=torch.arange(batch_size, device=input_ids.device) + offset,
+            embeds_all=embeds_all,
+            mask_all=mask_all,
+            decoder_embeds=decoder_embeds[:, :text_length],
+            labels=labels,
+        )
+
+    def _itm(
         self,
+        image: Blip2QFormerImage,
         image_embeds: torch.Tensor,
-        image_inputs: dict[str, Any],
-        text_embeds_all: torch.Tensor,
-        mask_all: torch.Tensor,
+        text: _Stage1Text,
         sim_i2t: torch.Tensor,
         sim_t2i: torch.Tensor,
-        local_rows: torch.Tensor,
-        share_image_projection: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """ITM with hard negatives from the global batch: `(loss_itm, logits_itm [3B', 2])`. `image_inputs` holds the
-        local images' projection (or embeddings) from the query pass; `text_embeds_all` / `mask_all` every process's
-        captions; `sim_*` the ITC similarities `[B, N]`; `local_rows` this process's rows of the N."""
-        batch_size, num_queries = image_embeds.shape[0], self.config.num_query_tokens
-        _, world_size = _world()
-        targets = local_rows
-        image_embeds_all = _gather_with_grad(image_embeds)
-        negative_image, text_has_negative = sample_hard_negatives(sim_t2i, targets)
-        negative_text, image_has_negative = sample_hard_negatives(sim_i2t, targets)
-        # the rows' texts: positives, the same texts again (with negative images), negative texts (of any process)
-        itm_rows = torch.cat([local_rows, local_rows[text_has_negative], negative_text[image_has_negative]])
-        # The ITM rows' images (positives, negative images, positives again for the negative texts) are copies of at
-        # most 2B distinct images, B in one process: the rows share the projections of those images (the query pass's,
-        # plus the gathered negatives') through `encoder_index` (LAVIS projects all 3B copies).
-        local_images = torch.arange(batch_size, device=image_embeds.device)
-        if world_size == 1:  # image_embeds_all is image_embeds: the negatives are local images
-            negative_images = negative_image[text_has_negative]
-            itm_images = image_inputs
-        else:  # negatives may live on other processes: append them, gathered with their gradient
-            negatives = image_embeds_all[negative_image[text_has_negative]]
-            negative_images = batch_size + torch.arange(negatives.shape[0], device=image_embeds.device)
-            if share_image_projection:  # only the negatives' keys/values are new
-                itm_key_values = [
-                    None if local is None else (torch.cat([local[0], new[0]]), torch.cat([local[1], new[1]]))
-                    for local, new in zip(image_inputs["image_key_values"], self.qformer.project_image(negatives))
-                ]
-                itm_images = {"image_key_values": itm_key_values}
-            else:
-                itm_images = {"encoder_hidden_states": torch.cat([image_embeds, negatives])}
-        itm_image_index = torch.cat([local_images, negative_images, local_images[image_has_negative]])
-        joint_output = self.qformer(
-            query_embeds=self.query_tokens.expand(itm_rows.shape[0], -1, -1),
-            text_embeds=text_embeds_all[itm_rows],
-            attention_mask=mask_all[itm_rows],
-            encoder_index=itm_image_index,
-            self_attention_mask="bidirectional",
-            **itm_images,
+        """ITM with hard negatives from the global batch: `(loss_itm, logits_itm [R, 2])`, rows as `ItmBatch`. The
+        rows' images are copies of at most 2B distinct images (B in one process), so they share the projection of
+        those images (the query pass's, plus the gathered negatives'): LAVIS projects all 3B copies."""
+        image_embeds_all = gather_with_grad(image_embeds)
+        batch = sample_itm_batch(sim_i2t, sim_t2i, text.rows, append_negative_images=world()[1] > 1)
+        if batch.appended_images is not None:  # negatives may live on other processes: append them with gradient
+            image = image.cat(self._qformer_image(image_embeds_all[batch.appended_images]))
+        logits_itm, _ = self._itm_logits(
+            image.select(batch.image_rows), text.embeds_all[batch.text_rows], text.mask_all[batch.text_rows]
         )
-        logits_itm = self.itm_head(joint_output.last_hidden_state[:, :num_queries]).mean(dim=1)
-        itm_labels = torch.zeros(logits_itm.shape[0], dtype=torch.long, device=logits_itm.device)
-        itm_labels[:batch_size] = 1
-        loss_itm = nn.functional.cross_entropy(logits_itm, itm_labels)
+        return itm_loss(logits_itm, batch.labels), logits_itm
 
-        return loss_itm, logits_itm
-
-    def _itg_loss(
+    def _itg(
         self,
-        decoder_ids: torch.Tensor,
-        decoder_embeds: torch.Tensor,
+        text: _Stage1Text,
         attention_mask: torch.Tensor,
-        text_length: int,
-        query_pass: Any,
-        image_embeds: torch.Tensor,
+        query_pass: Blip2QFormerModelOutput,
+        image: Blip2QFormerImage,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """ITG: `[DEC]`-led text `[B, T]` decoded against the queries (the query pass's cached keys/values when
-        present): `(loss_itg, logits_itg [B, T, V])`."""
-        config = self.config
-        batch_size, num_queries = image_embeds.shape[0], config.num_query_tokens
-        decoder_embeds = decoder_embeds[:, :text_length]
-        labels = decoder_ids.masked_fill(attention_mask == 0, -100)
-        cache = query_pass.cache
-        if cache is not None and cache.get_seq_length() == num_queries:  # reuse the query keys/values
+        """ITG: the `[DEC]`-led text decoded against the queries: `(loss_itg, logits_itg [B, T, V])`. The text
+        attends to the query pass's cached keys/values (as LAVIS reuses them), or, where the cache was dropped
+        (activation checkpointing), runs one joint multimodal-causal pass with the queries: the same result."""
+        cache, num_queries = query_pass.cache, self.config.num_query_tokens
+        if cache is not None and cache.get_seq_length() == num_queries:
             text_states = self.qformer(
-                text_embeds=decoder_embeds,
+                text_embeds=text.decoder_embeds,
                 attention_mask=attention_mask,
                 self_attention_mask="multimodal_causal",
                 cache=cache,
             ).last_hidden_state
-        else:  # the cache was dropped (gradient checkpointing): one joint pass, same result
+        else:
             text_states = self.qformer(
-                query_embeds=self.query_tokens.expand(batch_size, -1, -1),
-                text_embeds=decoder_embeds,
+                query_embeds=self.query_tokens.expand(len(image), -1, -1),
+                text_embeds=text.decoder_embeds,
                 attention_mask=attention_mask,
-                encoder_hidden_states=image_embeds,
+                encoder_hidden_states=image,
                 self_attention_mask="multimodal_causal",
             ).last_hidden_state[:, num_queries:]
         logits_itg = self.cls(text_states)
-        loss_itg = nn.functional.cross_entropy(
-            logits_itg[:, :-1].reshape(-1, logits_itg.shape[-1]),
-            labels[:, 1:].reshape(-1),
-            ignore_index=-100,
-            label_smoothing=config.itg_label_smoothing,
-        )
-
-        return loss_itg, logits_itg
+        return itg_loss(logits_itg, text.labels, self.config.itg_label_smoothing), logits_itg
 
     @torch.no_grad()
     def generate(
@@ -2197,6 +2190,7 @@ class Blip2ForPreTraining(Blip2Stage1FeaturesMixin, Blip2PreTrainedModel):
 
 __all__ = [
     "Blip2FeaturesOutput",
+    "Blip2QFormerImage",
     "Blip2PreTrainedModel",
     "Blip2VisionModel",
     "Blip2QFormerModel",

@@ -25,7 +25,7 @@ AUTO_MAP = {
     "AutoModelForPreTraining": "modeling_blip2.Blip2ForPreTraining",
 }
 PIPELINE_FILE = "pipeline_blip2.py"
-REMOTE_CODE_FILES = ("configuration_blip2.py", "modeling_blip2.py", "remote_code.py", PIPELINE_FILE)
+REMOTE_CODE_FILES = ("configuration_blip2.py", "modeling_blip2.py", "losses.py", "remote_code.py", PIPELINE_FILE)
 IMAGE_TO_TEXT_PIPELINE = {
     "impl": "pipeline_blip2.Blip2ImageToTextPipeline",
     "pt": ["AutoModelForImageTextToText"],

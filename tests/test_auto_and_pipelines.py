@@ -43,7 +43,8 @@ def test_checkpoint_carries_code_and_complete_auto_map(checkpoint):
         "AutoModelForPreTraining": "modeling_blip2.Blip2ForPreTraining",
     }
     assert config["custom_pipelines"]["image-to-text"]["impl"] == "pipeline_blip2.Blip2ImageToTextPipeline"
-    for name in ("configuration_blip2.py", "modeling_blip2.py", "remote_code.py", "pipeline_blip2.py", "processing_blip2.py"):
+    code_files = ("configuration_blip2.py", "modeling_blip2.py", "losses.py", "remote_code.py", "pipeline_blip2.py")
+    for name in (*code_files, "processing_blip2.py"):
         assert (folder / name).is_file(), name
     processor_config = json.loads((folder / "processor_config.json").read_text())
     assert processor_config["auto_map"]["AutoProcessor"] == "processing_blip2.Blip2Processor"

@@ -1,6 +1,6 @@
-"""Cross-attention on distinct images (`encoder_index`): the Q-Former projects each image's keys/values once and hands
-them to every row that attends to it; and projected beforehand (`project_image` -> `image_key_values`), so that stage
-1's query pass and ITM pass share one projection of the same images. Checked against the same rows given explicitly
+"""Cross-attention on distinct images (`Blip2QFormerImage.rows`): the Q-Former projects each image's keys/values once
+and hands them to every row that attends to it; and projected beforehand (`project_image`), so that stage 1's query
+pass and ITM pass share one projection of the same images. Checked against the same rows given explicitly
 repeated images, in the Q-Former alone and in stage 1's ITM, where the rows are (positives, text + negative image,
 negative text + image): losses and every gradient, in one process and across two."""
 
@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from test_pretraining import batch, stage1_model
 
 import blip2_hf
-from blip2_hf import modeling_blip2
+from blip2_hf import losses
 from blip2_hf.testing_utils import TINY_QFORMER, perturb_
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -58,10 +58,9 @@ def test_qformer_encoder_index_equals_repeated_images(attn_implementation, with_
         grads = torch.autograd.grad(output.last_hidden_state.square().mean(), [images, *qformer.parameters()])
         return output, grads
 
-    shared, shared_grads = run(encoder_hidden_states=images, encoder_attention_mask=image_mask, encoder_index=index)
-    projected, projected_grads = run(
-        image_key_values=qformer.project_image(images), encoder_attention_mask=image_mask, encoder_index=index
-    )
+    distinct = blip2_hf.Blip2QFormerImage(states=images, attention_mask=image_mask)
+    shared, shared_grads = run(encoder_hidden_states=distinct.select(index))
+    projected, projected_grads = run(encoder_hidden_states=qformer.project_image(images, image_mask).select(index))
     repeated, repeated_grads = run(
         encoder_hidden_states=images[index], encoder_attention_mask=None if image_mask is None else image_mask[index]
     )
@@ -85,27 +84,95 @@ def test_qformer_encoder_index_equals_repeated_images(attn_implementation, with_
             query_embeds=queries,
             text_embeds=text,
             attention_mask=text_mask,
-            encoder_hidden_states=images,
-            encoder_index=index,
+            encoder_hidden_states=blip2_hf.Blip2QFormerImage(states=images).select(index),
         )
         assert not torch.allclose(unmasked.last_hidden_state, shared.last_hidden_state, atol=1e-4)
 
 
-def test_qformer_encoder_index_is_checked():
+def test_qformer_image_input_is_checked():
     qformer = tiny_qformer("sdpa")
     queries, images = torch.zeros(4, 4, 32), torch.zeros(2, 7, 24)
+    image = blip2_hf.Blip2QFormerImage(states=images)
     with pytest.raises(ValueError, match=r"expected \[4\]"):
-        qformer(query_embeds=queries, encoder_hidden_states=images, encoder_index=torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="pass encoder_hidden_states too"):
-        qformer(text_embeds=queries, encoder_index=torch.tensor([0, 1, 0, 1]))
-    key_values = qformer.project_image(images)
+        qformer(query_embeds=queries, encoder_hidden_states=image.select(torch.tensor([0, 1])))
+    projected = qformer.project_image(images)
+    key_values = projected.key_values
     assert [kv is None for kv in key_values] == [not layer.has_cross_attention for layer in qformer.encoder.layer]
     heads = qformer.config.num_attention_heads
     assert key_values[0][0].shape == (2, heads, 7, 32 // heads)  # [images, heads, patches, head width]
-    with pytest.raises(ValueError, match="not both"):
-        qformer(query_embeds=queries[:2], encoder_hidden_states=images, image_key_values=key_values)
+    assert len(projected) == 2 and len(projected.select(torch.tensor([1, 0, 1, 1]))) == 4
+    with pytest.raises(ValueError, match="exactly one of them"):
+        blip2_hf.Blip2QFormerImage(states=images, key_values=key_values)
+    with pytest.raises(ValueError, match="exactly one of them"):
+        blip2_hf.Blip2QFormerImage()
+    with pytest.raises(ValueError, match="not as encoder_attention_mask"):
+        qformer(query_embeds=queries[:2], encoder_hidden_states=projected, encoder_attention_mask=torch.ones(2, 7))
     with pytest.raises(ValueError, match=f"expected {len(key_values)}, one per layer"):
-        qformer(query_embeds=queries[:2], image_key_values=key_values[:-1])
+        qformer(query_embeds=queries[:2], encoder_hidden_states=blip2_hf.Blip2QFormerImage(key_values=key_values[:-1]))
+    with pytest.raises(ValueError, match="before select"):
+        image.select(torch.tensor([0])).cat(image)
+    with pytest.raises(ValueError, match="both images must hold states, or both key_values"):
+        image.cat(projected)
+
+
+def test_qformer_image_cat_and_select_stand_for_the_images_they_index(record_parity):
+    qformer = tiny_qformer("eager")
+    generator = torch.Generator().manual_seed(1)
+    first, second = torch.randn(2, 7, 24, generator=generator), torch.randn(1, 7, 24, generator=generator)
+    second_mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0]])  # only the appended image pads patches
+    rows = torch.tensor([2, 0, 1, 2])
+    queries = torch.randn(4, 4, 32, generator=generator)
+    all_images = torch.cat([first, second])
+    all_masks = torch.cat([torch.ones(2, 7, dtype=torch.long), second_mask])
+    with torch.no_grad():
+        expected = qformer(
+            query_embeds=queries, encoder_hidden_states=all_images[rows], encoder_attention_mask=all_masks[rows]
+        ).last_hidden_state
+        for kind, make in (
+            ("states", lambda states, mask: blip2_hf.Blip2QFormerImage(states=states, attention_mask=mask)),
+            ("projected", qformer.project_image),
+        ):
+            image = make(first, None).cat(make(second, second_mask))
+            assert image.num_images == 3 and len(image.select(rows)) == 4
+            torch.testing.assert_close(image.attention_mask, all_masks, rtol=0, atol=0)
+            ours = qformer(query_embeds=queries, encoder_hidden_states=image.select(rows)).last_hidden_state
+            assert record_parity(f"Q-Former image cat+select ({kind}) vs indexed images", ours, expected) < 1e-5
+            # select composes: picking rows of selected rows is selecting the composed rows
+            twice = image.select(torch.tensor([1, 2, 0, 1])).select(torch.tensor([1, 1, 0, 2]))
+            assert twice.rows.tolist() == [2, 2, 1, 0]
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_projected_image_gets_its_gradient_under_activation_checkpointing(use_reentrant):
+    """The projected keys/values reach the checkpointed layers positionally, as inputs of the checkpoint, so one
+    projection can serve two passes under a reentrant checkpoint too (handed over by keyword, each layer's recompute
+    would backpropagate through the shared projection itself, and the second time fail)."""
+    qformer = tiny_qformer("sdpa").train()
+    for module in qformer.modules():  # dropout off: the two runs must compute the same thing
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.0
+    generator = torch.Generator().manual_seed(2)
+    images = torch.randn(2, 7, 24, generator=generator, requires_grad=True)
+    queries = torch.randn(3, 4, 32, generator=generator)
+    keys = [layer.crossattention.attention.key.weight for layer in qformer.encoder.layer if layer.has_cross_attention]
+
+    def grads():  # .backward(): a reentrant checkpoint refuses autograd.grad
+        images.grad = None
+        qformer.zero_grad(set_to_none=True)
+        image = qformer.project_image(images)  # one projection, two passes (as stage 1's query and ITM passes)
+        first = qformer(query_embeds=queries[:2], encoder_hidden_states=image).last_hidden_state
+        second = qformer(query_embeds=queries, encoder_hidden_states=image.select(torch.tensor([1, 0, 1])))
+        (first.square().mean() + second.last_hidden_state.square().mean()).backward()
+        return [images.grad, *(key.grad for key in keys)]
+
+    plain = grads()
+    qformer.activation_checkpointing_enable({"use_reentrant": use_reentrant})
+    checkpointed = grads()
+    for a, b in zip(checkpointed, plain):
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -114,7 +181,7 @@ def test_qformer_encoder_index_is_checked():
 
 
 class RepeatedImagesReference:
-    """Makes `model` run its query and ITM passes as before `encoder_index` and `image_key_values` existed (as LAVIS),
+    """Makes `model` run its query and ITM passes as before images could be shared by rows and projected ahead (as LAVIS),
     from what the forward itself produced: the frozen features, the sampled negatives, then the query pass on
     `image_embeds` and the ITM pass on
     `[image_embeds; image_embeds_all[negative_image[text_has_negative]]; image_embeds[image_has_negative]]` with no
@@ -123,7 +190,7 @@ class RepeatedImagesReference:
 
     def __init__(self, model: blip2_hf.Blip2ForPreTraining, monkeypatch: pytest.MonkeyPatch):
         self.image_embeds, self.draws, self.itm_calls = None, [], 0
-        image_embeds_fn, sampler = model._image_embeds, modeling_blip2.sample_hard_negatives
+        image_embeds_fn, sampler = model._image_embeds, losses.sample_hard_negatives
         qformer_forward = model.qformer.forward
 
         def image_embeds(*args, **kwargs):
@@ -134,14 +201,15 @@ class RepeatedImagesReference:
             self.draws.append(sampler(*args, **kwargs))  # text -> image first, then image -> text
             return self.draws[-1]
 
-        def qformer(*args, encoder_index=None, image_key_values=None, **kwargs):
-            if image_key_values is not None and encoder_index is None:  # the query pass
+        def qformer(*args, encoder_hidden_states=None, **kwargs):
+            image = encoder_hidden_states
+            if isinstance(image, blip2_hf.Blip2QFormerImage) and image.rows is None:  # the query pass
                 kwargs["encoder_hidden_states"] = self.image_embeds
-            if encoder_index is not None:  # the ITM pass
+            elif isinstance(image, blip2_hf.Blip2QFormerImage):  # the ITM pass
                 self.itm_calls += 1
                 (negative_image, text_has_negative), (_, image_has_negative) = self.draws
                 image_embeds = self.image_embeds
-                image_embeds_all = modeling_blip2._gather_with_grad(image_embeds)
+                image_embeds_all = losses.gather_with_grad(image_embeds)
                 kwargs["encoder_hidden_states"] = torch.cat(
                     [
                         image_embeds,
@@ -149,13 +217,19 @@ class RepeatedImagesReference:
                         image_embeds[image_has_negative],
                     ]
                 )
+            else:
+                kwargs["encoder_hidden_states"] = image
             return qformer_forward(*args, **kwargs)
 
         monkeypatch.setattr(model, "_image_embeds", image_embeds)
-        monkeypatch.setattr(modeling_blip2, "sample_hard_negatives", sample)
+        monkeypatch.setattr(losses, "sample_hard_negatives", sample)
         monkeypatch.setattr(model.qformer, "forward", qformer)
         # nothing projected ahead: each pass above projects its own images
-        monkeypatch.setattr(model.qformer, "project_image", lambda images: [None] * len(model.qformer.encoder.layer))
+        monkeypatch.setattr(
+            model.qformer,
+            "project_image",
+            lambda images, mask=None: blip2_hf.Blip2QFormerImage(states=images, attention_mask=mask),
+        )
 
 
 def key_rows(model: blip2_hf.Blip2ForPreTraining) -> tuple[list[int], list]:
