@@ -62,8 +62,7 @@ IMAGE_TO_TEXT_PIPELINE = {
 @dataclass
 class Blip2QFormerModelOutput(ModelOutput):
     """
-    The fields of transformers' `BaseModelOutputWithPoolingAndCrossAttentions`, in its order, with its
-    `past_key_values` named `cache` (the name of the Q-Former's `cache` / `use_cache` arguments).
+    The fields of transformers' `BaseModelOutputWithPoolingAndCrossAttentions` (5.x), in its order.
 
     last_hidden_state: `[B, Q + T, D]`, query positions first, then text positions.
     pooler_output: `[B, D]`, the first position (the first query, or `[CLS]` for text alone).
