@@ -1151,6 +1151,42 @@ class Blip2Model(Blip2PreTrainedModel):
             )
         return inputs_embeds.masked_scatter(image_mask[..., None], language_model_inputs)
 
+    def _language_model_forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        decoder_input_ids: torch.LongTensor | None,
+        decoder_attention_mask: torch.LongTensor | None,
+        labels: torch.LongTensor | None,
+        **kwargs,
+    ) -> tuple[ModelOutput, torch.Tensor, torch.Tensor | None]:
+        """The LLM on the merged embeddings `[B, L, D_llm]`: `(its output, logits, loss)`."""
+        if self.config.use_decoder_only_language_model:
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True, **kwargs
+            )
+            logits, loss = outputs.logits, None
+            if labels is not None:
+                # labels may cover only the end of the sequence (the text after the image and prompt)
+                loss = self.loss_function(
+                    logits=logits[:, -labels.shape[1] :],
+                    labels=labels.to(logits.device),
+                    vocab_size=self.config.text_config.vocab_size,
+                    **kwargs,
+                )
+        else:
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                labels=labels,
+                return_dict=True,
+                **kwargs,
+            )
+            logits, loss = outputs.logits, outputs.loss
+        return outputs, logits, loss
+
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -1209,30 +1245,9 @@ class Blip2Model(Blip2PreTrainedModel):
             attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
         inputs_embeds = self._merge_image_features(image_features.pooler_output, input_ids, inputs_embeds)
 
-        if self.config.use_decoder_only_language_model:
-            outputs = self.language_model(
-                inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True, **kwargs
-            )
-            logits, loss = outputs.logits, None
-            if labels is not None:
-                # labels may cover only the end of the sequence (the text after the image and prompt)
-                loss = self.loss_function(
-                    logits=logits[:, -labels.shape[1] :],
-                    labels=labels.to(logits.device),
-                    vocab_size=self.config.text_config.vocab_size,
-                    **kwargs,
-                )
-        else:
-            outputs = self.language_model(
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                decoder_input_ids=decoder_input_ids,
-                decoder_attention_mask=decoder_attention_mask,
-                labels=labels,
-                return_dict=True,
-                **kwargs,
-            )
-            logits, loss = outputs.logits, outputs.loss
+        outputs, logits, loss = self._language_model_forward(
+            inputs_embeds, attention_mask, decoder_input_ids, decoder_attention_mask, labels, **kwargs
+        )
 
         output = Blip2ForConditionalGenerationModelOutput(
             loss=loss,
@@ -1414,7 +1429,6 @@ class Blip2Stage1FeaturesMixin:
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> Blip2ImageFeaturesOutput | tuple:
         """ITC image features, as `Blip2ImageFeaturesOutput`: `pooler_output` the normalized query projections
         `[B, Q, E]`, `last_hidden_state` the image embeddings `[B, 1 + P, Dv]` (reused by ITM re-ranking),
@@ -1450,7 +1464,6 @@ class Blip2Stage1FeaturesMixin:
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> BaseModelOutputWithPooling | tuple:
         """ITC text features of Q-Former text (unimodal: text sees only text), as `BaseModelOutputWithPooling`:
         `pooler_output` the normalized `[CLS]` projection `[B, E]`, `last_hidden_state` the text pass's outputs
@@ -1678,7 +1691,9 @@ class Blip2ForImageTextRetrieval(Blip2Stage1FeaturesMixin, Blip2PreTrainedModel)
             )
             text_embeds, image_embeds = text_outputs.last_hidden_state, vision_outputs.last_hidden_state
         else:
-            image_features = self.get_image_features(pixel_values, interpolate_pos_encoding, return_dict=True, **record)
+            image_features = self.get_image_features(
+                pixel_values, interpolate_pos_encoding, return_dict=True, **record
+            )
             vision_outputs, image_embeds = image_features.vision_outputs, image_features.pooler_output
             text_outputs = self._text_outputs(input_ids, attention_mask, **record)
             text_embeds = self._text_projection(text_outputs.last_hidden_state)

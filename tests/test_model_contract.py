@@ -236,9 +236,7 @@ def test_output_fields_are_transformers():
     assert field_names(ours.Blip2ForConditionalGenerationModelOutput) == field_names(
         reference.Blip2ForConditionalGenerationModelOutput
     )
-    assert field_names(ours.Blip2ImageFeaturesOutput) == field_names(
-        reference.BaseModelOutputWithVisionQformerOutputs
-    )
+    assert field_names(ours.Blip2ImageFeaturesOutput) == field_names(reference.BaseModelOutputWithVisionQformerOutputs)
     # ours adds the ITC temperature, last, so the tuple positions of the others stay transformers'
     assert field_names(ours.Blip2ImageTextMatchingModelOutput) == [
         *field_names(reference.Blip2ImageTextMatchingModelOutput),
