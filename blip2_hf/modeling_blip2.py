@@ -60,17 +60,19 @@ SelfAttentionMask = Literal["bidirectional", "unimodal", "multimodal_causal"]
 @dataclass
 class Blip2QFormerModelOutput(ModelOutput):
     """
+    The fields of transformers' `BaseModelOutputWithPoolingAndCrossAttentions` (5.x), in its order.
+
     last_hidden_state: `[B, Q + T, D]`, query positions first, then text positions.
     pooler_output: `[B, D]`, the first position (the first query, or `[CLS]` for text alone).
-    cache: the self-attention keys/values of every position run so far (with `use_cache=True`).
     hidden_states: the embeddings output and each layer's output, each `[B, Q + T, D]`.
+    cache: the self-attention keys/values of every position run so far (with `use_cache=True`).
     attentions / cross_attentions: per-layer attention probabilities (eager attention only).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
-    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    cache: Cache | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
@@ -78,8 +80,13 @@ class Blip2QFormerModelOutput(ModelOutput):
 @dataclass
 class Blip2ImageFeaturesOutput(BaseModelOutputWithPooling):
     """
+    What `get_image_features` returns: the fields of transformers' `BaseModelOutputWithVisionQformerOutputs`.
+
     last_hidden_state: `[B, 1 + P, Dv]` image embeddings (after `post_layernorm`).
-    pooler_output: `[B, Q, D_llm]`, the query outputs projected into the LLM's embedding space (the soft prompt).
+    pooler_output: the image features the model hands on: `[B, Q, D_llm]`, the query outputs projected into the LLM's
+        embedding space (the soft prompt; `Blip2Model`), or `[B, Q, E]`, the L2-normalized ITC projections of the
+        query outputs (the stage-1 models).
+    hidden_states / attentions: the vision encoder's (with `output_hidden_states` / `output_attentions`).
     vision_outputs / qformer_outputs: the raw outputs of both towers.
     """
 
@@ -113,8 +120,12 @@ class Blip2ImageTextMatchingModelOutput(ModelOutput):
     logits_per_image: ITC `[B_img, B_txt]` cosine similarity, max over queries; or ITM `[B, 2]` (no match / match).
     logits_per_text: its transpose.
     text_embeds: ITC `[B_txt, E]` normalized text `[CLS]` projection; ITM `[B, Q + T, D]` joint output.
-    image_embeds: ITC `[B_img, Q, E]` normalized query projections.
-    temperature: the learnable ITC temperature; `logits_per_image / temperature` are the training logits.
+    image_embeds: ITC `[B_img, Q, E]` normalized query projections; ITM `[B, 1 + P, Dv]` the image embeddings (as
+        transformers).
+    text_model_output: the Q-Former's output: the text pass (ITC) or the joint pass (ITM).
+    vision_model_output: the vision encoder's output.
+    temperature: the learnable ITC temperature; `logits_per_image / temperature` are the training logits. Last, so
+        that the tuple positions of the other fields are those of transformers' output.
     """
 
     loss: torch.FloatTensor | None = None
@@ -122,9 +133,9 @@ class Blip2ImageTextMatchingModelOutput(ModelOutput):
     logits_per_text: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
-    temperature: torch.FloatTensor | None = None
     text_model_output: Blip2QFormerModelOutput | None = None
     vision_model_output: BaseModelOutputWithPooling | None = None
+    temperature: torch.FloatTensor | None = None
 
     def to_tuple(self) -> tuple[Any, ...]:
         return tuple(
@@ -657,18 +668,10 @@ class Blip2PreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _no_split_modules = ["Blip2VisionEmbeddings", "Blip2EncoderLayer", "Blip2QFormerLayer", "Blip2TextEmbeddings"]
     # LAVIS's mixed precision: the frozen towers may be half precision, the trainable bridge stays fp32 (for fp16
-    # *and* bf16; transformers' port keeps only `query_tokens`/`qformer` in fp32, and only under fp16).
-    _keep_in_fp32_modules_strict = [
-        "query_tokens",
-        "qformer",
-        "language_projection",
-        "embeddings.word_embeddings",
-        "embeddings.position_embeddings",
-        "vision_projection",
-        "text_projection",
-        "itm_head",
-        "temp",
-    ]
+    # *and* bf16; transformers' port keeps only `query_tokens`/`qformer` in fp32, and only under fp16). Each model
+    # lists its own bridge modules: transformers matches the entries as patterns anywhere in a weight's name, so an
+    # entry a class does not have could catch a frozen tower's weights (an LLM's `embeddings.word_embeddings`).
+    _keep_in_fp32_modules_strict: list[str] = []
 
     # Towers that training keeps frozen; `train()` leaves each in eval mode while none of its parameters trains
     # (LAVIS's `disabled_train`): the frozen ViT and LLM never run dropout or update statistics.
@@ -685,6 +688,18 @@ class Blip2PreTrainedModel(PreTrainedModel):
                 if not any(param.requires_grad for param in tower.parameters()):
                     tower.eval()
         return self
+
+    def _output_flags(
+        self, output_attentions: bool | None, output_hidden_states: bool | None, return_dict: bool | None
+    ) -> tuple[bool, bool, bool]:
+        """transformers' rule for the three output switches: the keyword when given, else this model's config (a
+        composite model's own config, whose answer it then passes explicitly to its towers)."""
+        config = self.config
+        return (
+            bool(config.output_attentions if output_attentions is None else output_attentions),
+            bool(config.output_hidden_states if output_hidden_states is None else output_hidden_states),
+            bool(config.return_dict if return_dict is None else return_dict),
+        )
 
     def freeze_vision_encoder(self) -> None:
         """Freeze the image encoder (no gradients, eval mode) but its `post_layernorm`, LAVIS's trainable
@@ -768,10 +783,13 @@ class Blip2VisionModel(Blip2PreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling | tuple:
+        output_attentions, output_hidden_states, return_dict = self._output_flags(
+            output_attentions, output_hidden_states, return_dict
+        )
         encoder_outputs = self.encoder(
             self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding),
-            output_hidden_states=bool(output_hidden_states),
-            output_attentions=bool(output_attentions),
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
         # a frozen encoder may run in half precision while `post_layernorm` trains in fp32
         last_hidden_state = self.post_layernorm(encoder_outputs.last_hidden_state.to(self.post_layernorm.weight.dtype))
@@ -781,7 +799,7 @@ class Blip2VisionModel(Blip2PreTrainedModel):
             hidden_states=encoder_outputs.hidden_states,
             attentions=encoder_outputs.attentions,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if return_dict else output.to_tuple()
 
 
 class Blip2QFormerModel(Blip2PreTrainedModel):
@@ -962,6 +980,9 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
         Returns:
             `last_hidden_state [B, Q + T, D]` (queries first), `pooler_output [B, D]`, `cache`.
         """
+        output_attentions, output_hidden_states, return_dict = self._output_flags(
+            output_attentions, output_hidden_states, return_dict
+        )
         if query_embeds is None and text_embeds is None:
             raise ValueError("Blip2QFormerModel needs query_embeds, text_embeds or both.")
         dtype = self.layernorm.weight.dtype  # the Q-Former runs in its own (fp32) precision
@@ -1017,6 +1038,8 @@ class Blip2Model(Blip2PreTrainedModel):
     Also gives each part's features: `get_image_features` (image embeddings and the projected query outputs),
     `get_qformer_features` (query outputs `[B, Q, Dq]`) and `get_text_features` (the LLM's text hidden states).
     """
+
+    _keep_in_fp32_modules_strict = ["query_tokens", "qformer", "language_projection"]
 
     def __init__(self, config: Blip2Config, language_model: PreTrainedModel | None = None):
         super().__init__(config)
@@ -1102,7 +1125,8 @@ class Blip2Model(Blip2PreTrainedModel):
         self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs
     ) -> torch.Tensor:
         """`[B, 3, H, W]` -> the query outputs `[B, Q, Dq]`."""
-        return self.get_image_features(pixel_values, interpolate_pos_encoding).qformer_outputs.last_hidden_state
+        features = self.get_image_features(pixel_values, interpolate_pos_encoding, return_dict=True)
+        return features.qformer_outputs.last_hidden_state
 
     def freeze_language_model(self) -> None:
         """Freeze the LLM (no gradients, eval mode), as both BLIP-2 stages do."""
@@ -1116,11 +1140,17 @@ class Blip2Model(Blip2PreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         image_embeds: torch.Tensor | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> Blip2ImageFeaturesOutput:
+    ) -> Blip2ImageFeaturesOutput | tuple:
         """Run the image through both towers. `pooler_output` is the soft prompt `[B, Q, D_llm]` (fp32, as the
-        Q-Former); `last_hidden_state` the image embeddings `[B, 1 + P, Dv]`. Instead of `pixel_values`, cached
-        `image_embeds` (the frozen encoder's output before `post_layernorm`, see `encode_image_frozen`) may be given."""
+        Q-Former); `last_hidden_state` the image embeddings `[B, 1 + P, Dv]`; `hidden_states` / `attentions` the
+        vision encoder's, as transformers returns them (the Q-Former's are in `qformer_outputs`). Instead of
+        `pixel_values`, cached `image_embeds` (the frozen encoder's output before `post_layernorm`, see
+        `encode_image_frozen`) may be given; the encoder does not run then, so it records nothing."""
+        output_attentions, output_hidden_states, return_dict = self._output_flags(
+            output_attentions, output_hidden_states, return_dict
+        )
         record = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         if image_embeds is not None:
             if pixel_values is not None:
@@ -1128,33 +1158,55 @@ class Blip2Model(Blip2PreTrainedModel):
             vision_outputs = BaseModelOutputWithPooling(last_hidden_state=self._image_embeds(None, image_embeds))
         else:
             vision_outputs = self.vision_model(
-                pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **record
+                pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **record
             )
         image_embeds = vision_outputs.last_hidden_state
         query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        qformer_outputs = self.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds, **record)
+        qformer_outputs = self.qformer(
+            query_embeds=query_tokens, encoder_hidden_states=image_embeds, return_dict=True, **record
+        )
         query_output = qformer_outputs.last_hidden_state
         language_model_inputs = self.language_projection(query_output.to(self.language_projection.weight.dtype))
-        return Blip2ImageFeaturesOutput(
+        output = Blip2ImageFeaturesOutput(
             last_hidden_state=image_embeds,
             pooler_output=language_model_inputs,
+            hidden_states=vision_outputs.hidden_states,
+            attentions=vision_outputs.attentions,
             vision_outputs=vision_outputs,
             qformer_outputs=qformer_outputs,
         )
+        return output if return_dict else output.to_tuple()
 
     def get_text_features(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
-    ) -> BaseModelOutputWithPooling:
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
         """The LLM's text hidden states `[B, T, D_llm]` (the decoder stack, or the encoder for encoder-decoders)."""
+        output_attentions, output_hidden_states, return_dict = self._output_flags(
+            output_attentions, output_hidden_states, return_dict
+        )
         text_model = (
             self.language_model.base_model if self.config.use_decoder_only_language_model else self.get_encoder()
         )
-        outputs = text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
-        return BaseModelOutputWithPooling(
+        outputs = text_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        output = BaseModelOutputWithPooling(
             last_hidden_state=outputs.last_hidden_state,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+        return output if return_dict else output.to_tuple()
 
     def _merge_image_features(
         self,
@@ -1186,55 +1238,20 @@ class Blip2Model(Blip2PreTrainedModel):
             )
         return inputs_embeds.masked_scatter(image_mask[..., None], language_model_inputs)
 
-    def forward(
+    def _language_model_forward(
         self,
-        pixel_values: torch.Tensor | None = None,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.LongTensor | None = None,
-        decoder_input_ids: torch.LongTensor | None = None,
-        decoder_attention_mask: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        interpolate_pos_encoding: bool = False,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        image_embeds: torch.Tensor | None = None,
-        qformer_input_ids: torch.LongTensor | None = None,
-        qformer_attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        decoder_input_ids: torch.LongTensor | None,
+        decoder_attention_mask: torch.LongTensor | None,
+        labels: torch.LongTensor | None,
         **kwargs,
-    ) -> Blip2ForConditionalGenerationModelOutput | tuple:
-        """
-        Args:
-            pixel_values: `[B, 3, H, W]` images, or
-            image_embeds: `[B, 1 + P, Dv]` the frozen encoder's output (`encode_image_frozen`), e.g. from a cache.
-            input_ids: `[B, L]` LLM prompt with `num_query_tokens` image placeholders (from the processor).
-            attention_mask: `[B, L]`, 1 for real tokens.
-            decoder_input_ids / decoder_attention_mask: encoder-decoder LLMs only (T5: the target side).
-            labels: decoder-only: `[B, L]` aligned with `input_ids` (or its last `labels.shape[1]` positions), -100
-                where no loss is wanted (image tokens, prompt, padding); shifted inside. Encoder-decoder: the target
-                ids, as T5 takes them.
-            qformer_input_ids / qformer_attention_mask: accepted from a processor with a Q-Former tokenizer and
-                ignored, when the config says the Q-Former takes no text (see `_ignore_qformer_text`).
-        Returns:
-            `loss`, `logits [B, L, V]` and the three towers' outputs.
-        """
-        self._ignore_qformer_text(qformer_input_ids)
-        record = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
-        image_features = self.get_image_features(
-            pixel_values, interpolate_pos_encoding, image_embeds=image_embeds, **record
-        )
-        kwargs.update({k: v for k, v in record.items() if v is not None})
-        if inputs_embeds is None:
-            if input_ids is None:
-                raise ValueError("Pass input_ids (the processor's output) or inputs_embeds.")
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        if attention_mask is None:
-            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
-        inputs_embeds = self._merge_image_features(image_features.pooler_output, input_ids, inputs_embeds)
-
+    ) -> tuple[ModelOutput, torch.Tensor, torch.Tensor | None]:
+        """The LLM on the merged embeddings `[B, L, D_llm]`: `(its output, logits, loss)`."""
         if self.config.use_decoder_only_language_model:
-            outputs = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True, **kwargs
+            )
             logits, loss = outputs.logits, None
             if labels is not None:
                 # labels may cover only the end of the sequence (the text after the image and prompt)
@@ -1255,6 +1272,69 @@ class Blip2Model(Blip2PreTrainedModel):
                 **kwargs,
             )
             logits, loss = outputs.logits, outputs.loss
+        return outputs, logits, loss
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        image_embeds: torch.Tensor | None = None,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.LongTensor | None = None,
+        mm_encoder_outputs: dict[str, Blip2ImageFeaturesOutput] | None = None,
+        **kwargs,
+    ) -> Blip2ForConditionalGenerationModelOutput | tuple:
+        """
+        Args:
+            pixel_values: `[B, 3, H, W]` images, or
+            image_embeds: `[B, 1 + P, Dv]` the frozen encoder's output (`encode_image_frozen`), e.g. from a cache.
+            input_ids: `[B, L]` LLM prompt with `num_query_tokens` image placeholders (from the processor).
+            attention_mask: `[B, L]`, 1 for real tokens.
+            decoder_input_ids / decoder_attention_mask: encoder-decoder LLMs only (T5: the target side).
+            labels: decoder-only: `[B, L]` aligned with `input_ids` (or its last `labels.shape[1]` positions), -100
+                where no loss is wanted (image tokens, prompt, padding); shifted inside. Encoder-decoder: the target
+                ids, as T5 takes them.
+            qformer_input_ids / qformer_attention_mask: accepted from a processor with a Q-Former tokenizer and
+                ignored, when the config says the Q-Former takes no text (see `_ignore_qformer_text`).
+            mm_encoder_outputs: `{"image": get_image_features(...)}` computed beforehand, instead of pixel_values or
+                image_embeds (transformers' argument for pre-encoded images).
+            output_attentions / output_hidden_states / return_dict: as the keyword says, else as `self.config`.
+        Returns:
+            `loss`, `logits [B, L, V]` and the three towers' outputs.
+        """
+        output_attentions, output_hidden_states, return_dict = self._output_flags(
+            output_attentions, output_hidden_states, return_dict
+        )
+        self._ignore_qformer_text(qformer_input_ids)
+        record = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        image_features = (mm_encoder_outputs or {}).get("image")
+        if image_features is None:
+            image_features = self.get_image_features(
+                pixel_values, interpolate_pos_encoding, image_embeds=image_embeds, return_dict=True, **record
+            )
+        elif pixel_values is not None or image_embeds is not None:
+            raise ValueError("Pass mm_encoder_outputs or pixel_values / image_embeds, not both.")
+        kwargs.update(record)
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("Pass input_ids (the processor's output) or inputs_embeds.")
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        inputs_embeds = self._merge_image_features(image_features.pooler_output, input_ids, inputs_embeds)
+
+        outputs, logits, loss = self._language_model_forward(
+            inputs_embeds, attention_mask, decoder_input_ids, decoder_attention_mask, labels, **kwargs
+        )
 
         output = Blip2ForConditionalGenerationModelOutput(
             loss=loss,
@@ -1263,7 +1343,7 @@ class Blip2Model(Blip2PreTrainedModel):
             qformer_outputs=image_features.qformer_outputs,
             language_model_outputs=outputs,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if return_dict else output.to_tuple()
 
 
 class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
@@ -1448,7 +1528,7 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
         if hasattr(self, "hf_device_map") and hasattr(self.language_model, "_hf_hook"):
             self.language_model._hf_hook.io_same_device = True  # outputs come back to the input device
         language_model_inputs = self.get_image_features(
-            pixel_values, interpolate_pos_encoding, image_embeds=image_embeds
+            pixel_values, interpolate_pos_encoding, image_embeds=image_embeds, return_dict=True
         ).pooler_output
         batch_size = language_model_inputs.shape[0]
         if inputs_embeds is None:
@@ -1556,14 +1636,37 @@ class Blip2Stage1FeaturesMixin:
         return input_ids, attention_mask
 
     def get_image_features(
-        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the normalized query projections `[B, Q, E]` and the image embeddings `[B, 1 + P, Dv]` (reused
-        by ITM re-ranking)."""
-        image_embeds = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)[0]
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> Blip2ImageFeaturesOutput | tuple:
+        """ITC image features, as `Blip2ImageFeaturesOutput`: `pooler_output` the normalized query projections
+        `[B, Q, E]`, `last_hidden_state` the image embeddings `[B, 1 + P, Dv]` (reused by ITM re-ranking),
+        `hidden_states` / `attentions` the vision encoder's; `vision_outputs` / `qformer_outputs` both towers'."""
+        output_attentions, output_hidden_states, return_dict = self._output_flags(
+            output_attentions, output_hidden_states, return_dict
+        )
+        record = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        vision_outputs = self.vision_model(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **record
+        )
+        image_embeds = vision_outputs.last_hidden_state
         query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        query_output = self.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds).last_hidden_state
-        return nn.functional.normalize(self.vision_projection(query_output), dim=-1), image_embeds
+        qformer_outputs = self.qformer(
+            query_embeds=query_tokens, encoder_hidden_states=image_embeds, return_dict=True, **record
+        )
+        output = Blip2ImageFeaturesOutput(
+            last_hidden_state=image_embeds,
+            pooler_output=nn.functional.normalize(self.vision_projection(qformer_outputs.last_hidden_state), dim=-1),
+            hidden_states=vision_outputs.hidden_states,
+            attentions=vision_outputs.attentions,
+            vision_outputs=vision_outputs,
+            qformer_outputs=qformer_outputs,
+        )
+        return output if return_dict else output.to_tuple()
 
     def get_text_features(
         self,
@@ -1571,14 +1674,35 @@ class Blip2Stage1FeaturesMixin:
         attention_mask: torch.Tensor | None = None,
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The normalized `[CLS]` projection `[B, E]` of Q-Former text (unimodal: text sees only text)."""
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """ITC text features of Q-Former text (unimodal: text sees only text), as `BaseModelOutputWithPooling`:
+        `pooler_output` the normalized `[CLS]` projection `[B, E]`, `last_hidden_state` the text pass's outputs
+        `[B, T, D]`, `hidden_states` / `attentions` the Q-Former's."""
+        output_attentions, output_hidden_states, return_dict = self._output_flags(
+            output_attentions, output_hidden_states, return_dict
+        )
         input_ids, attention_mask = self._qformer_text(
             input_ids, attention_mask, qformer_input_ids, qformer_attention_mask
         )
         if input_ids is None:
             raise ValueError("get_text_features needs Q-Former text: pass input_ids (or qformer_input_ids).")
-        return self._text_feature(input_ids, attention_mask)
+        text_outputs = self._text_outputs(
+            input_ids, attention_mask, output_attentions=output_attentions, output_hidden_states=output_hidden_states
+        )
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=text_outputs.last_hidden_state,
+            pooler_output=self._text_projection(text_outputs.last_hidden_state),
+            hidden_states=text_outputs.hidden_states,
+            attentions=text_outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _text_projection(self, text_states: torch.Tensor) -> torch.Tensor:
+        """Text-pass outputs `[B, T, D]` -> the normalized `[CLS]` projection `[B, E]`."""
+        return nn.functional.normalize(self.text_projection(text_states[:, 0]), dim=-1)
 
     def _text_feature(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Q-Former ids `[B, T]` (no placeholders) -> the normalized `[CLS]` projection `[B, E]`."""
@@ -1586,12 +1710,20 @@ class Blip2Stage1FeaturesMixin:
 
     def _text_feature_of(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Embedded text `[B, T, D]` -> the normalized `[CLS]` projection `[B, E]` of the text-only (unimodal) pass."""
-        cls_output = self.qformer(text_embeds=text_embeds, attention_mask=attention_mask).last_hidden_state[:, 0]
-        return nn.functional.normalize(self.text_projection(cls_output), dim=-1)
+        text_states = self.qformer(text_embeds=text_embeds, attention_mask=attention_mask, return_dict=True)
+        return self._text_projection(text_states.last_hidden_state)
 
     def _text_pass(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Q-Former ids `[B, T]` (no placeholders) -> the text-only pass's outputs `[B, T, D]`."""
-        return self.qformer(text_embeds=self.embeddings(input_ids), attention_mask=attention_mask).last_hidden_state
+        return self._text_outputs(input_ids, attention_mask).last_hidden_state
+
+    def _text_outputs(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, **record: bool
+    ) -> Blip2QFormerModelOutput:
+        """The text-only Q-Former pass over ids `[B, T]` (no placeholders); `record` are the output switches."""
+        return self.qformer(
+            text_embeds=self.embeddings(input_ids), attention_mask=attention_mask, return_dict=True, **record
+        )
 
     def image_text_matching(
         self,
@@ -1604,20 +1736,26 @@ class Blip2Stage1FeaturesMixin:
         return self._matching_pass(image_embeds, input_ids, attention_mask)
 
     def _matching_pass(
-        self, image_embeds: torch.Tensor, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None
+        self,
+        image_embeds: torch.Tensor,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        **record: bool,
     ) -> tuple[torch.Tensor, Blip2QFormerModelOutput]:
-        """The ITM pass over Q-Former ids without placeholders: `(logits [B, 2], joint output [B, Q + T, D])`."""
-        return self._itm_logits(image_embeds, self.embeddings(input_ids), attention_mask)
+        """The ITM pass over Q-Former ids without placeholders: `(logits [B, 2], joint output [B, Q + T, D])`;
+        `record` are the output switches."""
+        return self._itm_logits(image_embeds, self.embeddings(input_ids), attention_mask, **record)
 
     def _itm_logits(
         self,
         image: torch.Tensor | Blip2QFormerImage,
         text_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None,
+        **record: bool,
     ) -> tuple[torch.Tensor, Blip2QFormerModelOutput]:
         """One bidirectional pass over `[queries; text]`, row b on image b of `image` (`[B, P, Dv]` or a
         `Blip2QFormerImage` of B rows) and text `text_embeds [B, T, D]`; `itm_head` averaged over the query outputs:
-        `(logits [B, 2], joint output [B, Q + T, D])`."""
+        `(logits [B, 2], joint output [B, Q + T, D])`; `record` are the output switches."""
         query_tokens = self.query_tokens.expand(len(image), -1, -1)
         joint_output = self.qformer(
             query_embeds=query_tokens,
@@ -1625,6 +1763,8 @@ class Blip2Stage1FeaturesMixin:
             attention_mask=attention_mask,
             encoder_hidden_states=image,
             self_attention_mask="bidirectional",
+            return_dict=True,
+            **record,
         )
         query_part = joint_output.last_hidden_state[:, : query_tokens.shape[1]]
         return self.itm_head(query_part).mean(dim=1), joint_output
@@ -1667,7 +1807,7 @@ class Blip2Stage1FeaturesMixin:
             raise ValueError(f"mode={mode!r} needs text: pass input_ids (Q-Former tokens) or qformer_input_ids.")
         if mode == "text":
             text_embeds = self._text_pass(input_ids, attention_mask)
-            text_proj = nn.functional.normalize(self.text_projection(text_embeds[:, 0]), dim=-1)
+            text_proj = self._text_projection(text_embeds)
             return Blip2FeaturesOutput(text_embeds=text_embeds, text_embeds_proj=text_proj)
 
         if image_embeds is not None:
@@ -1676,7 +1816,9 @@ class Blip2Stage1FeaturesMixin:
             image_embeds = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)[0]
         if mode == "image":
             query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-            queries = self.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds).last_hidden_state
+            queries = self.qformer(
+                query_embeds=query_tokens, encoder_hidden_states=image_embeds, return_dict=True
+            ).last_hidden_state
             image_proj = nn.functional.normalize(self.vision_projection(queries), dim=-1)
             return Blip2FeaturesOutput(image_embeds=queries, image_embeds_proj=image_proj)
         if image_embeds.shape[0] != input_ids.shape[0]:
@@ -1704,6 +1846,17 @@ class Blip2ForImageTextRetrieval(Blip2Stage1FeaturesMixin, Blip2PreTrainedModel)
     # A stage-1 folder (Blip2ForPreTraining) also holds the ITG head, which retrieval does not use: loading it here
     # is intended, not a mismatch worth a load report.
     _keys_to_ignore_on_load_unexpected = [r"^cls\.predictions\."]
+    # the stage-1 bridge; the vision model (its `post_layernorm` included) takes the dtype it is loaded in
+    _keep_in_fp32_modules_strict = [
+        "query_tokens",
+        "qformer",
+        "embeddings.word_embeddings",
+        "embeddings.position_embeddings",
+        "vision_projection",
+        "text_projection",
+        "itm_head",
+        "temp",
+    ]
 
     def __init__(self, config: Blip2Config):
         super().__init__(config)
@@ -1739,6 +1892,8 @@ class Blip2ForImageTextRetrieval(Blip2Stage1FeaturesMixin, Blip2PreTrainedModel)
         return_dict: bool | None = None,
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> Blip2ImageTextMatchingModelOutput | tuple:
         """
@@ -1749,38 +1904,45 @@ class Blip2ForImageTextRetrieval(Blip2Stage1FeaturesMixin, Blip2PreTrainedModel)
                 text=..., return_tensors="pt"))` works (the processor's `input_ids` are the language model's and are
                 then not read).
             use_image_text_matching_head: ITM on pairs (`B_img == B_txt`) instead of ITC on all pairs.
+            output_attentions / output_hidden_states / return_dict: as the keyword says, else as `self.config`; the
+                towers' records are in `vision_model_output` and `text_model_output`.
         """
+        output_attentions, output_hidden_states, return_dict = self._output_flags(
+            output_attentions, output_hidden_states, return_dict
+        )
+        record = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         input_ids, attention_mask = self._qformer_text(
             input_ids, attention_mask, qformer_input_ids, qformer_attention_mask
         )
         if input_ids is None:
             raise ValueError("Blip2ForImageTextRetrieval scores text: pass input_ids (or qformer_input_ids).")
         if use_image_text_matching_head:
-            vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-            logits_per_image, joint_output = self._matching_pass(
-                vision_outputs.last_hidden_state, input_ids, attention_mask
+            vision_outputs = self.vision_model(
+                pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **record
             )
-            output = Blip2ImageTextMatchingModelOutput(
-                logits_per_image=logits_per_image,
-                logits_per_text=logits_per_image.t(),
-                text_embeds=joint_output.last_hidden_state,
-                temperature=self.temp,
-                text_model_output=joint_output,
-                vision_model_output=vision_outputs,
+            logits_per_image, text_outputs = self._matching_pass(
+                vision_outputs.last_hidden_state, input_ids, attention_mask, **record
             )
+            text_embeds, image_embeds = text_outputs.last_hidden_state, vision_outputs.last_hidden_state
         else:
-            image_feats, _ = self.get_image_features(pixel_values, interpolate_pos_encoding)
-            text_feat = self._text_feature(input_ids, attention_mask)
-            # [B_img, Q, E] x [E, B_txt] -> [B_img, Q, B_txt] -> max over the queries
-            logits_per_image = torch.matmul(image_feats, text_feat.t()).max(dim=1).values
-            output = Blip2ImageTextMatchingModelOutput(
-                logits_per_image=logits_per_image,
-                logits_per_text=logits_per_image.t(),
-                text_embeds=text_feat,
-                image_embeds=image_feats,
-                temperature=self.temp,
+            image_features = self.get_image_features(
+                pixel_values, interpolate_pos_encoding, return_dict=True, **record
             )
-        return output if return_dict is not False else output.to_tuple()
+            vision_outputs, image_embeds = image_features.vision_outputs, image_features.pooler_output
+            text_outputs = self._text_outputs(input_ids, attention_mask, **record)
+            text_embeds = self._text_projection(text_outputs.last_hidden_state)
+            # [B_img, Q, E] x [E, B_txt] -> [B_img, Q, B_txt] -> max over the queries
+            logits_per_image = torch.matmul(image_embeds, text_embeds.t()).max(dim=1).values
+        output = Blip2ImageTextMatchingModelOutput(
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_image.t(),
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=text_outputs,
+            vision_model_output=vision_outputs,
+            temperature=self.temp,
+        )
+        return output if return_dict else output.to_tuple()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1889,6 +2051,8 @@ class Blip2ForPreTraining(Blip2Stage1FeaturesMixin, Blip2PreTrainedModel):
     """
 
     _tied_weights_keys = {"cls.predictions.decoder.weight": "embeddings.word_embeddings.weight"}
+    # the retrieval model's bridge plus the ITG head, whose decoder is the (fp32) word embeddings
+    _keep_in_fp32_modules_strict = [*Blip2ForImageTextRetrieval._keep_in_fp32_modules_strict, "cls"]
 
     def __init__(self, config: Blip2Config):
         super().__init__(config)
@@ -2002,6 +2166,7 @@ class Blip2ForPreTraining(Blip2Stage1FeaturesMixin, Blip2PreTrainedModel):
         """Images (`pixel_values [B, 3, H, W]` or `image_embeds [B, 1 + P, Dv]` from `encode_image_frozen`) and captions
         (`input_ids` / `attention_mask [B, T]`, `[CLS]`-led Q-Former tokens, or a processor's `qformer_*` pair) -> the
         losses of `config.pretraining_objectives` (local means, against the global batch in a process group)."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         input_ids, attention_mask = self._captions(
             input_ids, attention_mask, qformer_input_ids, qformer_attention_mask
         )
@@ -2073,7 +2238,9 @@ class Blip2ForPreTraining(Blip2Stage1FeaturesMixin, Blip2PreTrainedModel):
         """The queries alone over the images (`[B, 1 + P, Dv]` or a `Blip2QFormerImage`): `[B, Q, D]`, and with
         `use_cache` their self-attention keys/values, which ITG's text attends to."""
         query_tokens = self.query_tokens.expand(len(image), -1, -1)
-        return self.qformer(query_embeds=query_tokens, encoder_hidden_states=image, use_cache=use_cache)
+        return self.qformer(
+            query_embeds=query_tokens, encoder_hidden_states=image, use_cache=use_cache, return_dict=True
+        )
 
     def _embed_captions(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> _Stage1Text:
         """The text of the three objectives (`_Stage1Text`) embedded in one lookup: the word-embedding gradient of a
@@ -2136,6 +2303,7 @@ class Blip2ForPreTraining(Blip2Stage1FeaturesMixin, Blip2PreTrainedModel):
                 attention_mask=attention_mask,
                 self_attention_mask="multimodal_causal",
                 cache=cache,
+                return_dict=True,
             ).last_hidden_state
         else:
             text_states = self.qformer(
@@ -2144,6 +2312,7 @@ class Blip2ForPreTraining(Blip2Stage1FeaturesMixin, Blip2PreTrainedModel):
                 attention_mask=attention_mask,
                 encoder_hidden_states=image,
                 self_attention_mask="multimodal_causal",
+                return_dict=True,
             ).last_hidden_state[:, num_queries:]
         logits_itg = self.cls(text_states)
         return itg_loss(logits_itg, text.labels, self.config.itg_label_smoothing), logits_itg
@@ -2174,6 +2343,7 @@ class Blip2ForPreTraining(Blip2Stage1FeaturesMixin, Blip2PreTrainedModel):
                 self_attention_mask="multimodal_causal",
                 cache=cache,
                 use_cache=True,
+                return_dict=True,
             ).last_hidden_state
             logits = self.cls(hidden[:, -1]).float()
             if step < min_new_tokens and qformer_config.eos_token_id is not None:

@@ -131,9 +131,10 @@ def encode_images(
         for batch in tqdm(pixel_value_batches, desc="Encoding images", unit="batch", disable=not progress):
             pixel_values = _pixel_values(batch).to(device=device, dtype=dtype)
             with torch.inference_mode():
-                image_feats, image_embeds = model.get_image_features(
-                    pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
+                features = model.get_image_features(
+                    pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True
                 )
+                image_feats, image_embeds = features.pooler_output, features.last_hidden_state
             feats.append(image_feats)
             if keep_image_embeds:
                 embeds.append(image_embeds.to(embeds_device))
@@ -171,7 +172,7 @@ def encode_texts(
             input_ids, attention_mask = _text_batch(batch)
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             with torch.inference_mode():
-                feats.append(model.get_text_features(input_ids, attention_mask))
+                feats.append(model.get_text_features(input_ids, attention_mask, return_dict=True).pooler_output)
             ids.append(input_ids)
             masks.append(attention_mask)
     if not feats:

@@ -168,8 +168,9 @@ def test_get_features_names_on_the_stage1_model(stage1):
     """`Blip2ForPreTraining` has the retrieval model's transformers-style feature methods, with the same values."""
     inputs, pretraining, retrieval = stage1["inputs"], stage1["pretraining"], stage1["retrieval"]
     with torch.no_grad():
-        ours, embeds = pretraining.get_image_features(inputs["pixel_values"])
-        reference, _ = retrieval.get_image_features(inputs["pixel_values"])
+        features = pretraining.get_image_features(inputs["pixel_values"])
+        ours, embeds = features.pooler_output, features.last_hidden_state
+        reference = retrieval.get_image_features(inputs["pixel_values"]).pooler_output
         torch.testing.assert_close(ours, reference)
         assert embeds.shape[:2] == (len(TEXTS), 1 + 25)  # [CLS] + (30 / 6)^2 patches
         text = {key: inputs[key] for key in ("input_ids", "attention_mask", "qformer_input_ids", "qformer_attention_mask")}
