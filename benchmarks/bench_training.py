@@ -5,7 +5,7 @@
     python benchmarks/bench_training.py --batch-size 8   # the ViT-g setting at batch 8 (default 2)
 
 One training step is forward + backward + AdamW step (fused, as `Blip2TrainingArguments` defaults to) on the trainable
-parameters only, after `Blip2Trainer._freeze` (the ViT but its `post_layernorm`, and the LLM, get no gradients; the
+parameters only, after `model.freeze_towers` (the ViT but its `post_layernorm`, and the LLM, get no gradients; the
 models' `train()` keeps them in eval mode). It is timed for both stages, fed two ways:
 
     from images   `pixel_values`: the frozen ViT runs every step (without autograd, as `encode_image_frozen` does)
@@ -42,8 +42,8 @@ import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
 import blip2_hf
+from blip2_hf.modeling_blip2 import frozen_tower_dtype
 from blip2_hf.testing_utils import perturb_, salesforce_config_dict, tiny_config_dict
-from blip2_hf.trainer import Blip2Trainer
 
 OUT_DEFAULT = Path(__file__).resolve().parents[1] / "bench_out" / "training.json"
 
@@ -106,7 +106,7 @@ def build_model(stage: int, config: dict, device: torch.device) -> torch.nn.Modu
     torch.manual_seed(0)
     model_class = blip2_hf.Blip2ForPreTraining if stage == 1 else blip2_hf.Blip2ForConditionalGeneration
     model = perturb_(model_class(blip2_hf.Blip2Config(**config)))
-    Blip2Trainer._freeze(model, "auto")
+    model.freeze_towers(frozen_tower_dtype("auto", model.config))
     return model.to(device).train()
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -673,22 +673,6 @@ class Blip2PreTrainedModel(PreTrainedModel):
     # entry a class does not have could catch a frozen tower's weights (an LLM's `embeddings.word_embeddings`).
     _keep_in_fp32_modules_strict: list[str] = []
 
-    # Towers that training keeps frozen; `train()` leaves each in eval mode while none of its parameters trains
-    # (LAVIS's `disabled_train`): the frozen ViT and LLM never run dropout or update statistics.
-    frozen_towers = ("vision_model.embeddings", "vision_model.encoder", "language_model")
-
-    def train(self, mode: bool = True) -> Blip2PreTrainedModel:
-        super().train(mode)
-        if mode:
-            for name in self.frozen_towers:
-                try:
-                    tower = self.get_submodule(name)
-                except AttributeError:
-                    continue
-                if not any(param.requires_grad for param in tower.parameters()):
-                    tower.eval()
-        return self
-
     def _output_flags(
         self, output_attentions: bool | None, output_hidden_states: bool | None, return_dict: bool | None
     ) -> tuple[bool, bool, bool]:
@@ -700,29 +684,6 @@ class Blip2PreTrainedModel(PreTrainedModel):
             bool(config.output_hidden_states if output_hidden_states is None else output_hidden_states),
             bool(config.return_dict if return_dict is None else return_dict),
         )
-
-    def freeze_vision_encoder(self) -> None:
-        """Freeze the image encoder (no gradients, eval mode) but its `post_layernorm`, LAVIS's trainable
-        `ln_vision`."""
-        for module in (self.vision_model.embeddings, self.vision_model.encoder):
-            module.requires_grad_(False)
-            module.eval()
-
-    def encode_image_frozen(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """The frozen encoder's output `[B, 1 + P, Dv]` before the trainable `post_layernorm`, without autograd: what
-        a frozen-feature cache stores and what `forward(image_embeds=...)` takes."""
-        with torch.no_grad():
-            embeddings = self.vision_model.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-            return self.vision_model.encoder(embeddings).last_hidden_state
-
-    def _image_embeds(self, pixel_values: torch.Tensor | None, image_embeds: torch.Tensor | None) -> torch.Tensor:
-        """`post_layernorm` over the frozen encoder's output, from images or from cached `image_embeds`."""
-        if (pixel_values is None) == (image_embeds is None):
-            raise ValueError("Pass exactly one of pixel_values and image_embeds (the frozen encoder's output).")
-        if image_embeds is None:
-            image_embeds = self.encode_image_frozen(pixel_values)
-        layer_norm = self.vision_model.post_layernorm
-        return layer_norm(image_embeds.to(layer_norm.weight.dtype))
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained`, plus the remote code: the composite models write the full `auto_map`
@@ -749,6 +710,90 @@ class Blip2PreTrainedModel(PreTrainedModel):
             init.constant_(module.temp, self.config.initial_temperature)
         if isinstance(module, Blip2QFormerLMPredictionHead):
             init.zeros_(module.bias)
+
+
+FROZEN_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def frozen_tower_dtype(precision: str, config: Blip2Config, device: torch.device | str | None = None) -> torch.dtype:
+    """The dtype BLIP-2's frozen towers run in, for training, evaluation and the feature cache alike: `precision`
+    "fp16" / "bf16" / "fp32", or "auto": fp32 on CPU (`device`, default CUDA when available), else bf16 for an
+    encoder-decoder LLM (Flan-T5 overflows in fp16) and fp16 otherwise, as LAVIS runs them."""
+    if precision == "auto":
+        device_type = (
+            torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        if device_type == "cpu":
+            return torch.float32
+        text_config = getattr(config, "text_config", None)
+        return torch.bfloat16 if text_config is not None and text_config.is_encoder_decoder else torch.float16
+    if precision not in FROZEN_PRECISIONS:
+        raise ValueError(f"frozen precision {precision!r}: expected one of auto, {', '.join(FROZEN_PRECISIONS)}.")
+    return FROZEN_PRECISIONS[precision]
+
+
+class Blip2FrozenTowersMixin:
+    """The one contract for BLIP-2's frozen towers, on the models that hold an image encoder (and an LLM): which
+    modules are frozen (`frozen_towers`), how (`freeze_towers`: no gradients, eval mode, a dtype), and the frozen
+    encoder's output (`encode_image_frozen`) with the trainable `post_layernorm` over it."""
+
+    # Towers that training keeps frozen; `train()` leaves each in eval mode while none of its parameters trains
+    # (LAVIS's `disabled_train`): the frozen ViT and LLM never run dropout or update statistics.
+    frozen_towers = ("vision_model.embeddings", "vision_model.encoder", "language_model")
+
+    def train(self, mode: bool = True) -> Blip2PreTrainedModel:
+        super().train(mode)
+        if mode:
+            for name in self.frozen_towers:
+                try:
+                    tower = self.get_submodule(name)
+                except AttributeError:
+                    continue
+                if not any(param.requires_grad for param in tower.parameters()):
+                    tower.eval()
+        return self
+
+    def freeze_towers(self, dtype: torch.dtype | None = None) -> None:
+        """Freeze every tower of `frozen_towers` this model has: the image encoder but its `post_layernorm` (LAVIS's
+        trainable `ln_vision`) and the LLM get no gradients and stay in eval mode, their weights cast to `dtype`
+        (`frozen_tower_dtype`; None keeps theirs). LoRA adapters inside them (`lora_*` parameters) keep training,
+        in their own dtype."""
+        self._freeze(self.frozen_towers, dtype)
+
+    def freeze_vision_encoder(self) -> None:
+        """`freeze_towers` for the image encoder alone."""
+        self._freeze(self.frozen_towers[:2], None)
+
+    def _freeze(self, names: Sequence[str], dtype: torch.dtype | None) -> None:
+        for name in names:
+            try:
+                tower = self.get_submodule(name)
+            except AttributeError:
+                continue
+            for param_name, param in tower.named_parameters():
+                if "lora_" in param_name:
+                    continue
+                param.requires_grad_(False)
+                if dtype is not None:
+                    param.data = param.data.to(dtype)
+            if not any(param.requires_grad for param in tower.parameters()):
+                tower.eval()
+
+    def encode_image_frozen(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """The frozen encoder's output `[B, 1 + P, Dv]` before the trainable `post_layernorm`, without autograd: what
+        a frozen-feature cache stores and what `forward(image_embeds=...)` takes."""
+        with torch.no_grad():
+            embeddings = self.vision_model.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+            return self.vision_model.encoder(embeddings).last_hidden_state
+
+    def _image_embeds(self, pixel_values: torch.Tensor | None, image_embeds: torch.Tensor | None) -> torch.Tensor:
+        """`post_layernorm` over the frozen encoder's output, from images or from cached `image_embeds`."""
+        if (pixel_values is None) == (image_embeds is None):
+            raise ValueError("Pass exactly one of pixel_values and image_embeds (the frozen encoder's output).")
+        if image_embeds is None:
+            image_embeds = self.encode_image_frozen(pixel_values)
+        layer_norm = self.vision_model.post_layernorm
+        return layer_norm(image_embeds.to(layer_norm.weight.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1032,7 +1077,7 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class Blip2Model(Blip2PreTrainedModel):
+class Blip2Model(Blip2FrozenTowersMixin, Blip2PreTrainedModel):
     """Vision encoder -> Q-Former queries -> `language_projection` -> soft prompt of a (frozen) LLM.
 
     Also gives each part's features: `get_image_features` (image embeddings and the projected query outputs),
@@ -1129,9 +1174,8 @@ class Blip2Model(Blip2PreTrainedModel):
         return features.qformer_outputs.last_hidden_state
 
     def freeze_language_model(self) -> None:
-        """Freeze the LLM (no gradients, eval mode), as both BLIP-2 stages do."""
-        self.language_model.requires_grad_(False)
-        self.language_model.eval()
+        """`freeze_towers` for the LLM alone."""
+        self._freeze(("language_model",), None)
 
     def get_image_features(
         self,
@@ -1830,7 +1874,7 @@ class Blip2Stage1FeaturesMixin:
         return Blip2FeaturesOutput(multimodal_embeds=joint_output.last_hidden_state[:, : self.config.num_query_tokens])
 
 
-class Blip2ForImageTextRetrieval(Blip2Stage1FeaturesMixin, Blip2PreTrainedModel):
+class Blip2ForImageTextRetrieval(Blip2Stage1FeaturesMixin, Blip2FrozenTowersMixin, Blip2PreTrainedModel):
     """Image-text similarity from the stage-1 Q-Former.
 
     - ITC (`use_image_text_matching_head=False`): cosine between each normalized query projection and the normalized
@@ -2023,7 +2067,7 @@ class Blip2ForPreTrainingOutput(ModelOutput):
     logits_itg: torch.FloatTensor | None = None
 
 
-class Blip2ForPreTraining(Blip2Stage1FeaturesMixin, Blip2PreTrainedModel):
+class Blip2ForPreTraining(Blip2Stage1FeaturesMixin, Blip2FrozenTowersMixin, Blip2PreTrainedModel):
     """Stage 1 of BLIP-2: the Q-Former learns, against a frozen image encoder, to extract the visual features text
     needs, with three objectives on one batch of image-text pairs (LAVIS `Blip2Qformer.forward`):
 

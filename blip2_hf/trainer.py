@@ -23,6 +23,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
+from .modeling_blip2 import frozen_tower_dtype
+
 logger = logging.get_logger(__name__)
 
 
@@ -52,19 +54,6 @@ class Blip2TrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
-def _frozen_dtype(precision: str, model: torch.nn.Module) -> torch.dtype:
-    if precision == "auto":
-        if not torch.cuda.is_available():
-            return torch.float32
-        text_config = getattr(model.config, "text_config", None)
-        is_t5 = text_config is not None and text_config.model_type in ("t5", "mt5", "umt5")
-        return torch.bfloat16 if is_t5 else torch.float16
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-    if precision not in dtypes:
-        raise ValueError(f"frozen_precision={precision!r}: expected one of auto, {', '.join(dtypes)}.")
-    return dtypes[precision]
-
-
 class _CollatorEpoch(TrainerCallback):
     """Tells the collator the seed and the epoch, which seed each sample's augmentation: a sample's randomness then
     depends on nothing that ran before it, so a resumed run (or one with more workers) draws what an uninterrupted run
@@ -85,29 +74,15 @@ class Blip2Trainer(Trainer):
 
     def __init__(self, model=None, args: TrainingArguments | None = None, **kwargs):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the model
-        self._freeze(base, getattr(args, "frozen_precision", "auto"))
+        # the model's one freezing contract, at the precision the arguments ask for on the device it trains on
+        device = args.device if args is not None else None
+        base.freeze_towers(frozen_tower_dtype(getattr(args, "frozen_precision", "auto"), base.config, device))
         super().__init__(model=model, args=args, **kwargs)
         if hasattr(self.data_collator, "epoch"):
             self.add_callback(_CollatorEpoch(self.data_collator))
         self._component_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(()))
         self._component_count = 0
         self._saving_checkpoint = False
-
-    @staticmethod
-    def _freeze(model: torch.nn.Module, precision: str) -> None:
-        """No gradients for the image encoder (but `post_layernorm`) and the LLM, whose weights take the frozen dtype;
-        LoRA adapters inside them (`lora_*` parameters) keep training in fp32. `train()` keeps fully frozen towers in
-        eval mode."""
-        dtype = _frozen_dtype(precision, model)
-        towers = [model.vision_model.embeddings, model.vision_model.encoder]
-        if hasattr(model, "language_model"):
-            towers.append(model.language_model)
-        for tower in towers:
-            for name, param in tower.named_parameters():
-                if "lora_" in name:
-                    continue
-                param.requires_grad_(False)
-                param.data = param.data.to(dtype)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """`Trainer.train`; `resume_from_checkpoint="last"` resumes from the newest checkpoint in `output_dir` when

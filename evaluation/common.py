@@ -29,11 +29,11 @@ from torch.utils.data import DataLoader
 
 import blip2_hf
 from blip2_hf import Blip2Config, Blip2Processor
+from blip2_hf.modeling_blip2 import FROZEN_PRECISIONS, frozen_tower_dtype
 
 # Tokenizers are used inside DataLoader workers (forked): keep the Rust thread pool out of it (and its warning).
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 CUSTOM = "custom"
 # task -> benchmark -> official file name -> (split, size: questions for VQA, images otherwise). The names are those
@@ -64,7 +64,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", *DTYPES],
+        choices=["auto", *FROZEN_PRECISIONS],
         help="Frozen towers' precision (the Q-Former and projections stay fp32). auto: fp32 on CPU; on GPU fp16, "
         "bf16 for encoder-decoder LLMs (Flan-T5), as the paper.",
     )
@@ -161,14 +161,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("--limit must be at least 1.")
 
 
-def resolve_dtype(name: str, device: torch.device, encoder_decoder: bool) -> torch.dtype:
-    if name != "auto":
-        return DTYPES[name]
-    if device.type == "cpu":
-        return torch.float32
-    return torch.bfloat16 if encoder_decoder else torch.float16  # Flan-T5 overflows in fp16
-
-
 def load_processor(args: argparse.Namespace) -> Blip2Processor:
     processor = Blip2Processor.from_pretrained(args.processor or args.model)
     if args.image_size is not None:
@@ -183,7 +175,7 @@ def interpolate_pos_encoding(args: argparse.Namespace, config: Blip2Config) -> b
 def load_model(model_class: type, args: argparse.Namespace, accelerator: Accelerator) -> tuple[torch.nn.Module, str]:
     """`model_class.from_pretrained(--model)` in the `--dtype` precision, in eval mode on this process's device."""
     config = Blip2Config.from_pretrained(args.model)
-    dtype = resolve_dtype(args.dtype, accelerator.device, not config.use_decoder_only_language_model)
+    dtype = frozen_tower_dtype(args.dtype, config, accelerator.device)  # the frozen towers' dtype, as training's
     model = model_class.from_pretrained(args.model, dtype=dtype)
     return model.to(accelerator.device).eval(), str(dtype).removeprefix("torch.")
 

@@ -120,8 +120,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model, processor = build_model(model_args)
     decoder_only = model.config.use_decoder_only_language_model
-    model.freeze_vision_encoder()
-    model.freeze_language_model()
+    model.freeze_towers()
     if model_args.lora_r > 0:
         model = add_lora(model, model_args)
         model.print_trainable_parameters()

@@ -216,8 +216,7 @@ def stage2_model(
         processor,
         qformer_config={"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout},
     )
-    model.freeze_vision_encoder()
-    model.freeze_language_model()
+    model.freeze_towers()
     return model
 
 
