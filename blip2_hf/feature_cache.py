@@ -52,7 +52,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .data import load_image, load_training_data
-from .modeling_blip2 import Blip2VisionModel
+from .modeling_blip2 import Blip2VisionModel, frozen_tower_dtype
 
 FORMAT = "blip2_hf.feature_cache"
 VERSION = 1
@@ -693,10 +693,13 @@ def check_cache_matches(model: torch.nn.Module, cache_dir: str | os.PathLike, ch
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_model_for_cache(model_dir: str | os.PathLike, dtype: torch.dtype | str | None = None) -> torch.nn.Module:
+def load_model_for_cache(
+    model_dir: str | os.PathLike, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
+) -> torch.nn.Module:
     """Any of our BLIP-2 folders (or a transformers-format one), as the class its `config.json` `architectures`
     names (`Blip2ForPreTraining`, `Blip2ForConditionalGeneration`, `Blip2VisionModel`, ...; `Blip2Model` when none).
-    The whole checkpoint is loaded; only its vision tower is used."""
+    The whole checkpoint is loaded; only its vision tower is used. `dtype="auto"` is the frozen towers' dtype that
+    training uses on `device` (`frozen_tower_dtype`), so the cache holds what a training step would compute."""
     import blip2_hf
 
     config = json.loads((Path(model_dir) / "config.json").read_text())
@@ -705,7 +708,9 @@ def load_model_for_cache(model_dir: str | os.PathLike, dtype: torch.dtype | str 
     if model_class is None:
         vision_only = config.get("model_type") == blip2_hf.Blip2VisionConfig.model_type
         model_class = blip2_hf.Blip2VisionModel if vision_only else blip2_hf.Blip2Model
-    kwargs = {} if dtype is None else {"dtype": _as_dtype(dtype) if dtype != "auto" else "auto"}
+    if dtype == "auto":
+        dtype = frozen_tower_dtype("auto", model_class.config_class.from_pretrained(model_dir), device)
+    kwargs = {} if dtype is None else {"dtype": _as_dtype(dtype)}
     return model_class.from_pretrained(model_dir, **kwargs).eval()
 
 
@@ -743,8 +748,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model-dtype",
         choices=("auto", "fp32", "fp16", "bf16"),
-        default="fp32",
-        help="dtype the model is loaded and the encoder run in (LAVIS runs the frozen ViT in fp16 on GPU)",
+        default="auto",
+        help="dtype the model is loaded and the encoder run in; auto: the frozen towers' dtype training uses on the "
+        "device (fp32 on CPU; fp16 on GPU, as LAVIS runs the frozen ViT)",
     )
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
@@ -781,7 +787,7 @@ def _run(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dataset = load_sources(args.data, image_root=args.image_root)  # the data first: its errors come cheap
-    model = load_model_for_cache(args.model, dtype=args.model_dtype)
+    model = load_model_for_cache(args.model, dtype=args.model_dtype, device=device)
     processor = Blip2Processor.from_pretrained(args.processor or args.model)
     build_feature_cache(
         model,

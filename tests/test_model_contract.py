@@ -480,3 +480,71 @@ def test_stage1_model_trains_with_its_vision_encoder_frozen():
     assert all(param.requires_grad for param in model.qformer.parameters())
     model.eval()
     assert not any(module.training for module in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One freezing contract: which towers, in which dtype (Trainer, evaluation and feature cache use the same)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "precision, text, device, expected",
+    [
+        ("auto", "opt", "cpu", torch.float32),
+        ("auto", "opt", "cuda", torch.float16),
+        ("auto", "t5", "cuda", torch.bfloat16),  # Flan-T5 overflows in fp16
+        ("auto", None, "cuda", torch.float16),  # stage 1 / retrieval: no LLM
+        ("bf16", "opt", "cpu", torch.bfloat16),
+        ("fp32", "t5", "cuda", torch.float32),
+    ],
+)
+def test_frozen_tower_dtype(precision, text, device, expected):
+    config = tiny_config(text) if text else tiny_config(stage1=True)
+    assert ours.frozen_tower_dtype(precision, config, device) is expected
+
+
+def test_frozen_tower_dtype_rejects_unknown_precisions():
+    with pytest.raises(ValueError, match="'half'.*expected one of auto, fp16, bf16, fp32"):
+        ours.frozen_tower_dtype("half", tiny_config(), "cpu")
+
+
+def test_freeze_towers_freezes_casts_and_spares_adapters():
+    model = build("generation")
+    llm_linear = next(m for m in model.language_model.modules() if isinstance(m, torch.nn.Linear))
+    llm_linear.register_parameter("lora_A", torch.nn.Parameter(torch.zeros(2, llm_linear.in_features)))
+    model.freeze_towers(torch.bfloat16)
+    frozen = ("vision_model.embeddings.", "vision_model.encoder.", "language_model.")
+    for name, param in model.named_parameters():
+        if name.endswith("lora_A"):
+            assert param.requires_grad and param.dtype == torch.float32, name  # adapters keep training
+        elif name.startswith(frozen):
+            assert not param.requires_grad and param.dtype == torch.bfloat16, name
+        else:  # the bridge: post_layernorm (LAVIS's ln_vision), queries, Q-Former, projection
+            assert param.requires_grad and param.dtype == torch.float32, name
+    model.train()
+    assert model.qformer.training and model.vision_model.post_layernorm.training
+    assert not model.vision_model.encoder.training
+    assert model.language_model.training  # it holds a trainable adapter
+
+
+def test_stage1_models_freeze_their_vision_encoder_only():
+    model = build("pretraining")
+    model.freeze_towers()
+    trainable = {name.split(".")[0] for name, param in model.named_parameters() if param.requires_grad}
+    assert "vision_model" in trainable  # post_layernorm
+    assert not any(p.requires_grad for p in model.vision_model.encoder.parameters())
+    assert not hasattr(blip2_hf.Blip2VisionModel, "freeze_towers")  # only models that hold an encoder freeze one
+
+
+def test_feature_cache_loads_the_frozen_towers_dtype(tmp_path):
+    from blip2_hf import feature_cache
+
+    build("generation").save_pretrained(tmp_path)
+    assert (
+        feature_cache.load_model_for_cache(tmp_path, "auto", "cpu").vision_model.encoder.layers[0].mlp.fc1.weight.dtype
+        == torch.float32
+    )
+    assert (
+        feature_cache.load_model_for_cache(tmp_path, "bf16").vision_model.encoder.layers[0].mlp.fc1.weight.dtype
+        == torch.bfloat16
+    )
