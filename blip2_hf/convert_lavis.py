@@ -407,6 +407,27 @@ def convert_state_dict_with_report(
     target = _target(model_class, config)
     report = ConversionReport(model_class=model_class.__name__, notes=notes)
 
+    converted, qv_biases = _rename_or_drop(state_dict, target, report)
+    _merge_qv_biases(qv_biases, converted, report)
+    _resize_position_grid(converted, target, report)
+    _check_shapes(converted, target, report)
+    _account_for_target_keys(converted, target, report)
+    if issubclass(model_class, Blip2VisionModel):
+        converted = _strip_vision_prefix(converted, report)
+    return converted, report
+
+
+def _rename_or_drop(
+    state_dict: Mapping[str, torch.Tensor], target: _Target, report: ConversionReport
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, tuple[str, torch.Tensor]]]]:
+    """Route each LAVIS key: dropped (with its reason, in `report`), renamed to our key, or held as a q/v bias half.
+
+    Returns:
+        The renamed tensors by our key, and the EVA `q_bias` / `v_bias` halves by our fused key, then `"q"` / `"v"`,
+        as `(LAVIS key, tensor)`.
+    Raises:
+        ValueError: naming every LAVIS key that matches no rule, then every key with no place in the target class.
+    """
     converted: dict[str, torch.Tensor] = {}
     qv_biases: dict[str, dict[str, tuple[str, torch.Tensor]]] = defaultdict(dict)
     unmatched: list[str] = []
@@ -431,16 +452,30 @@ def convert_state_dict_with_report(
         raise ValueError(f"{len(unmatched)} LAVIS keys match no row of KEY_TABLE or DROPPED:{_listing(unmatched)}")
     if homeless:
         raise ValueError(
-            f"{len(homeless)} LAVIS keys have no place in {model_class.__name__} (is the config or the class the "
+            f"{len(homeless)} LAVIS keys have no place in {report.model_class} (is the config or the class the "
             f"right one?):{_listing(homeless)}"
         )
+    return converted, qv_biases
 
+
+def _merge_qv_biases(
+    qv_biases: Mapping[str, Mapping[str, tuple[str, torch.Tensor]]],
+    converted: dict[str, torch.Tensor],
+    report: ConversionReport,
+) -> None:
+    """Fuse each block's EVA `q_bias` and `v_bias` into our `qkv.bias`, in place; a lone half raises `ValueError`."""
     for our_key, parts in qv_biases.items():
         if set(parts) != {"q", "v"}:
             raise ValueError(f"{our_key} needs both attn.q_bias and attn.v_bias; the checkpoint has only {set(parts)}")
         converted[our_key] = merge_qv_bias(parts["q"][1], parts["v"][1])
         report.filled[our_key] = f"{parts['q'][0]} + {parts['v'][0]}"
 
+
+def _resize_position_grid(converted: dict[str, torch.Tensor], target: _Target, report: ConversionReport) -> None:
+    """Resize the ViT position embeddings in place when the config's square patch grid differs from the checkpoint's.
+
+    Anything else (a non-square grid, another width) is left for `_check_shapes` to report.
+    """
     position = converted.get(POSITION_EMBEDDING_KEY)
     expected = target.shapes.get(POSITION_EMBEDDING_KEY)
     if position is not None and expected is not None and position.shape != expected:
@@ -451,11 +486,14 @@ def convert_state_dict_with_report(
             and position.shape[2] == expected[2]
         ):
             converted[POSITION_EMBEDDING_KEY] = resize_position_embedding(position, new_side)
-            notes.append(
+            report.notes.append(
                 f"position embeddings resized {old_side}x{old_side} -> {new_side}x{new_side} patches "
                 "(bicubic, align_corners=False, as LAVIS's interpolate_pos_embed)"
             )
 
+
+def _check_shapes(converted: Mapping[str, torch.Tensor], target: _Target, report: ConversionReport) -> None:
+    """Raise `ValueError` naming every converted tensor (LAVIS key, our key, both shapes) the config does not imply."""
     mismatched = [
         f"{report.filled[key]} -> {key}: LAVIS {tuple(tensor.shape)}, expected {tuple(target.shapes[key])}"
         for key, tensor in converted.items()
@@ -464,9 +502,12 @@ def convert_state_dict_with_report(
     if mismatched:
         raise ValueError(f"{len(mismatched)} tensors do not have the shape the config implies:{_listing(mismatched)}")
 
+
+def _account_for_target_keys(converted: Mapping[str, torch.Tensor], target: _Target, report: ConversionReport) -> None:
+    """Note the EVA blocks dropped for depth, and record each target key not filled as tied or missing (with why)."""
     dropped_blocks = sorted({int(k.split(".")[2]) for k in report.dropped if k.startswith("visual_encoder.blocks.")})
     if dropped_blocks:
-        notes.append(
+        report.notes.append(
             f"EVA blocks {dropped_blocks} dropped: vision_config.num_hidden_layers={target.vision_layers} keeps the "
             "first blocks"
         )
@@ -479,13 +520,14 @@ def convert_state_dict_with_report(
         else:
             report.missing[our_key] = "not in this checkpoint: " + _first_reason(our_key, _MISSING_RULES)
 
-    if issubclass(model_class, Blip2VisionModel):  # the vision model's own keys carry no prefix
-        strip = len("vision_model.")
-        converted = {key[strip:]: tensor for key, tensor in converted.items()}
-        report.filled = {key[strip:]: value for key, value in report.filled.items()}
-        report.missing = {key[strip:]: value for key, value in report.missing.items()}
-        report.tied = {key[strip:]: value[strip:] for key, value in report.tied.items()}
-    return converted, report
+
+def _strip_vision_prefix(converted: Mapping[str, torch.Tensor], report: ConversionReport) -> dict[str, torch.Tensor]:
+    """Drop the `vision_model.` prefix from the state dict and the report: the vision model's own keys carry none."""
+    strip = len("vision_model.")
+    report.filled = {key[strip:]: value for key, value in report.filled.items()}
+    report.missing = {key[strip:]: value for key, value in report.missing.items()}
+    report.tied = {key[strip:]: value[strip:] for key, value in report.tied.items()}
+    return {key[strip:]: tensor for key, tensor in converted.items()}
 
 
 def convert_state_dict(

@@ -364,9 +364,18 @@ def load_training_data(
         FileNotFoundError: a source, or every match of a pattern, is missing (the message names it).
         ValueError: a source's type cannot be inferred, or the weights do not fit the sources.
     """
-    from datasets import Dataset, interleave_datasets
-    from datasets import Image as ImageFeature
+    sources, weights = _checked_sources_and_weights(sources, weights)
+    kinds = [_source_kind(source) for source in sources]  # every source is checked before any is loaded
+    datasets_ = [_load_source(kind, target, image_root, streaming, cache_dir) for kind, target in kinds]
+    if len(datasets_) == 1:
+        return datasets_[0]
+    return _interleave(datasets_, weights, seed)
 
+
+def _checked_sources_and_weights(
+    sources: str | os.PathLike | Sequence[str | os.PathLike], weights: Sequence[float] | None
+) -> tuple[list[str], list[float]]:
+    """`sources` as a list of path strings and one float weight per source (default: equal); `ValueError` if unfit."""
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     sources = [os.fspath(source) for source in sources]
     if not sources:
@@ -379,21 +388,27 @@ def load_training_data(
     if not all(math.isfinite(weight) and weight > 0 for weight in weights):
         # A zero weight would never exhaust its source, and "all_exhausted" would then never stop.
         raise ValueError(f"Weights must be positive and finite, got {weights}.")
+    return sources, weights
 
-    kinds = [_source_kind(source) for source in sources]  # every source is checked before any is loaded
-    datasets_ = []
-    for kind, target in kinds:
-        if kind == "json":
-            dataset = load_caption_json(target, image_root=image_root)
-            if streaming:
-                dataset = dataset.to_iterable_dataset()
-        elif kind == "folder":
-            dataset = load_image_folder(target, streaming=bool(streaming), cache_dir=cache_dir)
-        else:
-            dataset = load_webdataset(target, streaming=streaming is not False, cache_dir=cache_dir)
-        datasets_.append(dataset)
-    if len(datasets_) == 1:
-        return datasets_[0]
+
+def _load_source(
+    kind: str, target: Any, image_root: str | None, streaming: bool | None, cache_dir: str | None
+) -> Dataset | IterableDataset:
+    """Load one source of the type `_source_kind` found, streamed or not as `load_training_data`'s `streaming` says."""
+    if kind == "json":
+        dataset = load_caption_json(target, image_root=image_root)
+        return dataset.to_iterable_dataset() if streaming else dataset
+    if kind == "folder":
+        return load_image_folder(target, streaming=bool(streaming), cache_dir=cache_dir)
+    return load_webdataset(target, streaming=streaming is not False, cache_dir=cache_dir)
+
+
+def _interleave(
+    datasets_: list[Dataset | IterableDataset], weights: Sequence[float], seed: int
+) -> Dataset | IterableDataset:
+    """Mix several sources by weight until all are exhausted, first bringing them to one kind and one `image` type."""
+    from datasets import Dataset, interleave_datasets
+    from datasets import Image as ImageFeature
 
     if not all(isinstance(dataset, Dataset) for dataset in datasets_):
         # interleave_datasets takes datasets of one kind only.

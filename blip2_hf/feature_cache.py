@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -39,7 +40,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -373,8 +374,71 @@ def build_feature_cache(
     if device is not None:
         vision.to(device)
     device = vision.embeddings.patch_embedding.weight.device
+    plan = _plan_distinct_images(dataset)
 
-    # Pass 1: one key per row; each distinct image remembers the first row that has it.
+    with _staging_directory(output_dir) as partial, _eval_mode(vision):
+        loader = torch.utils.data.DataLoader(
+            _DistinctImages(dataset.select_columns(["image"]), plan.first_rows, processor, load_image),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=_collate,
+        )
+        encoded = _encode_into_shards(encode, loader, partial, len(plan.first_rows), device, dtype, shard_size,
+                                      interpolate_pos_encoding, progress)  # fmt: skip
+        if not encoded.slots:
+            raise ValueError(
+                f"none of the {len(plan.first_rows)} images could be read: {_first(encoded.skipped, plan.keys)}"
+            )
+        skipped_by_key = {plan.keys[index]: error for index, error in sorted(encoded.skipped.items())}
+        index = _cache_index(model, vision, processor, dataset, source, plan, encoded, skipped_by_key, dtype=dtype,
+                             shard_size=shard_size, interpolate_pos_encoding=interpolate_pos_encoding)  # fmt: skip
+        index_path = partial / INDEX_FILE
+        index_path.write_text(json.dumps(_json_safe(index), ensure_ascii=False) + "\n")
+        _fsync(index_path)
+        _publish(partial, output_dir)
+    report = _cache_report(output_dir, index, skipped_by_key, time.perf_counter() - started)
+    print(report.summary())
+    return report
+
+
+@contextlib.contextmanager
+def _staging_directory(output_dir: Path) -> Iterator[Path]:
+    """A new hidden `.<name>.partial-<id>` directory beside `output_dir`, deleted if the block raises: a killed or
+    failed build never leaves a directory that looks like a cache (`_publish` renames it into place)."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = output_dir.parent / f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    partial.mkdir()
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Run the block with `module` in eval mode, then give each submodule back the mode it had."""
+    modes = {submodule: submodule.training for submodule in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for submodule, mode in modes.items():
+            submodule.training = mode
+
+
+@dataclasses.dataclass
+class _DistinctImagePlan:
+    """Pass 1 over a dataset's rows: which rows share an image. Images are numbered in order of first appearance."""
+
+    keys: list[str]  # image number -> its `image_key`
+    first_rows: list[int]  # image number -> the first dataset row that has it
+    row_images: list[int]  # dataset row -> its image number
+    captions: list[Any]  # dataset row -> its caption
+
+
+def _plan_distinct_images(dataset: datasets.Dataset) -> _DistinctImagePlan:
+    """One key per row (`image_key`); each distinct image remembers the first row that has it."""
     key_ids: dict[str, int] = {}
     first_rows: list[int] = []
     row_images: list[int] = []
@@ -388,123 +452,151 @@ def build_feature_cache(
                 first_rows.append(start + offset)
             row_images.append(key_ids[key])
             captions.append(caption)
-    keys = list(key_ids)
+    return _DistinctImagePlan(list(key_ids), first_rows, row_images, captions)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = output_dir.parent / f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    partial.mkdir()
-    modes = {module: module.training for module in vision.modules()}
-    vision.eval()
-    try:
-        # Pass 2: encode the distinct images in batches, in order of first appearance; write full shards as we go.
-        loader = torch.utils.data.DataLoader(
-            _DistinctImages(dataset.select_columns(["image"]), first_rows, processor, load_image),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate_fn=_collate,
-        )
-        slots: dict[int, int] = {}  # distinct image -> its row in the concatenated shards
-        skipped: dict[int, str] = {}
-        pending: list[torch.Tensor] = []
-        shards: list[dict[str, Any]] = []
-        image_size: list[int] | None = None
-        embed_shape: list[int] | None = None
-        bar = tqdm(total=len(first_rows), unit="img", desc="encoding images", disable=not progress)
-        for batch in loader:
-            skipped.update(batch["errors"])
-            if batch["pixel_values"] is not None:
-                pixel_values = batch["pixel_values"].to(device)
-                if image_size is None:
-                    image_size = list(pixel_values.shape[-2:])
-                embeds = encode(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-                stored = embeds.to(dtype)
-                if not torch.isfinite(stored).all() and torch.isfinite(embeds).all():
-                    raise ValueError(
-                        f"the encoder's output overflows {_dtype_name(dtype)} (max |x| = {embeds.abs().max():.4g}); "
-                        "store the cache in bf16 or fp32"
-                    )
-                embed_shape = list(stored.shape[1:])
-                for index in batch["indices"]:
-                    slots[index] = len(slots)
-                pending.append(stored.cpu())
-                while sum(len(t) for t in pending) >= shard_size:
-                    pending = _flush(partial, shards, pending, shard_size)
-            bar.update(len(batch["indices"]) + len(batch["errors"]))
-            bar.set_postfix(skipped=len(skipped), refresh=False)
-        bar.close()
-        while pending:
-            pending = _flush(partial, shards, pending, shard_size)
-        if not slots:
-            raise ValueError(f"none of the {len(first_rows)} images could be read: {_first(skipped, keys)}")
 
-        rows: dict[str, list[Any]] = {"shard": [], "row": [], "caption": [], "image": [], "source_row": []}
-        for source_row, (image, caption) in enumerate(zip(row_images, captions)):
-            if image in slots:
-                shard, row = divmod(slots[image], shard_size)
-                rows["shard"].append(shard)
-                rows["row"].append(row)
-                rows["caption"].append(caption)
-                rows["image"].append(keys[image])
-                rows["source_row"].append(source_row)
-        skipped_by_key = {keys[index]: error for index, error in sorted(skipped.items())}
-        total_bytes = sum(shard["bytes"] for shard in shards)
-        index = {
-            "format": FORMAT,
-            "version": VERSION,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "dtype": _dtype_name(dtype),
-            "embed_shape": embed_shape,
-            "image_size": image_size,
-            "interpolate_pos_encoding": interpolate_pos_encoding,
-            "model": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-            "model_class": type(model).__name__,
-            "encoder_dtype": _dtype_name(vision.embeddings.patch_embedding.weight.dtype),
-            "vision_config": vision_config_dict(model),
-            "vision_weights_sample": vision_weights_sample(model),
-            "image_processor": _image_processor_settings(processor),
-            "augmentation": None,
-            "source": _describe_dataset(dataset, source),
-            "counts": {
-                "rows": len(row_images),
-                "rows_cached": len(rows["caption"]),
-                "rows_skipped": len(row_images) - len(rows["caption"]),
-                "images": len(first_rows),
-                "images_cached": len(slots),
-                "images_skipped": len(skipped),
-                "bytes": total_bytes,
-            },
-            "shard_size": shard_size,
-            "shards": shards,
-            "skipped": dict(list(skipped_by_key.items())[:_MAX_SKIPPED_LISTED]),
-            "rows": rows,
-        }
-        index_path = partial / INDEX_FILE
-        index_path.write_text(json.dumps(_json_safe(index), ensure_ascii=False) + "\n")
-        _fsync(index_path)
-        _publish(partial, output_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
+@dataclasses.dataclass
+class _EncodedImages:
+    """Pass 2: what was written to the shards. `slots`: image number -> its row in the concatenated shards;
+    `skipped`: image number -> why it could not be read; `shards`: `index.json`'s shard entries."""
 
-    report = CacheReport(
+    slots: dict[int, int] = dataclasses.field(default_factory=dict)
+    skipped: dict[int, str] = dataclasses.field(default_factory=dict)
+    shards: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    image_size: list[int] | None = None  # [H, W] of the preprocessed images
+    embed_shape: list[int] | None = None  # [1 + P, Dv]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(shard["bytes"] for shard in self.shards)
+
+
+def _encode_into_shards(
+    encode: Callable[..., torch.Tensor],
+    loader: torch.utils.data.DataLoader,
+    directory: Path,
+    num_images: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    shard_size: int,
+    interpolate_pos_encoding: bool,
+    progress: bool,
+) -> _EncodedImages:
+    """Encode the distinct images in batches, in order of first appearance; write full shards as we go.
+
+    Raises:
+        ValueError: the encoder's output is finite but overflows the cache `dtype`.
+    """
+    encoded = _EncodedImages()
+    pending: list[torch.Tensor] = []
+    bar = tqdm(total=num_images, unit="img", desc="encoding images", disable=not progress)
+    for batch in loader:
+        encoded.skipped.update(batch["errors"])
+        if batch["pixel_values"] is not None:
+            pixel_values = batch["pixel_values"].to(device)
+            if encoded.image_size is None:
+                encoded.image_size = list(pixel_values.shape[-2:])
+            embeds = encode(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+            stored = embeds.to(dtype)
+            if not torch.isfinite(stored).all() and torch.isfinite(embeds).all():
+                raise ValueError(
+                    f"the encoder's output overflows {_dtype_name(dtype)} (max |x| = {embeds.abs().max():.4g}); "
+                    "store the cache in bf16 or fp32"
+                )
+            encoded.embed_shape = list(stored.shape[1:])
+            for index in batch["indices"]:
+                encoded.slots[index] = len(encoded.slots)
+            pending.append(stored.cpu())
+            while sum(len(t) for t in pending) >= shard_size:
+                pending = _flush(directory, encoded.shards, pending, shard_size)
+        bar.update(len(batch["indices"]) + len(batch["errors"]))
+        bar.set_postfix(skipped=len(encoded.skipped), refresh=False)
+    bar.close()
+    while pending:
+        pending = _flush(directory, encoded.shards, pending, shard_size)
+    return encoded
+
+
+def _cache_rows(plan: _DistinctImagePlan, slots: Mapping[int, int], shard_size: int) -> dict[str, list[Any]]:
+    """`index.json`'s `rows`, column-wise: one entry per dataset row whose image was cached, in dataset order."""
+    rows: dict[str, list[Any]] = {"shard": [], "row": [], "caption": [], "image": [], "source_row": []}
+    for source_row, (image, caption) in enumerate(zip(plan.row_images, plan.captions)):
+        if image in slots:
+            shard, row = divmod(slots[image], shard_size)
+            rows["shard"].append(shard)
+            rows["row"].append(row)
+            rows["caption"].append(caption)
+            rows["image"].append(plan.keys[image])
+            rows["source_row"].append(source_row)
+    return rows
+
+
+def _cache_index(
+    model: torch.nn.Module,
+    vision: Blip2VisionModel,
+    processor: Any,
+    dataset: datasets.Dataset,
+    source: Any,
+    plan: _DistinctImagePlan,
+    encoded: _EncodedImages,
+    skipped_by_key: dict[str, str],
+    *,
+    dtype: torch.dtype,
+    shard_size: int,
+    interpolate_pos_encoding: bool,
+) -> dict[str, Any]:
+    """The contents of `index.json` (the module docstring lists its fields)."""
+    rows = _cache_rows(plan, encoded.slots, shard_size)
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "dtype": _dtype_name(dtype),
+        "embed_shape": encoded.embed_shape,
+        "image_size": encoded.image_size,
+        "interpolate_pos_encoding": interpolate_pos_encoding,
+        "model": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "model_class": type(model).__name__,
+        "encoder_dtype": _dtype_name(vision.embeddings.patch_embedding.weight.dtype),
+        "vision_config": vision_config_dict(model),
+        "vision_weights_sample": vision_weights_sample(model),
+        "image_processor": _image_processor_settings(processor),
+        "augmentation": None,
+        "source": _describe_dataset(dataset, source),
+        "counts": {
+            "rows": len(plan.row_images),
+            "rows_cached": len(rows["caption"]),
+            "rows_skipped": len(plan.row_images) - len(rows["caption"]),
+            "images": len(plan.first_rows),
+            "images_cached": len(encoded.slots),
+            "images_skipped": len(encoded.skipped),
+            "bytes": encoded.total_bytes,
+        },
+        "shard_size": shard_size,
+        "shards": encoded.shards,
+        "skipped": dict(list(skipped_by_key.items())[:_MAX_SKIPPED_LISTED]),
+        "rows": rows,
+    }
+
+
+def _cache_report(output_dir: Path, index: Mapping[str, Any], skipped: dict[str, str], seconds: float) -> CacheReport:
+    """The report of a cache from its `index.json` contents; `skipped` lists every unreadable image (the index only
+    the first `_MAX_SKIPPED_LISTED`)."""
+    counts = index["counts"]
+    return CacheReport(
         output_dir=output_dir,
-        num_rows=len(row_images),
-        num_rows_cached=len(rows["caption"]),
-        num_images=len(first_rows),
-        num_images_cached=len(slots),
-        skipped=skipped_by_key,
-        num_shards=len(shards),
-        total_bytes=total_bytes,
-        embed_shape=tuple(embed_shape),
-        image_size=tuple(image_size),
-        dtype=_dtype_name(dtype),
-        seconds=time.perf_counter() - started,
+        num_rows=counts["rows"],
+        num_rows_cached=counts["rows_cached"],
+        num_images=counts["images"],
+        num_images_cached=counts["images_cached"],
+        skipped=skipped,
+        num_shards=len(index["shards"]),
+        total_bytes=counts["bytes"],
+        embed_shape=tuple(index["embed_shape"]),
+        image_size=tuple(index["image_size"]),
+        dtype=index["dtype"],
+        seconds=seconds,
     )
-    print(report.summary())
-    return report
 
 
 def _first(skipped: dict[int, str], keys: list[str]) -> str:

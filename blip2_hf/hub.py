@@ -837,6 +837,28 @@ def _hub_api(token: str | None, repo_id: str) -> tuple[HfApi, str]:
     return api, repo_id
 
 
+def _check_lora_options(
+    folder: str | os.PathLike, adapter: dict[str, Any] | None, merge_lora: bool, push_base: bool
+) -> None:
+    """Refuse `merge_lora` / `push_base` for a folder without a LoRA adapter, and both at once."""
+    if adapter is None and (merge_lora or push_base):
+        raise PushError(
+            f"{folder} has no LoRA adapter ({ADAPTER_CONFIG}): --merge-lora and --push-base apply to the folders "
+            "training/stage2.py writes with --lora_r N."
+        )
+    if merge_lora and push_base:
+        raise PushError("--merge-lora publishes one full checkpoint, --push-base an adapter and its base: pick one.")
+
+
+def _add_processor_and_remote_code(files: dict[str, Path], folder: Path, staging: Path) -> None:
+    """Add to `files`, in place, the re-saved processor files (`_processor_files`) and the package's remote code
+    files the folder lacks."""
+    files.update(_processor_files(folder, staging))
+    for name in (*REMOTE_CODE_FILES, PROCESSOR_CODE_FILE):
+        if name not in files and (PACKAGE_DIR / name).is_file():
+            files[name] = PACKAGE_DIR / name
+
+
 def push_folder(
     folder: str | os.PathLike,
     repo_id: str,
@@ -880,13 +902,7 @@ def push_folder(
     """
     info = FolderInfo.read(folder)
     adapter = read_adapter_config(info.folder)
-    if adapter is None and (merge_lora or push_base):
-        raise PushError(
-            f"{folder} has no LoRA adapter ({ADAPTER_CONFIG}): --merge-lora and --push-base apply to the folders "
-            "training/stage2.py writes with --lora_r N."
-        )
-    if merge_lora and push_base:
-        raise PushError("--merge-lora publishes one full checkpoint, --push-base an adapter and its base: pick one.")
+    _check_lora_options(folder, adapter, merge_lora, push_base)
     base_repo = lora_base_repo(info.folder, base_models) if adapter is not None and not merge_lora else None
     files = _folder_files(info.folder, allow_pickle)
     token = token or get_stored_token()
@@ -906,10 +922,7 @@ def push_folder(
     )
     message = commit_message or f"Upload BLIP-2 ({info.architecture}) with blip2-hf {__version__}"
     with tempfile.TemporaryDirectory() as staging:
-        files.update(_processor_files(info.folder, Path(staging)))
-        for name in (*REMOTE_CODE_FILES, PROCESSOR_CODE_FILE):
-            if name not in files and (PACKAGE_DIR / name).is_file():
-                files[name] = PACKAGE_DIR / name
+        _add_processor_and_remote_code(files, info.folder, Path(staging))
         config_bytes = _completed_config(info)
         if base_repo is None:
             return _publish(

@@ -555,12 +555,7 @@ def coco_caption_scores(
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} reference lists.")
-    if not predictions:
-        raise ValueError("No captions to score.")
-    if any(isinstance(refs, str) or not refs for refs in references):
-        raise ValueError("Every image needs a list of at least one reference caption.")
+    _check_caption_inputs(predictions, references)
 
     # COCOEvalCap's layout: {image id: [captions]}, exactly one prediction per image.
     gts = {index: [str(ref) for ref in refs] for index, refs in enumerate(references)}
@@ -588,10 +583,25 @@ def coco_caption_scores(
             if spice:
                 warnings.warn(why_not, UserWarning, stacklevel=2)
 
+    return _caption_result(scores, len(predictions), notes)
+
+
+def _check_caption_inputs(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:
+    """Raise `ValueError` unless there is one non-empty list of references per prediction, and at least one."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} reference lists.")
+    if not predictions:
+        raise ValueError("No captions to score.")
+    if any(isinstance(refs, str) or not refs for refs in references):
+        raise ValueError("Every image needs a list of at least one reference caption.")
+
+
+def _caption_result(scores: Mapping[str, float | None], num_images: int, notes: list[str]) -> dict[str, Any]:
+    """`coco_caption_scores`'s return value: the scores, the same x100, `agg_metrics`, `num_images` and `notes`."""
     result: dict[str, Any] = dict(scores)
     result.update({f"{key}_x100": None if value is None else 100.0 * value for key, value in scores.items()})
     result["agg_metrics"] = scores["CIDEr"] + scores["Bleu_4"]
-    result["num_images"] = len(predictions)
+    result["num_images"] = num_images
     result["notes"] = notes
     return result
 

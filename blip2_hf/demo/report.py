@@ -264,19 +264,40 @@ def write_report(
 ) -> None:
     """`output/report.md` and `output/plots/*.png`. `towers`: the shipped towers' `curves`, `probe`, `llm` and
     `build` (their `towers.json`)."""
+    test = world["test"]
+    summary = {arm: {k: tuple(v) for k, v in metrics.items()} for arm, metrics in results["summary"].items()}
+    _draw_plots(output, towers, curves, test, test_images, per_seed, summary)
+    report = _results_markdown(results, summary, test, per_seed, towers) + _towers_and_protocol_markdown(
+        results, per_seed, towers
+    )
+    (output / "report.md").write_text(report)
+
+
+def _draw_plots(
+    output: Path,
+    towers: dict,
+    curves: Sequence[dict],
+    test: Sequence[dict],
+    test_images: Sequence[Image.Image],
+    per_seed: Sequence[dict],
+    summary: dict,
+) -> None:
+    """The four figures of the report, into `output/plots/` (created if needed)."""
     plots = output / "plots"
     plots.mkdir(exist_ok=True)
-    test = world["test"]
     processor = Blip2Processor.from_pretrained(output / "runs" / "seed0" / "stage2")
-    summary = {arm: {k: tuple(v) for k, v in metrics.items()} for arm, metrics in results["summary"].items()}
     plot_losses(plots / "losses.png", towers, curves)
     plot_examples(plots / "examples.png", test, test_images, per_seed[0])
     plot_cross_attention(plots / "cross_attention.png", output / "runs" / "seed0" / "stage2", processor, test_images)
     plot_results(plots / "results.png", summary)
-    tables = _tables(results, per_seed, towers)
+
+
+def _results_markdown(
+    results: dict, summary: dict, test: Sequence[dict], per_seed: Sequence[dict], towers: dict
+) -> str:
+    """The report's first half: the results, examples, the paper's ablations and what the captions say."""
     settings, seeds = results["settings"], results["seeds"]
-    build_minutes = towers["build"]["total_training"] / 60
-    report = f"""# blip2-hf demo: a miniature BLIP-2, end to end on CPU
+    return f"""# blip2-hf demo: a miniature BLIP-2, end to end on CPU
 
 ## Results (held-out test split, {settings["num_test"]} images, mean ± std over {seeds} seed(s))
 
@@ -314,7 +335,15 @@ names (by their color: a scene's groups differ in color); `shape` / `count` / `s
 the share whose shape / number / size (where one is stated) / side the caption gets right. "Wholly right": every group
 named, each with all its attributes right.
 
-## The frozen towers
+"""
+
+
+def _towers_and_protocol_markdown(results: dict, per_seed: Sequence[dict], towers: dict) -> str:
+    """The report's second half: the frozen towers, VQA per question type, losses, attention, protocol and timings."""
+    tables = _tables(results, per_seed, towers)
+    settings = results["settings"]
+    build_minutes = towers["build"]["total_training"] / 60
+    return f"""## The frozen towers
 
 Built once by `blip2-hf demo --build-towers` ({build_minutes:.0f} minutes on 2 CPU cores) and shipped with the
 package (`blip2_hf/demo/towers/towers.json`: command, seed, budget, sha256 of every file), as BLIP-2 starts from
@@ -358,4 +387,3 @@ Cross-attention of the stage-2 model's queries over the image patches (last cros
 |---|---:|
 {tables["timings"]}
 """
-    (output / "report.md").write_text(report)
