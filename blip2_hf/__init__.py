@@ -1,13 +1,13 @@
 """blip2-hf: BLIP-2 built natively on the Hugging Face stack.
 
 Importing the package registers its classes with transformers' auto classes, so `AutoConfig`, `AutoModel`,
-`AutoModelForImageTextToText`, `AutoModelForZeroShotImageClassification`, `AutoModelForPreTraining` and
-`AutoProcessor` resolve our
-`blip2_hf` checkpoints in this process; saved checkpoints also carry the code (see `remote_code.py`).
+`AutoModelForImageTextToText`, `AutoModelForZeroShotImageClassification`, `AutoModelForPreTraining`,
+`AutoProcessor` and `AutoImageProcessor` resolve our `blip2_hf` checkpoints in this process; saved checkpoints also carry the code (see `remote_code.py`).
 """
 
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForImageTextToText,
     AutoModelForPreTraining,
@@ -28,7 +28,7 @@ from .modeling_blip2 import (
     Blip2VisionModel,
 )
 from .pipeline_blip2 import Blip2ImageToTextPipeline
-from .processing_blip2 import Blip2Processor
+from .processing_blip2 import Blip2ImageProcessor, Blip2Processor
 
 __version__ = "0.1.0"
 
@@ -40,9 +40,12 @@ AutoModel.register(Blip2QFormerConfig, Blip2QFormerModel, exist_ok=True)
 AutoModelForImageTextToText.register(Blip2Config, Blip2ForConditionalGeneration, exist_ok=True)
 AutoModelForZeroShotImageClassification.register(Blip2Config, Blip2ForImageTextRetrieval, exist_ok=True)
 AutoModelForPreTraining.register(Blip2Config, Blip2ForPreTraining, exist_ok=True)
+AutoImageProcessor.register(Blip2Config, image_processor_classes={"pil": Blip2ImageProcessor}, exist_ok=True)
 AutoProcessor.register(Blip2Config, Blip2Processor, exist_ok=True)
-# A saved processor carries processing_blip2.py and an `auto_map`, like the models.
+# A saved processor carries processing_blip2.py and an `auto_map`, like the models; so does its image processor
+# (same file), so that `Blip2ImageProcessor` loads where blip2_hf is not installed.
 Blip2Processor.register_for_auto_class("AutoProcessor")
+Blip2ImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
     "Blip2Config",
@@ -57,6 +60,7 @@ __all__ = [
     "Blip2ForImageTextRetrieval",
     "Blip2ForPreTraining",
     "Blip2Processor",
+    "Blip2ImageProcessor",
     "Blip2ImageToTextPipeline",
     "VQA_PROMPT",
 ]

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .processing_blip2 import Blip2Processor
+from .processing_blip2 import Blip2ImageProcessor, Blip2Processor
 
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
@@ -439,7 +439,7 @@ def load_image(value: Any) -> Image.Image:
             `PIL.Image.Image`.
 
     The pixels are decoded here (`Image.load()`), so a truncated or corrupt file raises now, inside the collator's
-    error handling, and not later in the image processor. Modes are converted with `Blip2Processor.to_rgb_images`
+    error handling, and not later in the image processor. Modes are converted with `Blip2ImageProcessor.to_rgb_images`
     (alpha dropped as LAVIS does, 16-bit scaled).
 
     Raises:
@@ -457,7 +457,7 @@ def load_image(value: Any) -> Image.Image:
         raise ValueError("The sample has no image.")
     if isinstance(value, Image.Image):
         value.load()
-        return Blip2Processor.to_rgb_images([value])[0]
+        return Blip2ImageProcessor.to_rgb_images([value])[0]
     if isinstance(value, (bytes, bytearray, memoryview)):
         source: Any = io.BytesIO(value)
     elif isinstance(value, (str, os.PathLike)):
@@ -466,7 +466,7 @@ def load_image(value: Any) -> Image.Image:
         raise TypeError(f"Cannot load an image from a {type(value).__name__}; expected a path, bytes or a dict.")
     with Image.open(source) as image:
         image.load()
-        return Blip2Processor.to_rgb_images([image])[0]
+        return Blip2ImageProcessor.to_rgb_images([image])[0]
 
 
 def describe_image(value: Any, caption: Any = None) -> str:

@@ -28,6 +28,11 @@ ImagesInput = SingleImage | Sequence[SingleImage]
 _ACCEPTED_IMAGE_TYPES = "PIL.Image.Image, numpy.ndarray (HWC or HW) or torch.Tensor (CHW or HW)"
 # 16-bit PIL modes. `np.asarray` gives uint16 (or a byte-swapped uint16) for all of them.
 _PIL_16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+# transformers' BLIP image processors (PIL and torchvision backends, and the v4 "Fast" name) that
+# `Blip2Processor` replaces by a `Blip2ImageProcessor` with the same settings.
+_BLIP_IMAGE_PROCESSORS = ("BlipImageProcessor", "BlipImageProcessorPil", "BlipImageProcessorFast")
+# Entries of an image processor's `to_dict` that name or place it rather than set how it processes images.
+_NOT_SETTINGS = ("image_processor_type", "auto_map", "processor_class", "_processor_class")
 # Per-token outputs that `tokenizer.pad` knows how to pad; the image-token prefix is prepended to each of them.
 _PREFIX_VALUES = {"attention_mask": 1, "token_type_ids": 0, "special_tokens_mask": 1}
 # `push_to_hub` arguments that `save_pretrained(..., push_to_hub=True)` passes on.
@@ -39,48 +44,17 @@ _UNSUPPORTED_WITH_EXPANSION = ("return_overflowing_tokens", "return_offsets_mapp
 _QFORMER_TEXT_KWARGS = ("add_special_tokens", "padding", "truncation", "max_length", "pad_to_multiple_of")
 
 
-class _PresentSubProcessors:
-    """Stand-in for `ProcessorMixin.get_attributes` that knows about optional sub-processors.
-
-    `ProcessorMixin` treats every tokenizer-like `__init__` argument as mandatory: `__init__` counts them and
-    `save_pretrained` calls `save_pretrained` on each one. Looked up on the class (as `from_pretrained` and `to_dict`
-    do) this returns every declared sub-processor, so loading still looks for `qformer_tokenizer/`. Looked up on an
-    instance it leaves out the optional sub-processors that were given as `None`, so a processor without a Q-Former
-    tokenizer initialises, prints and saves exactly like a two-part processor.
-    """
-
-    def __init__(self, optional: tuple[str, ...]):
-        self.optional = optional
-
-    def __get__(self, instance: Any, owner: type) -> Any:
-        declared = ProcessorMixin.get_attributes.__func__(owner)
-        if instance is None:
-            return lambda: list(declared)
-        absent = {name for name in self.optional if name in instance.__dict__ and instance.__dict__[name] is None}
-        return lambda: [name for name in declared if name not in absent]
-
-
-class Blip2Processor(ProcessorMixin):
+class Blip2ImageProcessor(BlipImageProcessorPil):
     r"""
-    Builds BLIP-2 inputs: `pixel_values` from images, language-model `input_ids` / `attention_mask` from text (with
-    the image placeholder tokens in front), and, for stage-1 (Q-Former) training, `qformer_input_ids` /
-    `qformer_attention_mask` from the same text.
+    The BLIP-2 image processor: decodes every image to an 8-bit RGB `PIL.Image`, then resizes (bicubic, PIL),
+    rescales by 1/255 and normalises with the CLIP mean/std, as LAVIS' `blip_image_eval` does. Defaults to 224 px, the
+    size of the released checkpoints. The resizing and normalisation are those of transformers' `BlipImageProcessorPil`
+    (the PIL/NumPy backend: no torchvision needed); only the decoding rules are BLIP-2's own:
 
-    Image placeholders. If the tokenizer has no `image_token`, `"<image>"` is added to it as a special token (the
-    tokenizer is modified in place). `processor.image_token_id` is its id, and the model's `config.image_token_index`
-    must equal it. When `num_query_tokens` is set, every tokenized text gets `num_query_tokens` image tokens *before*
-    its BOS token (text-only calls too, so a prompt can be tokenized before its image is at hand); the model replaces
-    them with the Q-Former outputs. Padding is true padding around the whole
-    sequence: with `padding_side="left"` a row reads `[pad, ..., pad, <image> x Q, BOS, text]`, with right padding
-    `[<image> x Q, BOS, text, pad, ..., pad]`. (transformers' own `Blip2Processor` left-pads between the image tokens
-    and BOS instead; keeping pads outside means a padded row is the unpadded prompt shifted, which is what language
-    models that derive positions from the attention mask *or* from `arange` both expect.) With
-    `num_query_tokens=None` text is tokenized as is (legacy behaviour, for models that do not look for placeholders).
-
-    Images. Every image is converted to an 8-bit RGB `PIL.Image` before the image processor:
     - PIL modes `L`, `1`, `P`, `CMYK`, `YCbCr`, ... go through `Image.convert("RGB")`.
     - Alpha (`RGBA`, `LA`, `PA`, `P` with transparency) is *dropped*, not composited on white: this follows LAVIS,
       whose `Image.open(path).convert("RGB")` does the same, so pixel values match the original BLIP-2 pipeline.
+      Likewise the EXIF orientation is not applied.
     - 16-bit modes (`I;16`, `I;16B`, ...) are scaled by 255/65535 (65535 -> 255), not clipped at 255 as
       `Image.convert` would. Mode `I` (32-bit integer) is read as 16-bit data when its values fit in [0, 65535], which
       is how 16-bit PNG/TIFF content usually ends up in that mode, and as 31-bit data otherwise (negatives -> 0).
@@ -88,260 +62,36 @@ class Blip2Processor(ProcessorMixin):
       [0, 255] otherwise; 8-bit values are rounded, not truncated.
     - NumPy arrays are `(H, W, C)` or `(H, W)`; torch tensors are `(C, H, W)` or `(H, W)` (the other layout is also
       recognised when unambiguous). A 4-channel array/tensor loses its alpha channel, a 1-channel one is grey.
+    - A 4D array `(B, H, W, C)` or tensor `(B, C, H, W)` is a batch of `B` images.
 
-    Args:
-        image_processor (`BaseImageProcessor`, *optional*):
-            Resizes and normalises the images. Defaults to [`Blip2Processor.default_image_processor`] (224 px, bicubic,
-            CLIP mean/std), the preprocessing of the original BLIP-2 checkpoints.
-        tokenizer (`PreTrainedTokenizerBase`):
-            The language-model tokenizer (OPT, Flan-T5, LLaMA/Vicuna, ...). Gets `"<image>"` added if it has no
-            `image_token`.
-        qformer_tokenizer (`PreTrainedTokenizerBase`, *optional*):
-            BERT tokenizer of the Q-Former (with `[DEC]` as BOS, as in LAVIS), needed for stage-1 training. Saved in
-            the `qformer_tokenizer/` subfolder, like InstructBLIP's processor.
-        num_query_tokens (`int`, *optional*):
-            Number of Q-Former query tokens (`config.num_query_tokens`): how many image tokens each text gets.
-        chat_template (`str`, *optional*):
-            Jinja chat template, kept for API compatibility (BLIP-2 checkpoints have none).
-
-    Example:
-
-    ```python
-    >>> processor = Blip2Processor(tokenizer=opt_tokenizer, num_query_tokens=32)  # default 224 px image processor
-    >>> inputs = processor(images=[image_a, image_b], text=["a photo of", "Question: what is it? Answer:"],
-    ...                    padding=True, return_tensors="pt")
-    >>> inputs["pixel_values"].shape, inputs["input_ids"][:, -1].tolist()  # left padding: last column is real text
-    (torch.Size([2, 3, 224, 224]), [...])
-    ```
+    Its settings are saved (`preprocessor_config.json`, or the `image_processor` entry of a processor's
+    `processor_config.json`) under `image_processor_type: "Blip2ImageProcessor"`.
     """
 
-    # Lowest-priority defaults that `ProcessorMixin._merge_kwargs` puts under every call: BLIP-2 language models take
-    # no token type ids.
-    text_kwargs = {"return_token_type_ids": False}
-    get_attributes = _PresentSubProcessors(optional=("qformer_tokenizer",))
+    size = {"height": 224, "width": 224}
 
-    def __init__(
-        self,
-        image_processor: BaseImageProcessor | None = None,
-        tokenizer: PreTrainedTokenizerBase | None = None,
-        qformer_tokenizer: PreTrainedTokenizerBase | None = None,
-        num_query_tokens: int | None = None,
-        chat_template: str | None = None,
-    ):
-        if tokenizer is None:
-            raise ValueError("Blip2Processor needs a `tokenizer` (the language-model tokenizer); got None.")
-        if isinstance(qformer_tokenizer, int) and not isinstance(qformer_tokenizer, bool):
-            # transformers' Blip2Processor takes `num_query_tokens` third; here the third slot is the Q-Former
-            # tokenizer (sub-processors must come first for `from_pretrained`).
-            raise TypeError(
-                f"Got the integer {qformer_tokenizer} as `qformer_tokenizer`; pass it as `num_query_tokens="
-                f"{qformer_tokenizer}` (keyword) instead."
-            )
-        if num_query_tokens is not None and (
-            isinstance(num_query_tokens, bool) or not isinstance(num_query_tokens, int) or num_query_tokens < 1
-        ):
-            raise ValueError(f"`num_query_tokens` must be a positive int or None, got {num_query_tokens!r}.")
-        if image_processor is None:
-            image_processor = self.default_image_processor()
-
-        image_token = getattr(tokenizer, "image_token", None)
-        if image_token is None:
-            # Adding an existing token is a no-op, so a tokenizer saved with "<image>" keeps its id on reload.
-            tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
-            image_token = "<image>"
-        self.image_token = str(image_token)
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        if self.image_token_id is None or (
-            self.image_token_id == tokenizer.unk_token_id and self.image_token != tokenizer.unk_token
-        ):
-            raise ValueError(f"The tokenizer's image token {self.image_token!r} is not in its vocabulary.")
-        self.num_query_tokens = num_query_tokens
-
-        sub_processors = {"image_processor": image_processor, "tokenizer": tokenizer}
-        # Set before `super().__init__`, which asks `get_attributes` which sub-processors to expect.
-        self.qformer_tokenizer = qformer_tokenizer
-        if qformer_tokenizer is not None:
-            sub_processors["qformer_tokenizer"] = qformer_tokenizer
-        super().__init__(**sub_processors, chat_template=chat_template)
-
-    def without_qformer_tokenizer(self) -> Blip2Processor:
+    def preprocess(self, images: ImagesInput, *args: Any, **kwargs: Any) -> BatchFeature:
         """
-        This processor without its Q-Former tokenizer: what a model whose Q-Former reads no text consumes (stage 2,
-        `Blip2ForConditionalGeneration` with `qformer_config.use_qformer_text_input=False`, like the Salesforce/blip2-*
-        processors). It shares this processor's image processor and language-model tokenizer (not copies) and keeps
-        `num_query_tokens` and the chat template; calling it returns no `qformer_input_ids` / `qformer_attention_mask`.
-        """
-        return type(self)(
-            image_processor=self.image_processor,
-            tokenizer=self.tokenizer,
-            num_query_tokens=self.num_query_tokens,
-            chat_template=self.chat_template,
-        )
-
-    @staticmethod
-    def qformer_tokenizer_from_bert(
-        bert_name_or_path: str | os.PathLike, decoder_token: str = "[DEC]", **kwargs: Any
-    ) -> PreTrainedTokenizerBase:
-        """
-        The Q-Former tokenizer of stage 1, as LAVIS's `Blip2Base.init_tokenizer` builds it: BERT's tokenizer (e.g.
-        `bert-base-uncased`) with `decoder_token` added as its BOS token (`[DEC]`, id 30522 for bert-base-uncased, so
-        the Q-Former vocabulary is 30523). `[DEC]` replaces `[CLS]` to start image-grounded text generation; set
-        `qformer_config.bos_token_id` to `tokenizer.bos_token_id` and `eos_token_id` to `tokenizer.sep_token_id`.
-        Padding is on the right (`[CLS]` first). `kwargs` go to `AutoTokenizer.from_pretrained`.
-        """
-        tokenizer = AutoTokenizer.from_pretrained(bert_name_or_path, **kwargs)
-        if tokenizer.bos_token is not None and tokenizer.bos_token != decoder_token:
-            raise ValueError(
-                f"{bert_name_or_path}: the tokenizer already has the BOS token {tokenizer.bos_token!r}; expected a BERT "
-                f"tokenizer without one (or with {decoder_token!r})."
-            )
-        tokenizer.add_special_tokens({"bos_token": AddedToken(decoder_token, special=True, normalized=False)})
-        tokenizer.padding_side = "right"
-        return tokenizer
-
-    @staticmethod
-    def default_image_processor(image_size: int | tuple[int, int] = 224) -> BlipImageProcessorPil:
-        """
-        The BLIP-2 image preprocessing (LAVIS `blip_image_eval`): resize to `image_size` (224 for the released
-        checkpoints, 364 for the ViT-g fine-tuned ones; an int for a square or `(height, width)`) with bicubic
-        resampling, rescale by 1/255, normalise with the CLIP mean/std, convert to RGB.
-
-        It is the PIL/NumPy backend of transformers' `BlipImageProcessor`: it needs no torchvision, and it resizes
-        with PIL exactly like LAVIS' torchvision `Resize` on PIL images does.
-        """
-        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-        return BlipImageProcessorPil(
-            do_resize=True,
-            size={"height": height, "width": width},
-            resample=PILImageResampling.BICUBIC,
-            do_rescale=True,
-            rescale_factor=1 / 255,
-            do_normalize=True,
-            image_mean=OPENAI_CLIP_MEAN,
-            image_std=OPENAI_CLIP_STD,
-            do_convert_rgb=True,
-        )
-
-    def __call__(
-        self,
-        images: ImagesInput | None = None,
-        text: str | Sequence[str] | None = None,
-        **kwargs: Any,
-    ) -> BatchFeature:
-        """
-        Prepare images and/or texts for the model.
-
-        Args:
-            images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, *optional*):
-                One image or a batch of `B` images (see the class docstring for accepted layouts and modes). A 4D
-                array `(B, H, W, C)` or tensor `(B, C, H, W)` is a batch.
-            text (`str` or `list[str]`, *optional*):
-                One text or `B` texts; with images, exactly one text per image.
-            **kwargs:
-                Tokenizer arguments (`padding`, `truncation`, `max_length`, `pad_to_multiple_of`, `padding_side`,
-                `add_special_tokens`, `return_attention_mask`, ...), image processor arguments (`size`, ...) and
-                `return_tensors` (`"pt"`, `"np"` or None for lists). With `num_query_tokens` set, `max_length`
-                counts the image tokens and truncation only ever removes text tokens.
+        Decode `images` (see the class docstring), then resize and normalise them like `BlipImageProcessorPil`.
 
         Returns:
-            [`BatchFeature`] with, depending on the inputs:
-            - `pixel_values`: float32 `(B, 3, H, W)` (only with `images`).
-            - `input_ids`, `attention_mask`: `(B, L)`; `L` includes `num_query_tokens` image tokens (only with `text`).
-            - `qformer_input_ids`, `qformer_attention_mask`: `(B, L_q)`, no image tokens (with `text` and a
-              Q-Former tokenizer).
+            `BatchFeature` with `pixel_values`: `(B, 3, height, width)` float32 (a list of `(3, height, width)`
+            arrays without `return_tensors`).
+
+        Raises:
+            TypeError / ValueError: see [`Blip2ImageProcessor.to_rgb_images`].
         """
-        if images is None and text is None:
-            raise ValueError("Blip2Processor needs `images`, `text` or both; got neither.")
-        rgb_images = self.to_rgb_images(images) if images is not None else None
-        texts = self._as_text_list(text) if text is not None else None
-        if rgb_images is not None and texts is not None and len(rgb_images) != len(texts):
-            raise ValueError(
-                f"Got {len(rgb_images)} images and {len(texts)} texts; BLIP-2 takes exactly one text per image."
-            )
+        return super().preprocess(self.to_rgb_images(images), *args, **kwargs)
 
-        output_kwargs = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
-        text_kwargs = output_kwargs["text_kwargs"]
-        images_kwargs = output_kwargs["images_kwargs"]
-        return_tensors = text_kwargs.pop("return_tensors", None)
-        images_kwargs.pop("return_tensors", None)
-
-        data: dict[str, Any] = {}
-        if texts is not None:
-            if self.qformer_tokenizer is not None:
-                qformer_kwargs = {key: text_kwargs[key] for key in _QFORMER_TEXT_KWARGS if key in text_kwargs}
-                qformer_encoding = self.qformer_tokenizer(texts, return_attention_mask=True, **qformer_kwargs)
-                data["qformer_input_ids"] = qformer_encoding["input_ids"]
-                data["qformer_attention_mask"] = qformer_encoding["attention_mask"]
-            data.update(self._encode_text(texts, text_kwargs))
-        if rgb_images is not None:
-            # "np" even when lists are asked for: the batch is always one stacked float32 array.
-            image_encoding = self.image_processor(rgb_images, return_tensors="np", **images_kwargs)
-            data["pixel_values"] = image_encoding["pixel_values"]
-        return BatchFeature(data, tensor_type=return_tensors)
-
-    def _encode_text(self, texts: list[str], text_kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Tokenize `texts`, prepend `num_query_tokens` image tokens to every row, then pad the full rows."""
-        if self.num_query_tokens is None:
-            return dict(self.tokenizer(texts, **text_kwargs))
-
-        num_query_tokens = self.num_query_tokens
-        for key in _UNSUPPORTED_WITH_EXPANSION:
-            if text_kwargs.get(key):
-                raise ValueError(f"`{key}=True` is not supported when the processor adds image tokens.")
-        padding = text_kwargs.pop("padding", False)
-        truncation = text_kwargs.pop("truncation", None)
-        max_length = text_kwargs.pop("max_length", None)
-        pad_to_multiple_of = text_kwargs.pop("pad_to_multiple_of", None)
-        padding_side = text_kwargs.pop("padding_side", None)
-        return_attention_mask = text_kwargs.pop("return_attention_mask", None)
-
-        if truncation not in (None, False, "do_not_truncate"):
-            # The image tokens are not the tokenizer's business: truncate the text to what is left of the budget.
-            budget = max_length
-            if budget is None and self.tokenizer.model_max_length < int(1e12):
-                budget = self.tokenizer.model_max_length
-            if budget is not None:
-                if budget <= num_query_tokens:
-                    raise ValueError(
-                        f"max_length={budget} leaves no room for text after the {num_query_tokens} image tokens."
-                    )
-                text_kwargs["max_length"] = budget - num_query_tokens
-            text_kwargs["truncation"] = truncation
-
-        # Unpadded first: padding must go around `[<image> x Q, BOS, text]`, not between image tokens and BOS.
-        encoding = self.tokenizer(texts, padding=False, return_attention_mask=return_attention_mask, **text_kwargs)
-        rows = {"input_ids": [[self.image_token_id] * num_query_tokens + list(ids) for ids in encoding["input_ids"]]}
-        for key, value in _PREFIX_VALUES.items():
-            if key in encoding:
-                rows[key] = [[value] * num_query_tokens + list(row) for row in encoding[key]]
-        strategy = PaddingStrategy.LONGEST if padding is True else PaddingStrategy(padding or "do_not_pad")
-        if strategy == PaddingStrategy.DO_NOT_PAD:
-            return rows
-        padded = self.tokenizer.pad(
-            rows,
-            padding=strategy,
-            # Only meaningful for "max_length" (truncation already happened); passing it otherwise only warns.
-            max_length=max_length if strategy == PaddingStrategy.MAX_LENGTH else None,
-            pad_to_multiple_of=pad_to_multiple_of,
-            padding_side=padding_side,
-            return_attention_mask=return_attention_mask,
-        )
-        return dict(padded)
-
-    @staticmethod
-    def _as_text_list(text: Any) -> list[str]:
-        if isinstance(text, str):
-            return [text]
-        if isinstance(text, (list, tuple)):
-            if len(text) == 0:
-                raise ValueError("`text` is an empty list; pass at least one string.")
-            for index, item in enumerate(text):
-                if not isinstance(item, str):
-                    raise TypeError(
-                        f"text[{index}] has type {type(item).__name__}; `text` must be a str or a list of str."
-                    )
-            return list(text)
-        raise TypeError(f"`text` has type {type(text).__name__}; expected a str or a list of str.")
+    @classmethod
+    def from_blip_image_processor(cls, image_processor: BaseImageProcessor) -> Blip2ImageProcessor:
+        """
+        This class with the settings of transformers' `BlipImageProcessor` / `BlipImageProcessorPil`: what a folder
+        saved before this class existed (or by transformers' `Blip2Processor`) holds. Both give the same pixel values
+        on 8-bit RGB images; this one adds the decoding rules.
+        """
+        settings = {key: value for key, value in image_processor.to_dict().items() if key not in _NOT_SETTINGS}
+        return cls(**settings)
 
     @classmethod
     def to_rgb_images(cls, images: ImagesInput) -> list[Image.Image]:
@@ -462,6 +212,307 @@ class Blip2Processor(ProcessorMixin):
         pixels = np.ascontiguousarray(pixels)
         return Image.fromarray(pixels).convert("RGB")  # 2D uint8 -> "L", (H, W, 3) -> "RGB"
 
+
+class _PresentSubProcessors:
+    """Stand-in for `ProcessorMixin.get_attributes` that knows about optional sub-processors.
+
+    `ProcessorMixin` treats every tokenizer-like `__init__` argument as mandatory: `__init__` counts them and
+    `save_pretrained` calls `save_pretrained` on each one. Looked up on the class (as `from_pretrained` and `to_dict`
+    do) this returns every declared sub-processor, so loading still looks for `qformer_tokenizer/`. Looked up on an
+    instance it leaves out the optional sub-processors that were given as `None`, so a processor without a Q-Former
+    tokenizer initialises, prints and saves exactly like a two-part processor.
+    """
+
+    def __init__(self, optional: tuple[str, ...]):
+        self.optional = optional
+
+    def __get__(self, instance: Any, owner: type) -> Any:
+        declared = ProcessorMixin.get_attributes.__func__(owner)
+        if instance is None:
+            return lambda: list(declared)
+        absent = {name for name in self.optional if name in instance.__dict__ and instance.__dict__[name] is None}
+        return lambda: [name for name in declared if name not in absent]
+
+
+class Blip2Processor(ProcessorMixin):
+    r"""
+    Builds BLIP-2 inputs: `pixel_values` from images, language-model `input_ids` / `attention_mask` from text (with
+    the image placeholder tokens in front), and, for stage-1 (Q-Former) training, `qformer_input_ids` /
+    `qformer_attention_mask` from the same text.
+
+    Image placeholders. If the tokenizer has no `image_token`, `"<image>"` is added to it as a special token (the
+    tokenizer is modified in place). `processor.image_token_id` is its id, and the model's `config.image_token_index`
+    must equal it. When `num_query_tokens` is set, every tokenized text gets `num_query_tokens` image tokens *before*
+    its BOS token (text-only calls too, so a prompt can be tokenized before its image is at hand); the model replaces
+    them with the Q-Former outputs. Padding is true padding around the whole
+    sequence: with `padding_side="left"` a row reads `[pad, ..., pad, <image> x Q, BOS, text]`, with right padding
+    `[<image> x Q, BOS, text, pad, ..., pad]`. (transformers' own `Blip2Processor` left-pads between the image tokens
+    and BOS instead; keeping pads outside means a padded row is the unpadded prompt shifted, which is what language
+    models that derive positions from the attention mask *or* from `arange` both expect.) With
+    `num_query_tokens=None` text is tokenized as is (legacy behaviour, for models that do not look for placeholders).
+
+    Images go to the image processor as given: [`Blip2ImageProcessor`] (the default) decodes them (16-bit, float,
+    palettes, alpha, arrays and tensors) before resizing and normalising.
+
+    Args:
+        image_processor (`BaseImageProcessor`, *optional*):
+            Decodes, resizes and normalises the images. Defaults to [`Blip2Processor.default_image_processor`] (a
+            [`Blip2ImageProcessor`]: 224 px, bicubic, CLIP mean/std), the preprocessing of the original BLIP-2
+            checkpoints. transformers' `BlipImageProcessor` / `BlipImageProcessorPil` (what older folders and
+            transformers' `Blip2Processor` hold) is replaced by a `Blip2ImageProcessor` with the same settings; any
+            other image processor is used as given, with its own image decoding.
+        tokenizer (`PreTrainedTokenizerBase`):
+            The language-model tokenizer (OPT, Flan-T5, LLaMA/Vicuna, ...). Gets `"<image>"` added if it has no
+            `image_token`.
+        qformer_tokenizer (`PreTrainedTokenizerBase`, *optional*):
+            BERT tokenizer of the Q-Former (with `[DEC]` as BOS, as in LAVIS), needed for stage-1 training. Saved in
+            the `qformer_tokenizer/` subfolder, like InstructBLIP's processor.
+        num_query_tokens (`int`, *optional*):
+            Number of Q-Former query tokens (`config.num_query_tokens`): how many image tokens each text gets.
+        chat_template (`str`, *optional*):
+            Jinja chat template, kept for API compatibility (BLIP-2 checkpoints have none).
+
+    Example:
+
+    ```python
+    >>> processor = Blip2Processor(tokenizer=opt_tokenizer, num_query_tokens=32)  # default 224 px image processor
+    >>> inputs = processor(images=[image_a, image_b], text=["a photo of", "Question: what is it? Answer:"],
+    ...                    padding=True, return_tensors="pt")
+    >>> inputs["pixel_values"].shape, inputs["input_ids"][:, -1].tolist()  # left padding: last column is real text
+    (torch.Size([2, 3, 224, 224]), [...])
+    ```
+    """
+
+    # Lowest-priority defaults that `ProcessorMixin._merge_kwargs` puts under every call: BLIP-2 language models take
+    # no token type ids.
+    text_kwargs = {"return_token_type_ids": False}
+    get_attributes = _PresentSubProcessors(optional=("qformer_tokenizer",))
+
+    def __init__(
+        self,
+        image_processor: BaseImageProcessor | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        qformer_tokenizer: PreTrainedTokenizerBase | None = None,
+        num_query_tokens: int | None = None,
+        chat_template: str | None = None,
+    ):
+        if tokenizer is None:
+            raise ValueError("Blip2Processor needs a `tokenizer` (the language-model tokenizer); got None.")
+        if isinstance(qformer_tokenizer, int) and not isinstance(qformer_tokenizer, bool):
+            # transformers' Blip2Processor takes `num_query_tokens` third; here the third slot is the Q-Former
+            # tokenizer (sub-processors must come first for `from_pretrained`).
+            raise TypeError(
+                f"Got the integer {qformer_tokenizer} as `qformer_tokenizer`; pass it as `num_query_tokens="
+                f"{qformer_tokenizer}` (keyword) instead."
+            )
+        if num_query_tokens is not None and (
+            isinstance(num_query_tokens, bool) or not isinstance(num_query_tokens, int) or num_query_tokens < 1
+        ):
+            raise ValueError(f"`num_query_tokens` must be a positive int or None, got {num_query_tokens!r}.")
+        if image_processor is None:
+            image_processor = self.default_image_processor()
+        elif _is_transformers_blip_image_processor(image_processor):
+            # What folders saved before `Blip2ImageProcessor` existed, or by transformers' Blip2Processor, load as.
+            image_processor = Blip2ImageProcessor.from_blip_image_processor(image_processor)
+
+        image_token = getattr(tokenizer, "image_token", None)
+        if image_token is None:
+            # Adding an existing token is a no-op, so a tokenizer saved with "<image>" keeps its id on reload.
+            tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+            image_token = "<image>"
+        self.image_token = str(image_token)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        if self.image_token_id is None or (
+            self.image_token_id == tokenizer.unk_token_id and self.image_token != tokenizer.unk_token
+        ):
+            raise ValueError(f"The tokenizer's image token {self.image_token!r} is not in its vocabulary.")
+        self.num_query_tokens = num_query_tokens
+
+        sub_processors = {"image_processor": image_processor, "tokenizer": tokenizer}
+        # Set before `super().__init__`, which asks `get_attributes` which sub-processors to expect.
+        self.qformer_tokenizer = qformer_tokenizer
+        if qformer_tokenizer is not None:
+            sub_processors["qformer_tokenizer"] = qformer_tokenizer
+        super().__init__(**sub_processors, chat_template=chat_template)
+
+    def without_qformer_tokenizer(self) -> Blip2Processor:
+        """
+        This processor without its Q-Former tokenizer: what a model whose Q-Former reads no text consumes (stage 2,
+        `Blip2ForConditionalGeneration` with `qformer_config.use_qformer_text_input=False`, like the Salesforce/blip2-*
+        processors). It shares this processor's image processor and language-model tokenizer (not copies) and keeps
+        `num_query_tokens` and the chat template; calling it returns no `qformer_input_ids` / `qformer_attention_mask`.
+        """
+        return type(self)(
+            image_processor=self.image_processor,
+            tokenizer=self.tokenizer,
+            num_query_tokens=self.num_query_tokens,
+            chat_template=self.chat_template,
+        )
+
+    @staticmethod
+    def qformer_tokenizer_from_bert(
+        bert_name_or_path: str | os.PathLike, decoder_token: str = "[DEC]", **kwargs: Any
+    ) -> PreTrainedTokenizerBase:
+        """
+        The Q-Former tokenizer of stage 1, as LAVIS's `Blip2Base.init_tokenizer` builds it: BERT's tokenizer (e.g.
+        `bert-base-uncased`) with `decoder_token` added as its BOS token (`[DEC]`, id 30522 for bert-base-uncased, so
+        the Q-Former vocabulary is 30523). `[DEC]` replaces `[CLS]` to start image-grounded text generation; set
+        `qformer_config.bos_token_id` to `tokenizer.bos_token_id` and `eos_token_id` to `tokenizer.sep_token_id`.
+        Padding is on the right (`[CLS]` first). `kwargs` go to `AutoTokenizer.from_pretrained`.
+        """
+        tokenizer = AutoTokenizer.from_pretrained(bert_name_or_path, **kwargs)
+        if tokenizer.bos_token is not None and tokenizer.bos_token != decoder_token:
+            raise ValueError(
+                f"{bert_name_or_path}: the tokenizer already has the BOS token {tokenizer.bos_token!r}; expected a BERT "
+                f"tokenizer without one (or with {decoder_token!r})."
+            )
+        tokenizer.add_special_tokens({"bos_token": AddedToken(decoder_token, special=True, normalized=False)})
+        tokenizer.padding_side = "right"
+        return tokenizer
+
+    @staticmethod
+    def default_image_processor(image_size: int | tuple[int, int] = 224) -> Blip2ImageProcessor:
+        """
+        The BLIP-2 image preprocessing (LAVIS `blip_image_eval`), a [`Blip2ImageProcessor`]: resize to `image_size`
+        (224 for the released checkpoints, 364 for the ViT-g fine-tuned ones; an int for a square or
+        `(height, width)`) with bicubic resampling, rescale by 1/255, normalise with the CLIP mean/std, convert to RGB.
+
+        It builds on the PIL/NumPy backend of transformers' `BlipImageProcessor`: it needs no torchvision, and it
+        resizes with PIL exactly like LAVIS' torchvision `Resize` on PIL images does.
+        """
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        return Blip2ImageProcessor(
+            do_resize=True,
+            size={"height": height, "width": width},
+            resample=PILImageResampling.BICUBIC,
+            do_rescale=True,
+            rescale_factor=1 / 255,
+            do_normalize=True,
+            image_mean=OPENAI_CLIP_MEAN,
+            image_std=OPENAI_CLIP_STD,
+            do_convert_rgb=True,
+        )
+
+    def __call__(
+        self,
+        images: ImagesInput | None = None,
+        text: str | Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """
+        Prepare images and/or texts for the model.
+
+        Args:
+            images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, *optional*):
+                One image or a batch of `B` images, given to the image processor as is ([`Blip2ImageProcessor`]
+                documents the accepted layouts and modes; a 4D array `(B, H, W, C)` or tensor `(B, C, H, W)` is a
+                batch).
+            text (`str` or `list[str]`, *optional*):
+                One text or `B` texts; with images, exactly one text per image.
+            **kwargs:
+                Tokenizer arguments (`padding`, `truncation`, `max_length`, `pad_to_multiple_of`, `padding_side`,
+                `add_special_tokens`, `return_attention_mask`, ...), image processor arguments (`size`, ...) and
+                `return_tensors` (`"pt"`, `"np"` or None for lists). With `num_query_tokens` set, `max_length`
+                counts the image tokens and truncation only ever removes text tokens.
+
+        Returns:
+            [`BatchFeature`] with, depending on the inputs:
+            - `pixel_values`: float32 `(B, 3, H, W)` (only with `images`).
+            - `input_ids`, `attention_mask`: `(B, L)`; `L` includes `num_query_tokens` image tokens (only with `text`).
+            - `qformer_input_ids`, `qformer_attention_mask`: `(B, L_q)`, no image tokens (with `text` and a
+              Q-Former tokenizer).
+        """
+        if images is None and text is None:
+            raise ValueError("Blip2Processor needs `images`, `text` or both; got neither.")
+        output_kwargs = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_kwargs = output_kwargs["text_kwargs"]
+        images_kwargs = output_kwargs["images_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None)
+        images_kwargs.pop("return_tensors", None)
+
+        data: dict[str, Any] = {}
+        if images is not None:
+            # "np" even when lists are asked for: the batch is always one stacked float32 array.
+            data["pixel_values"] = self.image_processor(images, return_tensors="np", **images_kwargs)["pixel_values"]
+        texts = self._as_text_list(text) if text is not None else None
+        if images is not None and texts is not None and len(data["pixel_values"]) != len(texts):
+            raise ValueError(
+                f"Got {len(data['pixel_values'])} images and {len(texts)} texts; BLIP-2 takes exactly one text per "
+                "image."
+            )
+        if texts is not None:
+            if self.qformer_tokenizer is not None:
+                qformer_kwargs = {key: text_kwargs[key] for key in _QFORMER_TEXT_KWARGS if key in text_kwargs}
+                qformer_encoding = self.qformer_tokenizer(texts, return_attention_mask=True, **qformer_kwargs)
+                data["qformer_input_ids"] = qformer_encoding["input_ids"]
+                data["qformer_attention_mask"] = qformer_encoding["attention_mask"]
+            data.update(self._encode_text(texts, text_kwargs))
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def _encode_text(self, texts: list[str], text_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Tokenize `texts`, prepend `num_query_tokens` image tokens to every row, then pad the full rows."""
+        if self.num_query_tokens is None:
+            return dict(self.tokenizer(texts, **text_kwargs))
+
+        num_query_tokens = self.num_query_tokens
+        for key in _UNSUPPORTED_WITH_EXPANSION:
+            if text_kwargs.get(key):
+                raise ValueError(f"`{key}=True` is not supported when the processor adds image tokens.")
+        padding = text_kwargs.pop("padding", False)
+        truncation = text_kwargs.pop("truncation", None)
+        max_length = text_kwargs.pop("max_length", None)
+        pad_to_multiple_of = text_kwargs.pop("pad_to_multiple_of", None)
+        padding_side = text_kwargs.pop("padding_side", None)
+        return_attention_mask = text_kwargs.pop("return_attention_mask", None)
+
+        if truncation not in (None, False, "do_not_truncate"):
+            # The image tokens are not the tokenizer's business: truncate the text to what is left of the budget.
+            budget = max_length
+            if budget is None and self.tokenizer.model_max_length < int(1e12):
+                budget = self.tokenizer.model_max_length
+            if budget is not None:
+                if budget <= num_query_tokens:
+                    raise ValueError(
+                        f"max_length={budget} leaves no room for text after the {num_query_tokens} image tokens."
+                    )
+                text_kwargs["max_length"] = budget - num_query_tokens
+            text_kwargs["truncation"] = truncation
+
+        # Unpadded first: padding must go around `[<image> x Q, BOS, text]`, not between image tokens and BOS.
+        encoding = self.tokenizer(texts, padding=False, return_attention_mask=return_attention_mask, **text_kwargs)
+        rows = {"input_ids": [[self.image_token_id] * num_query_tokens + list(ids) for ids in encoding["input_ids"]]}
+        for key, value in _PREFIX_VALUES.items():
+            if key in encoding:
+                rows[key] = [[value] * num_query_tokens + list(row) for row in encoding[key]]
+        strategy = PaddingStrategy.LONGEST if padding is True else PaddingStrategy(padding or "do_not_pad")
+        if strategy == PaddingStrategy.DO_NOT_PAD:
+            return rows
+        padded = self.tokenizer.pad(
+            rows,
+            padding=strategy,
+            # Only meaningful for "max_length" (truncation already happened); passing it otherwise only warns.
+            max_length=max_length if strategy == PaddingStrategy.MAX_LENGTH else None,
+            pad_to_multiple_of=pad_to_multiple_of,
+            padding_side=padding_side,
+            return_attention_mask=return_attention_mask,
+        )
+        return dict(padded)
+
+    @staticmethod
+    def _as_text_list(text: Any) -> list[str]:
+        if isinstance(text, str):
+            return [text]
+        if isinstance(text, (list, tuple)):
+            if len(text) == 0:
+                raise ValueError("`text` is an empty list; pass at least one string.")
+            for index, item in enumerate(text):
+                if not isinstance(item, str):
+                    raise TypeError(
+                        f"text[{index}] has type {type(item).__name__}; `text` must be a str or a list of str."
+                    )
+            return list(text)
+        raise TypeError(f"`text` has type {type(text).__name__}; expected a str or a list of str.")
+
     @classmethod
     def _load_tokenizer_from_pretrained(
         cls, sub_processor_type: str, pretrained_model_name_or_path: str | os.PathLike, subfolder: str = "", **kwargs
@@ -525,6 +576,12 @@ class Blip2Processor(ProcessorMixin):
         return self.tokenizer.decode(*args, **kwargs)
 
 
+def _is_transformers_blip_image_processor(image_processor: Any) -> bool:
+    """Whether `image_processor` is transformers' own BLIP image processor (either backend), not a subclass of it."""
+    cls = type(image_processor)
+    return cls.__module__.startswith("transformers.models.blip.") and cls.__name__ in _BLIP_IMAGE_PROCESSORS
+
+
 def _drop_processor_class(path: str | os.PathLike) -> None:
     """Remove the `processor_class` entry of a saved tokenizer_config.json (see `Blip2Processor.to_dict`)."""
     with open(path, encoding="utf-8") as file:
@@ -534,4 +591,4 @@ def _drop_processor_class(path: str | os.PathLike) -> None:
             file.write(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
-__all__ = ["Blip2Processor"]
+__all__ = ["Blip2ImageProcessor", "Blip2Processor"]

@@ -8,9 +8,11 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
 from utils import draw_images
 
 import blip2_hf
@@ -22,6 +24,9 @@ NEW_TOKENS = 5
 def build_checkpoint(folder, text: str) -> blip2_hf.Blip2ForConditionalGeneration:
     model = save_tiny_generation_checkpoint(folder, text)
     draw_images(1, size=(40, 30))[0].save(folder / "image.png")
+    # 16-bit grey: decoded by Blip2ImageProcessor (scaled, not clipped), which must ship with the checkpoint
+    grey = np.asarray(draw_images(1, size=(40, 30))[0].convert("L")).astype(np.uint16) * 257
+    Image.fromarray(grey).save(folder / "image16.png")
     return model
 
 
@@ -102,6 +107,8 @@ REMOTE_SCRIPT = textwrap.dedent(
         "model": [type(model).__name__, type(model).__module__],
         "generator": [type(generator).__name__, type(generator).__module__],
         "processor": [type(processor).__name__, type(processor).__module__],
+        "image_processor": [type(processor.image_processor).__name__, type(processor.image_processor).__module__],
+        "pixels16": processor(images=Image.open(folder + "/image16.png"))["pixel_values"].tolist(),
         "generated_ids": ids.tolist(),
         "caption_pipeline": type(caption).__name__,
         "caption": caption(folder + "/image.png", max_new_tokens=n),
@@ -130,13 +137,16 @@ def test_fresh_process_without_the_package(checkpoint):
     assert result["generator"][0] == "Blip2ForConditionalGeneration"
     assert result["generator"][1].startswith("transformers_modules")
     assert result["processor"][0] == "Blip2Processor" and result["processor"][1].startswith("transformers_modules")
+    assert result["image_processor"][0] == "Blip2ImageProcessor"
+    assert result["image_processor"][1].startswith("transformers_modules")
     assert result["caption_pipeline"] == "Blip2ImageToTextPipeline"
     assert result["answer_pipeline"] == "ImageTextToTextPipeline"
 
     # the remote code generates exactly what the package does
     processor = blip2_hf.Blip2Processor.from_pretrained(folder)
-    from PIL import Image
-
+    sixteen_bit = processor(images=Image.open(folder / "image16.png"))["pixel_values"]
+    assert Image.open(folder / "image16.png").mode in ("I;16", "I")
+    assert np.array_equal(np.asarray(result["pixels16"], dtype=np.float32), sixteen_bit)
     image = Image.open(folder / "image.png")
     expected = model.eval().generate(**processor(images=image, return_tensors="pt"), max_new_tokens=NEW_TOKENS)
     assert result["generated_ids"] == expected.tolist()

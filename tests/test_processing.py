@@ -22,7 +22,7 @@ from utils import (  # tests/ is on sys.path under pytest (no __init__.py), as f
 )
 
 import blip2_hf.processing_blip2 as module
-from blip2_hf.processing_blip2 import Blip2Processor
+from blip2_hf.processing_blip2 import Blip2ImageProcessor, Blip2Processor
 
 Q = 4
 SHORT, LONG = "a cat", "Question: what color is the circle? Answer:"
@@ -374,6 +374,84 @@ def test_grey_numpy_torch_and_uint16_inputs():
         assert torch.equal(pixels(processor, value), reference)
 
 
+def _grey() -> np.ndarray:
+    return np.asarray(draw_images(1, size=(23, 17))[0].convert("L"))
+
+
+def _image_files(folder) -> dict[str, Image.Image]:
+    """Images as they come off disk in the modes the decoding rules are for, re-opened from the saved files."""
+    base = draw_images(1, size=(23, 17))[0]
+    grey = _grey()
+    rgba = base.convert("RGBA")
+    rgba.putalpha(Image.fromarray((grey // 2).astype(np.uint8)))
+    palette = base.convert("P")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees on display; LAVIS (and so BLIP-2) does not apply it
+    writers = {
+        "16-bit.png": lambda path: Image.fromarray(grey.astype(np.uint16) * 257).save(path),
+        "float.tiff": lambda path: Image.fromarray(grey.astype(np.float32) / 255).save(path),
+        "palette.png": lambda path: palette.save(path, transparency=0),
+        "rgba.png": lambda path: rgba.save(path),
+        "la.png": lambda path: rgba.convert("LA").save(path),
+        "exif.jpg": lambda path: base.save(path, exif=exif, quality=95),
+    }
+    images = {}
+    for name, write in writers.items():
+        write(folder / name)
+        images[name] = Image.open(folder / name)
+    return images
+
+
+def test_image_processor_alone_gives_the_processors_pixel_values(tmp_path):
+    """The decoding rules live in `Blip2ImageProcessor`: on its own it gives the processor's pixel values, which are
+    those of transformers' BlipImageProcessorPil applied to the decoded 8-bit RGB images (the processor before)."""
+    images = _image_files(tmp_path)
+    modes = {name: image.mode for name, image in images.items()}
+    assert modes["16-bit.png"] in ("I;16", "I") and modes["float.tiff"] == "F" and modes["palette.png"] == "P"
+    assert (modes["rgba.png"], modes["la.png"], modes["exif.jpg"]) == ("RGBA", "LA", "RGB")
+    assert images["exif.jpg"].getexif()[0x0112] == 6 and images["exif.jpg"].size == (23, 17)
+    processor = build()
+    image_processor = Blip2ImageProcessor(size=SMALL)
+    assert isinstance(processor.image_processor, Blip2ImageProcessor)
+    reference = BlipImageProcessorPil(size=SMALL, resample=PILImageResampling.BICUBIC)
+    reference.image_mean, reference.image_std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    for name, image in images.items():
+        expected = reference(Blip2ImageProcessor.to_rgb_images(image), return_tensors="pt")["pixel_values"]
+        assert torch.equal(image_processor(image, return_tensors="pt")["pixel_values"], expected), name
+        assert torch.equal(pixels(processor, image), expected), name
+    # 16-bit and float files decode like their 8-bit original; the EXIF rotation is not applied
+    assert torch.equal(pixels(processor, images["16-bit.png"]), pixels(processor, Image.fromarray(_grey())))
+    assert torch.equal(pixels(processor, images["float.tiff"]), pixels(processor, Image.fromarray(_grey())))
+    assert torch.equal(pixels(processor, images["exif.jpg"]), pixels(processor, images["exif.jpg"].convert("RGB")))
+    # arrays, tensors and batches too, with the processor's errors
+    array = np.array(images["rgba.png"])
+    for value in (array, torch.from_numpy(array).permute(2, 0, 1), np.stack([array, array])):
+        assert torch.equal(image_processor(value, return_tensors="pt")["pixel_values"], pixels(processor, value))
+    with pytest.raises(TypeError, match=r"index 1 has type builtins\.str"):
+        image_processor([array, "cat.jpg"])
+
+
+def test_image_processor_defaults_save_and_load_alone(tmp_path):
+    default = Blip2ImageProcessor()
+    assert default.to_dict() == Blip2Processor.default_image_processor().to_dict()
+    assert default.size["height"] == default.size["width"] == 224
+    Blip2Processor.default_image_processor(24).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert config["image_processor_type"] == "Blip2ImageProcessor"
+    assert config["auto_map"]["AutoImageProcessor"] == "processing_blip2.Blip2ImageProcessor"
+    assert (tmp_path / "processing_blip2.py").is_file()  # remote code for where blip2_hf is not installed
+    loaded = transformers.AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is Blip2ImageProcessor and loaded.size["height"] == 24
+
+
+def test_other_image_processors_are_used_as_given():
+    clip = transformers.CLIPImageProcessorPil(size={"shortest_edge": 24}, crop_size=SMALL)
+    processor = Blip2Processor(clip, make_opt_tokenizer(), num_query_tokens=Q)
+    assert processor.image_processor is clip
+    image = draw_images(1)[0]
+    assert torch.equal(pixels(processor, image), clip(image, return_tensors="pt")["pixel_values"])
+
+
 # ----------------------------------------------------------------------------------------------- errors
 
 
@@ -484,6 +562,31 @@ def test_loads_folder_saved_under_the_old_class_name(tmp_path):
     assert set(actual) == set(expected)
     for key in expected:
         assert torch.equal(actual[key], expected[key]), key
+
+
+@pytest.mark.parametrize("layout", ["processor_config.json", "preprocessor_config.json"])
+def test_loads_folder_whose_image_processor_is_named_by_the_old_class(tmp_path, layout):
+    """Folders saved before `Blip2ImageProcessor` existed name transformers' `BlipImageProcessor` (inside
+    processor_config.json, or in preprocessor_config.json for older transformers): they load with the BLIP-2 decoding
+    rules and the same settings, so a 16-bit image gives the pixel values it gives a freshly built processor."""
+    processor = build(image_size=28)
+    processor.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "processor_config.json").read_text())
+    old = config.pop("image_processor")
+    old["image_processor_type"] = "BlipImageProcessor"
+    old["auto_map"] = {"AutoProcessor": "processing_blip2.Blip2Processor"}
+    if layout == "processor_config.json":
+        config["image_processor"] = old
+    else:
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps(old))
+    (tmp_path / "processor_config.json").write_text(json.dumps(config))
+    loaded = Blip2Processor.from_pretrained(tmp_path)
+    assert type(loaded.image_processor) is Blip2ImageProcessor
+    settings = {key: value for key, value in processor.image_processor.to_dict().items() if key != "auto_map"}
+    assert {key: value for key, value in loaded.image_processor.to_dict().items() if key != "auto_map"} == settings
+    images = list(_image_files(tmp_path).values())
+    assert torch.equal(pixels(loaded, images), pixels(processor, images))
+    assert pixels(loaded, images).shape == (len(images), 3, 28, 28)
 
 
 def test_loads_folder_saved_by_transformers_blip2_processor(tmp_path):
