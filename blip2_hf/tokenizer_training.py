@@ -39,17 +39,22 @@ def _opt_tokenizer(vocab_size: int, corpus: tuple[str, ...]) -> PreTrainedTokeni
     return _wrap(tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", padding_side="left")
 
 
+def _metaspace_bpe(vocab_size: int, corpus: tuple[str, ...], special_tokens: list[str]) -> Tokenizer:
+    """A SentencePiece-style (Metaspace) BPE trained on `corpus`, `<unk>` for unknown characters."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False)
+    )
+    return tok
+
+
 @functools.cache
 def _t5_tokenizer(vocab_size: int, corpus: tuple[str, ...]) -> PreTrainedTokenizerFast:
     # SentencePiece-style (Metaspace) BPE rather than Unigram: on a corpus this small the Unigram trainer stops far
     # below the requested vocabulary size, BPE reaches it exactly.
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], show_progress=False
-    )
-    tok.train_from_iterator(corpus, trainer)
+    tok = _metaspace_bpe(vocab_size, corpus, ["<pad>", "</s>", "<unk>"])
     # T5 has no BOS; `</s>` closes every sequence.
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
@@ -61,11 +66,7 @@ def _t5_tokenizer(vocab_size: int, corpus: tuple[str, ...]) -> PreTrainedTokeniz
 def _llama_tokenizer(vocab_size: int, corpus: tuple[str, ...]) -> PreTrainedTokenizerFast:
     # SentencePiece-style BPE (Metaspace), as in LLaMA-1/2 and Vicuna, without byte fallback (no room for 256
     # byte tokens in a 300-token vocabulary; unknown characters map to `<unk>`).
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
+    tok = _metaspace_bpe(vocab_size, corpus, ["<unk>", "<s>", "</s>"])
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
     )
