@@ -239,8 +239,8 @@ def test_repo_loaded_by_id_without_the_package_answers_as_the_folder(loop, case)
 
 @pytest.mark.parametrize("case", [case for case, (_, lora_r, _) in CASES.items() if lora_r])
 def test_lora_adapter_is_what_the_repo_serves(loop, case, tmp_path):
-    """The adapter trained in 3 steps moves the logits well beyond the tolerance above: the comparison would catch
-    an adapter lost on the way to the Hub."""
+    """The adapter trained in 3 steps moves the logits well beyond the tolerance above (1e-4; measured: 4e-3 to
+    3e-2 depending on the start): the comparison would catch an adapter lost on the way to the Hub."""
     import shutil
 
     from PIL import Image
@@ -253,7 +253,7 @@ def test_lora_adapter_is_what_the_repo_serves(loop, case, tmp_path):
     images = [Image.open(step["folder"].parents[1] / image).convert("RGB") for image in IMAGES]
     without = generate_from_folder(base_only, images, reference["outputs"])
     difference = (torch.tensor(without["logits"]) - torch.tensor(step["local"]["logits"])).abs().max().item()
-    assert difference > 1e-2, difference
+    assert difference > 1e-3, difference  # ten times the tolerance
     # no blank peft card in the folder (empty base_model): the card is written by `blip2-hf push`
     assert not (step["folder"] / "README.md").exists()
     files = step["files"]
