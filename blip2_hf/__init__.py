@@ -7,13 +7,13 @@ Importing the package registers its classes with transformers' auto classes, so 
 
 from transformers import (
     AutoConfig,
-    AutoImageProcessor,
     AutoModel,
     AutoModelForImageTextToText,
     AutoModelForPreTraining,
     AutoModelForZeroShotImageClassification,
     AutoProcessor,
 )
+from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
 
 from .configuration_blip2 import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
 from .constants import VQA_PROMPT
@@ -40,7 +40,9 @@ AutoModel.register(Blip2QFormerConfig, Blip2QFormerModel, exist_ok=True)
 AutoModelForImageTextToText.register(Blip2Config, Blip2ForConditionalGeneration, exist_ok=True)
 AutoModelForZeroShotImageClassification.register(Blip2Config, Blip2ForImageTextRetrieval, exist_ok=True)
 AutoModelForPreTraining.register(Blip2Config, Blip2ForPreTraining, exist_ok=True)
-AutoImageProcessor.register(Blip2Config, image_processor_classes={"pil": Blip2ImageProcessor}, exist_ok=True)
+# Not `AutoImageProcessor.register`: it merges into the mapping that transformers' own (same-named) Blip2Config has,
+# which would keep transformers' BlipImageProcessor as the torchvision backend of ours.
+IMAGE_PROCESSOR_MAPPING.register(Blip2Config, {"pil": Blip2ImageProcessor}, exist_ok=True)
 AutoProcessor.register(Blip2Config, Blip2Processor, exist_ok=True)
 # A saved processor carries processing_blip2.py and an `auto_map`, like the models; so does its image processor
 # (same file), so that `Blip2ImageProcessor` loads where blip2_hf is not installed.

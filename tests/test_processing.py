@@ -442,6 +442,8 @@ def test_image_processor_defaults_save_and_load_alone(tmp_path):
     assert (tmp_path / "processing_blip2.py").is_file()  # remote code for where blip2_hf is not installed
     loaded = transformers.AutoImageProcessor.from_pretrained(tmp_path)
     assert type(loaded) is Blip2ImageProcessor and loaded.size["height"] == 24
+    # where torchvision is installed (the default backend then), the name still resolves to this class alone
+    assert type(transformers.AutoImageProcessor.from_pretrained(tmp_path, backend="torchvision")) is Blip2ImageProcessor
 
 
 def test_other_image_processors_are_used_as_given():
