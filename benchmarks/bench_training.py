@@ -9,7 +9,7 @@ parameters only, after `model.freeze_towers` (the ViT but its `post_layernorm`, 
 models' `train()` keeps them in eval mode). It is timed for both stages, fed two ways:
 
     from images   `pixel_values`: the frozen ViT runs every step (without autograd, as `encode_image_frozen` does)
-    from cache    `image_embeds`: the frozen ViT's output, computed once with `encode_image_frozen` and stored in fp16
+    from cache    `frozen_image_states`: the frozen ViT's output, computed once with `encode_image_frozen` and stored in fp16
                   (as `blip2-hf-cache-features` stores it), cast to float32 every step (as the collators do)
 
 The two sources alternate (who goes first flips every round) after untimed warm-up steps; medians are kept:
@@ -152,7 +152,7 @@ def step_inputs(
     if source == "images":
         inputs["pixel_values"] = batch["pixel_values"].to(device)
     else:
-        inputs["image_embeds"] = cache.to(device, torch.float32)
+        inputs["frozen_image_states"] = cache.to(device, torch.float32)
     return inputs
 
 

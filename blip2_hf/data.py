@@ -638,14 +638,17 @@ def _as_float32(value: Any) -> torch.Tensor:
     return torch.from_numpy(np.asarray(value, dtype=np.float32))
 
 
-def _image_embeds(rows: Sequence[Mapping[str, Any]]) -> torch.Tensor | None:
-    """`[B, 1 + P, Dv]` float32 from frozen-feature cache rows, or None when no row carries `image_embeds`."""
-    has_embeds = [row.get("image_embeds") is not None for row in rows]
-    if not any(has_embeds):
+def _frozen_image_states(rows: Sequence[Mapping[str, Any]]) -> torch.Tensor | None:
+    """`[B, 1 + P, Dv]` float32 from frozen-feature cache rows (the frozen encoder's output before `post_layernorm`),
+    or None when no row carries `frozen_image_states`."""
+    has_states = [row.get("frozen_image_states") is not None for row in rows]
+    if not any(has_states):
         return None
-    if not all(has_embeds):
-        raise ValueError("A batch mixes rows with precomputed `image_embeds` and rows with images; use one kind.")
-    return torch.stack([_as_float32(row["image_embeds"]) for row in rows])
+    if not all(has_states):
+        raise ValueError(
+            "A batch mixes rows with precomputed `frozen_image_states` and rows with images; use one kind."
+        )
+    return torch.stack([_as_float32(row["frozen_image_states"]) for row in rows])
 
 
 class _CollatorBase:
@@ -719,8 +722,8 @@ class Stage1Collator(_CollatorBase):
 
     Returns (from a list of dataset rows):
         - `pixel_values`: float32 `[B, 3, H, W]`, `image_transform` applied to the PIL image before the processor's
-          resize and normalization; or, when the rows carry `image_embeds` (frozen-feature cache rows),
-        - `image_embeds`: float32 `[B, 1 + P, Dv]` instead.
+          resize and normalization; or, when the rows carry `frozen_image_states` (frozen-feature cache rows),
+        - `frozen_image_states`: float32 `[B, 1 + P, Dv]` instead.
         - `input_ids`, `attention_mask`: int64 `[B, T]`, `T <= max_length`.
 
         `B` counts the rows whose image loaded: bad rows are skipped (see `BadImageTracker`).
@@ -740,9 +743,9 @@ class Stage1Collator(_CollatorBase):
         self.max_length = max_length
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        image_embeds = _image_embeds(rows)
-        if image_embeds is not None:
-            batch = {"image_embeds": image_embeds}
+        frozen_image_states = _frozen_image_states(rows)
+        if frozen_image_states is not None:
+            batch = {"frozen_image_states": frozen_image_states}
             captions, _ = self._cached_captions(rows)
         else:
             images, captions, _ = self._load_rows(rows)
@@ -782,7 +785,7 @@ class Stage2Collator(_CollatorBase):
     text tokens.
 
     Returns (from a list of dataset rows):
-        - `pixel_values`: float32 `[B, 3, H, W]` (after `image_transform`), or `image_embeds`: float32
+        - `pixel_values`: float32 `[B, 3, H, W]` (after `image_transform`), or `frozen_image_states`: float32
           `[B, 1 + P, Dv]` for frozen-feature cache rows.
         - `input_ids`, `attention_mask`: int64 `[B, Q + L]`, `Q = processor.num_query_tokens` image tokens first.
         - `labels`: int64, decoder-only `[B, Q + L]` aligned with `input_ids`; encoder-decoder `[B, T]` target ids
@@ -815,9 +818,9 @@ class Stage2Collator(_CollatorBase):
         self.prompt_length = len(processor.tokenizer(prompt.rstrip())["input_ids"])
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        image_embeds = _image_embeds(rows)
-        if image_embeds is not None:
-            batch = {"image_embeds": image_embeds}
+        frozen_image_states = _frozen_image_states(rows)
+        if frozen_image_states is not None:
+            batch = {"frozen_image_states": frozen_image_states}
             captions, rngs = self._cached_captions(rows)
         else:
             images, captions, rngs = self._load_rows(rows)

@@ -3,7 +3,8 @@
 In both BLIP-2 stages the image encoder (patch embedding + ViT blocks) is frozen, so its output for a given image
 never changes during training. `build_feature_cache` computes it once per distinct image of a caption dataset
 (`model.encode_image_frozen`: `[B, 1 + P, Dv]`, *before* the trainable `post_layernorm`), and
-`load_feature_cache` gives it back as a `datasets.Dataset` whose rows feed `forward(image_embeds=...)` directly.
+`load_feature_cache` gives it back as a `datasets.Dataset` whose rows feed `forward(frozen_image_states=...)`
+directly.
 
 The trade-off: every image is preprocessed once, in eval mode (resize + normalize, no random crop or flip), so
 training from the cache sees the same view of each image every epoch instead of LAVIS's `RandomResizedCrop` +
@@ -11,9 +12,10 @@ horizontal flip. In exchange, the frozen encoder (ViT-g: ~1B parameters, most of
 
 Storage format (one directory):
 
-- `features-00000.safetensors`, `features-00001.safetensors`, ...: each holds one tensor `image_embeds`
+- `features-00000.safetensors`, `features-00001.safetensors`, ...: each holds one tensor `frozen_image_states`
   `[n, 1 + P, Dv]` in the cache dtype (fp16 by default), one row per distinct image, `shard_size` rows per shard
-  (the last shard may be shorter). Read by memory map, row by row.
+  (the last shard may be shorter). Read by memory map, row by row. Caches written before the rename name the
+  tensor `image_embeds`; they load the same way.
 - `index.json`: `format`/`version`; `dtype`; `embed_shape` (`[1 + P, Dv]`); `image_size` (`[H, W]` the images were
   resized to); `vision_config` (the architecture fields of the encoder); `vision_weights_sample` (a few weights of
   the encoder, to tell two checkpoints of the same shape apart); `image_processor` (its settings); `source` (the
@@ -59,7 +61,10 @@ FORMAT = "blip2_hf.feature_cache"
 VERSION = 1
 INDEX_FILE = "index.json"
 SHARD_FILE = "features-{:05d}.safetensors"
-TENSOR_NAME = "image_embeds"
+TENSOR_NAME = "frozen_image_states"  # the shards' tensor, and the loaded dataset's column
+# What older caches named the tensor. Renamed because transformers' `image_embeds` is the vision output *after*
+# `post_layernorm`; still read.
+LEGACY_TENSOR_NAMES = ("image_embeds",)
 DEFAULT_SHARD_SIZE = 1024  # images per shard: ~0.74 GB for ViT-g at 224 px in fp16 (257 x 1408 x 2 bytes per image)
 
 # What must agree between a model and a cache for the cached features to be that model's.
@@ -633,8 +638,8 @@ def _publish(partial: Path, output_dir: Path) -> None:
 
 def read_cache_index(cache_dir: str | os.PathLike) -> dict[str, Any]:
     """`index.json` of a cache, validated against its shards: every shard exists, has the recorded size, holds
-    `image_embeds [num_images, *embed_shape]` in the recorded dtype; every row points inside its shard. Raises
-    `FileNotFoundError` / `ValueError` naming the offending file."""
+    `frozen_image_states [num_images, *embed_shape]` (`image_embeds` in older caches) in the recorded dtype; every
+    row points inside its shard. Raises `FileNotFoundError` / `ValueError` naming the offending file."""
     cache_dir = Path(cache_dir)
     index_path = cache_dir / INDEX_FILE
     if not index_path.is_file():
@@ -662,18 +667,15 @@ def read_cache_index(cache_dir: str | os.PathLike) -> dict[str, Any]:
         expected = [shard["num_images"], *embed_shape]
         try:
             with safe_open(path, framework="pt") as handle:
-                if TENSOR_NAME not in handle.keys():
-                    raise ValueError(f"feature cache shard {path} has no tensor {TENSOR_NAME!r}")
-                tensor = handle.get_slice(TENSOR_NAME)
+                name = _tensor_name(handle, path)
+                tensor = handle.get_slice(name)
                 shape, dtype = list(tensor.get_shape()), tensor.get_dtype()
         except ValueError:
             raise
         except Exception as error:  # SafetensorError, OSError: a damaged file
             raise ValueError(f"feature cache shard {path} cannot be read: {error}") from error
         if shape != expected:
-            raise ValueError(
-                f"feature cache shard {path} holds {TENSOR_NAME} {shape}, {index_path} expects {expected}"
-            )
+            raise ValueError(f"feature cache shard {path} holds {name} {shape}, {index_path} expects {expected}")
         if dtype != dtype_code:
             raise ValueError(f"feature cache shard {path} is {dtype}, {index_path} records {index['dtype']}")
     rows = index["rows"]
@@ -699,26 +701,38 @@ def read_cache_index(cache_dir: str | os.PathLike) -> dict[str, Any]:
     return index
 
 
+def _tensor_name(handle: Any, path: Path) -> str:
+    """The name of the features tensor in an open shard: `TENSOR_NAME`, or a legacy name in older caches."""
+    keys = set(handle.keys())
+    for name in (TENSOR_NAME, *LEGACY_TENSOR_NAMES):
+        if name in keys:
+            return name
+    raise ValueError(f"feature cache shard {path} has no tensor {TENSOR_NAME!r} (nor {LEGACY_TENSOR_NAMES[0]!r})")
+
+
 class _CacheReader:
-    """The `datasets` transform of a loaded cache: the `image_embeds` column's cache positions -> tensors
+    """The `datasets` transform of a loaded cache: the `frozen_image_states` column's cache positions -> tensors
     `[1 + P, Dv]`, each read from its memory-mapped shard (`safe_open`, opened on first use in each process)."""
 
     def __init__(self, cache_dir: Path, files: list[str], offsets: list[int]):
         self.cache_dir, self.files, self.offsets = cache_dir, files, offsets
-        self._handles: dict[int, Any] = {}
+        self._handles: dict[int, tuple[Any, str]] = {}  # shard -> (open file, its tensor's name)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_handles": {}}  # open files do not travel to DataLoader workers
 
-    def _handle(self, shard: int) -> Any:
+    def _handle(self, shard: int) -> tuple[Any, str]:
         if shard not in self._handles:
-            self._handles[shard] = safe_open(self.cache_dir / self.files[shard], framework="pt")
+            path = self.cache_dir / self.files[shard]
+            handle = safe_open(path, framework="pt")
+            self._handles[shard] = handle, _tensor_name(handle, path)
         return self._handles[shard]
 
     def read(self, position: int) -> torch.Tensor:
         shard = bisect.bisect_right(self.offsets, position) - 1
         row = position - self.offsets[shard]
-        return self._handle(shard).get_slice(TENSOR_NAME)[row : row + 1][0]
+        handle, name = self._handle(shard)
+        return handle.get_slice(name)[row : row + 1][0]
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         output = dict(batch)
@@ -727,9 +741,10 @@ class _CacheReader:
 
 
 def load_feature_cache(cache_dir: str | os.PathLike) -> datasets.Dataset:
-    """A cache as a `datasets.Dataset` with columns `image_embeds` and `caption`, one row per cached caption row.
+    """A cache as a `datasets.Dataset` with columns `frozen_image_states` and `caption`, one row per cached caption
+    row (older caches too: their `image_embeds` tensors load under this name).
 
-    `dataset[i]["image_embeds"]` is a `[1 + P, Dv]` tensor in the cache dtype, read lazily from the memory-mapped
+    `dataset[i]["frozen_image_states"]` is a `[1 + P, Dv]` tensor in the cache dtype, read lazily from the memory-mapped
     shards by a `set_transform` (the Arrow column itself holds the row's position in the cache, an int64). The
     transform survives `select`, `shuffle`, `train_test_split`, `filter` and `map` (new columns pass through); with
     `transformers.Trainer` set `remove_unused_columns=False`. `index.json` is checked against the shards first (see

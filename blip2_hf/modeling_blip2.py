@@ -630,6 +630,19 @@ class Blip2TextEmbeddings(nn.Module):
         return self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
 
 
+def _reject_image_embeds_input(kwargs: dict[str, Any]) -> None:
+    """Raise when `image_embeds` reaches a forward's `**kwargs`: the argument was renamed `frozen_image_states`.
+
+    No alias is kept: in transformers (and in our outputs) `image_embeds` is the vision output *after*
+    `post_layernorm`, so a tensor passed under that name is ambiguous, and one in the transformers sense would get
+    the LayerNorm a second time."""
+    if "image_embeds" in kwargs:
+        raise TypeError(
+            "`image_embeds` is not an input: pass the frozen encoder's output before `post_layernorm` "
+            "(`encode_image_frozen`, a feature cache) as `frozen_image_states`."
+        )
+
+
 def read_safetensors_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a `save_pretrained` folder (one `model.safetensors` or shards with an index). Safetensors only:
     nothing is unpickled."""
@@ -781,19 +794,22 @@ class Blip2FrozenTowersMixin:
 
     def encode_image_frozen(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """The frozen encoder's output `[B, 1 + P, Dv]` before the trainable `post_layernorm`, without autograd: what
-        a frozen-feature cache stores and what `forward(image_embeds=...)` takes."""
+        a frozen-feature cache stores and what `forward(frozen_image_states=...)` takes."""
         with torch.no_grad():
             embeddings = self.vision_model.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
             return self.vision_model.encoder(embeddings).last_hidden_state
 
-    def _image_embeds(self, pixel_values: torch.Tensor | None, image_embeds: torch.Tensor | None) -> torch.Tensor:
-        """`post_layernorm` over the frozen encoder's output, from images or from cached `image_embeds`."""
-        if (pixel_values is None) == (image_embeds is None):
-            raise ValueError("Pass exactly one of pixel_values and image_embeds (the frozen encoder's output).")
-        if image_embeds is None:
-            image_embeds = self.encode_image_frozen(pixel_values)
+    def _image_embeds(
+        self, pixel_values: torch.Tensor | None, frozen_image_states: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The image embeddings `[B, 1 + P, Dv]` (`post_layernorm` over the frozen encoder's output), from images or
+        from cached `frozen_image_states`."""
+        if (pixel_values is None) == (frozen_image_states is None):
+            raise ValueError("Pass exactly one of pixel_values and frozen_image_states (the frozen encoder's output).")
+        if frozen_image_states is None:
+            frozen_image_states = self.encode_image_frozen(pixel_values)
         layer_norm = self.vision_model.post_layernorm
-        return layer_norm(image_embeds.to(layer_norm.weight.dtype))
+        return layer_norm(frozen_image_states.to(layer_norm.weight.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1183,23 +1199,26 @@ class Blip2Model(Blip2FrozenTowersMixin, Blip2PreTrainedModel):
         interpolate_pos_encoding: bool = False,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        image_embeds: torch.Tensor | None = None,
+        frozen_image_states: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> Blip2ImageFeaturesOutput | tuple:
         """Run the image through both towers. `pooler_output` is the soft prompt `[B, Q, D_llm]` (fp32, as the
         Q-Former); `last_hidden_state` the image embeddings `[B, 1 + P, Dv]`; `hidden_states` / `attentions` the
         vision encoder's, as transformers returns them (the Q-Former's are in `qformer_outputs`). Instead of
-        `pixel_values`, cached `image_embeds` (the frozen encoder's output before `post_layernorm`, see
+        `pixel_values`, cached `frozen_image_states` (the frozen encoder's output before `post_layernorm`, see
         `encode_image_frozen`) may be given; the encoder does not run then, so it records nothing."""
         output_attentions, output_hidden_states, return_dict = self._output_flags(
             output_attentions, output_hidden_states, return_dict
         )
+        _reject_image_embeds_input(kwargs)
         record = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
-        if image_embeds is not None:
+        if frozen_image_states is not None:
             if pixel_values is not None:
-                raise ValueError("Pass pixel_values or image_embeds, not both.")
-            vision_outputs = BaseModelOutputWithPooling(last_hidden_state=self._image_embeds(None, image_embeds))
+                raise ValueError("Pass pixel_values or frozen_image_states, not both.")
+            vision_outputs = BaseModelOutputWithPooling(
+                last_hidden_state=self._image_embeds(None, frozen_image_states)
+            )
         else:
             vision_outputs = self.vision_model(
                 pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **record
@@ -1331,7 +1350,7 @@ class Blip2Model(Blip2FrozenTowersMixin, Blip2PreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        image_embeds: torch.Tensor | None = None,
+        frozen_image_states: torch.Tensor | None = None,
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.LongTensor | None = None,
         mm_encoder_outputs: dict[str, Blip2ImageFeaturesOutput] | None = None,
@@ -1340,7 +1359,8 @@ class Blip2Model(Blip2FrozenTowersMixin, Blip2PreTrainedModel):
         """
         Args:
             pixel_values: `[B, 3, H, W]` images, or
-            image_embeds: `[B, 1 + P, Dv]` the frozen encoder's output (`encode_image_frozen`), e.g. from a cache.
+            frozen_image_states: `[B, 1 + P, Dv]` the frozen encoder's output before `post_layernorm`
+                (`encode_image_frozen`), e.g. from a cache.
             input_ids: `[B, L]` LLM prompt with `num_query_tokens` image placeholders (from the processor).
             attention_mask: `[B, L]`, 1 for real tokens.
             decoder_input_ids / decoder_attention_mask: encoder-decoder LLMs only (T5: the target side).
@@ -1350,7 +1370,7 @@ class Blip2Model(Blip2FrozenTowersMixin, Blip2PreTrainedModel):
             qformer_input_ids / qformer_attention_mask: accepted from a processor with a Q-Former tokenizer and
                 ignored, when the config says the Q-Former takes no text (see `_ignore_qformer_text`).
             mm_encoder_outputs: `{"image": get_image_features(...)}` computed beforehand, instead of pixel_values or
-                image_embeds (transformers' argument for pre-encoded images).
+                frozen_image_states (transformers' argument for pre-encoded images).
             output_attentions / output_hidden_states / return_dict: as the keyword says, else as `self.config`.
         Returns:
             `loss`, `logits [B, L, V]` and the three towers' outputs.
@@ -1359,14 +1379,19 @@ class Blip2Model(Blip2FrozenTowersMixin, Blip2PreTrainedModel):
             output_attentions, output_hidden_states, return_dict
         )
         self._ignore_qformer_text(qformer_input_ids)
+        _reject_image_embeds_input(kwargs)
         record = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         image_features = (mm_encoder_outputs or {}).get("image")
         if image_features is None:
             image_features = self.get_image_features(
-                pixel_values, interpolate_pos_encoding, image_embeds=image_embeds, return_dict=True, **record
+                pixel_values,
+                interpolate_pos_encoding,
+                frozen_image_states=frozen_image_states,
+                return_dict=True,
+                **record,
             )
-        elif pixel_values is not None or image_embeds is not None:
-            raise ValueError("Pass mm_encoder_outputs or pixel_values / image_embeds, not both.")
+        elif pixel_values is not None or frozen_image_states is not None:
+            raise ValueError("Pass mm_encoder_outputs or pixel_values / frozen_image_states, not both.")
         kwargs.update(record)
         if inputs_embeds is None:
             if input_ids is None:
@@ -1551,7 +1576,7 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
         attention_mask: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
-        image_embeds: torch.Tensor | None = None,
+        frozen_image_states: torch.Tensor | None = None,
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.LongTensor | None = None,
         **generate_kwargs,
@@ -1569,10 +1594,11 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
             `[B * num_return_sequences, L_out]` token ids (see the class docstring for what they contain).
         """
         self._ignore_qformer_text(qformer_input_ids)
+        _reject_image_embeds_input(generate_kwargs)
         if hasattr(self, "hf_device_map") and hasattr(self.language_model, "_hf_hook"):
             self.language_model._hf_hook.io_same_device = True  # outputs come back to the input device
         language_model_inputs = self.get_image_features(
-            pixel_values, interpolate_pos_encoding, image_embeds=image_embeds, return_dict=True
+            pixel_values, interpolate_pos_encoding, frozen_image_states=frozen_image_states, return_dict=True
         ).pooler_output
         batch_size = language_model_inputs.shape[0]
         if inputs_embeds is None:
@@ -1822,7 +1848,7 @@ class Blip2Stage1FeaturesMixin:
         mode: FeatureMode = "multimodal",
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
-        image_embeds: torch.Tensor | None = None,
+        frozen_image_states: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
     ) -> Blip2FeaturesOutput:
         """
@@ -1831,7 +1857,8 @@ class Blip2Stage1FeaturesMixin:
 
         Args:
             pixel_values: `[B, 3, H, W]` images (modes "image" and "multimodal"), or
-            image_embeds: `[B, 1 + P, Dv]` the frozen encoder's output (`encode_image_frozen`), e.g. from a cache.
+            frozen_image_states: `[B, 1 + P, Dv]` the frozen encoder's output before `post_layernorm`
+                (`encode_image_frozen`), e.g. from a cache.
             input_ids / attention_mask: `[B, T]` Q-Former tokens (modes "text" and "multimodal"), or
             qformer_input_ids / qformer_attention_mask: the same from a processor (its `input_ids` are then unused).
             mode: "image" (query outputs and their projections), "text" (text outputs and the `[CLS]` projection) or
@@ -1845,8 +1872,8 @@ class Blip2Stage1FeaturesMixin:
         input_ids, attention_mask = self._qformer_text(
             input_ids, attention_mask, qformer_input_ids, qformer_attention_mask
         )
-        if mode != "text" and pixel_values is None and image_embeds is None:
-            raise ValueError(f"mode={mode!r} needs images: pass pixel_values (or image_embeds).")
+        if mode != "text" and pixel_values is None and frozen_image_states is None:
+            raise ValueError(f"mode={mode!r} needs images: pass pixel_values (or frozen_image_states).")
         if mode != "image" and input_ids is None:
             raise ValueError(f"mode={mode!r} needs text: pass input_ids (Q-Former tokens) or qformer_input_ids.")
         if mode == "text":
@@ -1854,8 +1881,8 @@ class Blip2Stage1FeaturesMixin:
             text_proj = self._text_projection(text_embeds)
             return Blip2FeaturesOutput(text_embeds=text_embeds, text_embeds_proj=text_proj)
 
-        if image_embeds is not None:
-            image_embeds = self._image_embeds(pixel_values, image_embeds)  # post_layernorm; both given: an error
+        if frozen_image_states is not None:
+            image_embeds = self._image_embeds(pixel_values, frozen_image_states)  # both given: an error
         else:
             image_embeds = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)[0]
         if mode == "image":
@@ -2201,14 +2228,14 @@ class Blip2ForPreTraining(Blip2Stage1FeaturesMixin, Blip2FrozenTowersMixin, Blip
         pixel_values: torch.Tensor | None = None,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.LongTensor | None = None,
-        image_embeds: torch.Tensor | None = None,
+        frozen_image_states: torch.Tensor | None = None,
         return_dict: bool | None = None,
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.LongTensor | None = None,
         **kwargs,
     ) -> Blip2ForPreTrainingOutput | tuple:
-        """Images (`pixel_values [B, 3, H, W]` or `image_embeds [B, 1 + P, Dv]` from `encode_image_frozen`) and captions
-        (`input_ids` / `attention_mask [B, T]`, `[CLS]`-led Q-Former tokens, or a processor's `qformer_*` pair) -> the
+        """Images (`pixel_values [B, 3, H, W]` or `frozen_image_states [B, 1 + P, Dv]` from `encode_image_frozen`) and
+        captions (`input_ids` / `attention_mask [B, T]`, `[CLS]`-led Q-Former tokens, or a processor's `qformer_*` pair) -> the
         losses of `config.pretraining_objectives` (local means, against the global batch in a process group)."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
         input_ids, attention_mask = self._captions(
@@ -2217,7 +2244,7 @@ class Blip2ForPreTraining(Blip2Stage1FeaturesMixin, Blip2FrozenTowersMixin, Blip
         config = self.config
         self._clamp_temperature()
         # The queries read the images once; ITC, ITM and ITG all start from this pass.
-        image_embeds = self._image_embeds(pixel_values, image_embeds)
+        image_embeds = self._image_embeds(pixel_values, frozen_image_states)
         image = self._qformer_image(image_embeds)
         query_pass = self._query_pass(image, use_cache=True)
         image_feats = nn.functional.normalize(self.vision_projection(query_pass.last_hidden_state), dim=-1)
@@ -2365,7 +2392,7 @@ class Blip2ForPreTraining(Blip2Stage1FeaturesMixin, Blip2FrozenTowersMixin, Blip
     def generate(
         self,
         pixel_values: torch.Tensor | None = None,
-        image_embeds: torch.Tensor | None = None,
+        frozen_image_states: torch.Tensor | None = None,
         max_new_tokens: int = 30,
         min_new_tokens: int = 0,
         **kwargs,
@@ -2375,8 +2402,9 @@ class Blip2ForPreTraining(Blip2Stage1FeaturesMixin, Blip2FrozenTowersMixin, Blip
         starting with `[DEC]`; rows that ended early are padded with `[PAD]`. (LAVIS decodes with 3 beams.)"""
         if kwargs.get("num_beams", 1) != 1 or kwargs.get("do_sample", False):
             raise ValueError("Blip2ForPreTraining.generate decodes greedily only (num_beams=1, do_sample=False).")
+        _reject_image_embeds_input(kwargs)
         qformer_config = self.config.qformer_config
-        image_embeds = self._image_embeds(pixel_values, image_embeds)
+        image_embeds = self._image_embeds(pixel_values, frozen_image_states)
         batch_size = image_embeds.shape[0]
         cache = self._query_pass(image_embeds, use_cache=True).cache
         tokens = torch.full((batch_size, 1), qformer_config.bos_token_id, dtype=torch.long, device=image_embeds.device)

@@ -555,22 +555,22 @@ def test_stage1_collator_needs_a_qformer_tokenizer():
         Stage1Collator(processor)
 
 
-def test_cache_rows_give_image_embeds():
+def test_cache_rows_give_frozen_image_states():
     embeds = [np.full((5, 6), i, dtype=np.float16) for i in range(3)]
     cache_rows = [
-        {"image_embeds": embeds[0].tolist(), "caption": "A cat."},  # a cache read without a format: nested lists
-        {"image_embeds": embeds[1], "caption": "a dog"},
-        {"image_embeds": torch.from_numpy(embeds[2]), "caption": "two cats"},
+        {"frozen_image_states": embeds[0].tolist(), "caption": "A cat."},  # a cache read without a format: nested lists
+        {"frozen_image_states": embeds[1], "caption": "a dog"},
+        {"frozen_image_states": torch.from_numpy(embeds[2]), "caption": "two cats"},
     ]
     processor = build_processor()
     batch = Stage1Collator(processor)(cache_rows)
-    assert set(batch) == {"image_embeds", "input_ids", "attention_mask"}
-    assert batch["image_embeds"].dtype == torch.float32 and batch["image_embeds"].shape == (3, 5, 6)
-    assert batch["image_embeds"][:, 0, 0].tolist() == [0.0, 1.0, 2.0]
+    assert set(batch) == {"frozen_image_states", "input_ids", "attention_mask"}
+    assert batch["frozen_image_states"].dtype == torch.float32 and batch["frozen_image_states"].shape == (3, 5, 6)
+    assert batch["frozen_image_states"][:, 0, 0].tolist() == [0.0, 1.0, 2.0]
     assert make_bert_tokenizer().decode(batch["input_ids"][0], skip_special_tokens=True) == "a cat"
     batch2 = Stage2Collator(processor, prompt="a photo of ")(cache_rows)
-    assert set(batch2) == {"image_embeds", "input_ids", "attention_mask", "labels"}
-    torch.testing.assert_close(batch2["image_embeds"], batch["image_embeds"])
+    assert set(batch2) == {"frozen_image_states", "input_ids", "attention_mask", "labels"}
+    torch.testing.assert_close(batch2["frozen_image_states"], batch["frozen_image_states"])
     with pytest.raises(ValueError, match="mixes"):
         Stage1Collator(processor)([cache_rows[0], {"image": "x.jpg", "caption": "y"}])
 

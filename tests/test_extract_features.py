@@ -132,14 +132,14 @@ def test_stage1_forward_computes_the_same_itc_and_itm(stage1):
     torch.testing.assert_close(positives, output.logits_itm[: len(TEXTS)], atol=ATOL, rtol=0)
 
 
-def test_processor_output_equals_explicit_qformer_tokens_and_cached_image_embeds(model, stage1):
+def test_processor_output_equals_explicit_qformer_tokens_and_cached_frozen_image_states(model, stage1):
     inputs = stage1["inputs"]
     for mode in ("image", "text", "multimodal"):
         from_processor = model.extract_features(**inputs, mode=mode)
         explicit = model.extract_features(pixel_values=inputs["pixel_values"], **stage1["text"], mode=mode)
         for key, value in explicit.items():
             torch.testing.assert_close(from_processor[key], value)
-    cached = model.extract_features(image_embeds=model.encode_image_frozen(inputs["pixel_values"]), mode="image")
+    cached = model.extract_features(frozen_image_states=model.encode_image_frozen(inputs["pixel_values"]), mode="image")
     torch.testing.assert_close(cached.image_embeds, model.extract_features(**inputs, mode="image").image_embeds)
 
 

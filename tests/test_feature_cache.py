@@ -111,7 +111,7 @@ def pixels(processor, paths) -> torch.Tensor:
 
 
 def cached_batch(cache: datasets.Dataset) -> torch.Tensor:
-    return torch.stack([row["image_embeds"] for row in cache])
+    return torch.stack([row["frozen_image_states"] for row in cache])
 
 
 def test_round_trip(cache_fp16, models, processor, image_paths):
@@ -140,7 +140,7 @@ def test_round_trip(cache_fp16, models, processor, image_paths):
     assert index["source"]["num_rows"] == 8 and index["source"]["columns"] == ["image", "caption"]
 
     cache = load_feature_cache(output)
-    assert cache.column_names == ["image_embeds", "caption"] and len(cache) == len(CAPTIONS)
+    assert cache.column_names == ["frozen_image_states", "caption"] and len(cache) == len(CAPTIONS)
     assert list(cache["caption"]) == [caption for _, caption in CAPTIONS]
     expected = model.encode_image_frozen(pixels(processor, [image_paths[i] for i, _ in CAPTIONS])).half()
     got = cached_batch(cache)
@@ -184,7 +184,7 @@ def test_each_image_is_encoded_once(models, caption_data, processor, image_paths
     assert encoded == [NUM_IMAGES]
     first, second = load_feature_cache(tmp_path / "paths"), load_feature_cache(tmp_path / "bytes")
     assert torch.equal(cached_batch(first), cached_batch(second)[:-1])
-    assert torch.equal(second[-1]["image_embeds"], second[1]["image_embeds"])
+    assert torch.equal(second[-1]["frozen_image_states"], second[1]["frozen_image_states"])
 
 
 @pytest.fixture(scope="module")
@@ -211,10 +211,10 @@ def test_stage1_loss_from_cache_equals_on_the_fly(models, processor, image_paths
         model, captions, pixel_values=pixels(processor, [image_paths[i] for i, _ in CAPTIONS])
     )
     cache = load_feature_cache(fp32_caches / "stage1")
-    loss, grad = stage1_loss(model, list(cache["caption"]), image_embeds=cached_batch(cache))
+    loss, grad = stage1_loss(model, list(cache["caption"]), frozen_image_states=cached_batch(cache))
     assert torch.equal(loss, reference) and torch.equal(grad, reference_grad)  # post_layernorm trains from the cache
     fp16 = load_feature_cache(cache_fp16[0])
-    loss16, _ = stage1_loss(model, list(fp16["caption"]), image_embeds=cached_batch(fp16))
+    loss16, _ = stage1_loss(model, list(fp16["caption"]), frozen_image_states=cached_batch(fp16))
     assert abs(loss16.item() - reference.item()) < 1e-3 * reference.item()
 
 
@@ -226,10 +226,10 @@ def test_stage2_loss_from_cache_equals_on_the_fly(models, processor, image_paths
     labels = labels.masked_fill(labels == processor.image_token_id, -100)
     inputs = dict(input_ids=text["input_ids"], attention_mask=text["attention_mask"], labels=labels)
     reference = model(pixel_values=pixels(processor, [image_paths[i] for i, _ in CAPTIONS]), **inputs).loss
-    assert torch.equal(model(image_embeds=cached_batch(cache), **inputs).loss, reference)
-    loss16 = model(image_embeds=cached_batch(cache).half(), **inputs).loss  # what an fp16 cache holds
+    assert torch.equal(model(frozen_image_states=cached_batch(cache), **inputs).loss, reference)
+    loss16 = model(frozen_image_states=cached_batch(cache).half(), **inputs).loss  # what an fp16 cache holds
     assert abs(loss16.item() - reference.item()) < 1e-3 * reference.item()
-    generated = model.generate(image_embeds=cached_batch(cache.select([0, 1])), max_new_tokens=3)
+    generated = model.generate(frozen_image_states=cached_batch(cache.select([0, 1])), max_new_tokens=3)
     assert torch.equal(generated, model.generate(pixel_values=pixels(processor, image_paths[:2]), max_new_tokens=3))
 
 
@@ -277,6 +277,31 @@ def test_check_cache_matches(models, processor, cache_fp16, tmp_path):
     check_cache_matches(other_weights, output, check_weights=False)
 
 
+def test_cache_written_before_the_rename_still_loads(cache_fp16, models, tmp_path):
+    """Caches written before `image_embeds` was renamed `frozen_image_states` name their shards' tensor
+    `image_embeds`: they load unchanged, under the new column name, and train the same."""
+    output = tmp_path / "old"
+    shutil.copytree(cache_fp16[0], output)
+    index = json.loads((output / "index.json").read_text())
+    for shard in index["shards"]:
+        path = output / shard["file"]
+        save_file({"image_embeds": load_file(path)["frozen_image_states"]}, path, {"format": feature_cache.FORMAT})
+        shard["bytes"] = path.stat().st_size  # the shorter name changes the header's size
+    (output / "index.json").write_text(json.dumps(index))
+    old, new = load_feature_cache(output), load_feature_cache(cache_fp16[0])
+    assert old.column_names == ["frozen_image_states", "caption"]
+    assert torch.equal(cached_batch(old), cached_batch(new))
+    assert torch.equal(cached_batch(old.shuffle(seed=0)), cached_batch(new.shuffle(seed=0)))
+    check_cache_matches(models[0], output)
+    # a shard holding neither name is refused, naming the file and the expected tensor
+    path = output / index["shards"][1]["file"]
+    save_file({"features": load_file(path)["image_embeds"]}, path, {"format": feature_cache.FORMAT})
+    index["shards"][1]["bytes"] = path.stat().st_size
+    (output / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"features-00001\.safetensors has no tensor 'frozen_image_states'"):
+        load_feature_cache(output)
+
+
 def test_damaged_cache_errors_name_the_file(cache_fp16, tmp_path):
     def copy() -> tuple:
         target = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
@@ -295,12 +320,12 @@ def test_damaged_cache_errors_name_the_file(cache_fp16, tmp_path):
 
     cache, shard = copy()  # same size, transposed: the header disagrees with index.json
     save_file(
-        {"image_embeds": load_file(shard)["image_embeds"].transpose(1, 2).contiguous()},
+        {"frozen_image_states": load_file(shard)["frozen_image_states"].transpose(1, 2).contiguous()},
         shard,
         {"format": feature_cache.FORMAT},
     )
     with pytest.raises(
-        ValueError, match=r"features-00001\.safetensors holds image_embeds \[2, 32, 26\].*\[2, 26, 32\]"
+        ValueError, match=r"features-00001\.safetensors holds frozen_image_states \[2, 32, 26\].*\[2, 26, 32\]"
     ):
         load_feature_cache(cache)
 
@@ -377,7 +402,7 @@ def test_console_command(stage, processor, image_paths, tmp_path, capsys):
 
 
 def test_data_collators_train_from_the_cache(models, processor, caption_data, fp32_caches):
-    """The data module's collators stack cache rows into `image_embeds`: same batch text, same loss as from images."""
+    """The data module's collators stack cache rows into `frozen_image_states`: same batch text, same loss as from images."""
     from blip2_hf.data import Stage1Collator, Stage2Collator
 
     for name, model, collator in (
@@ -387,7 +412,7 @@ def test_data_collators_train_from_the_cache(models, processor, caption_data, fp
         cache = load_feature_cache(fp32_caches / name)
         from_images = collator([caption_data[i] for i in range(len(caption_data))])
         from_cache = collator([cache[i] for i in range(len(cache))])
-        assert set(from_cache) == set(from_images) - {"pixel_values"} | {"image_embeds"}
+        assert set(from_cache) == set(from_images) - {"pixel_values"} | {"frozen_image_states"}
         losses = []
         for batch in (from_images, from_cache):
             torch.manual_seed(0)

@@ -448,21 +448,25 @@ def test_tuple_outputs():
     assert torch.equal(as_tuple[0], as_dict.logits)
 
 
-def test_cached_image_embeds_and_frozen_towers():
+def test_cached_frozen_image_states_and_frozen_towers():
     model = tiny_model("opt")
     ids = torch.tensor([prompt_ids(model, [5, 6])] * 2)
     images = pixels(2)
     with torch.no_grad():
         frozen = model.encode_image_frozen(images)  # what a frozen-feature cache stores (before post_layernorm)
         a = model(pixel_values=images, input_ids=ids).logits
-        b = model(image_embeds=frozen, input_ids=ids).logits
+        b = model(frozen_image_states=frozen, input_ids=ids).logits
     assert torch.equal(a, b)
     assert torch.equal(
         model.generate(pixel_values=images, input_ids=ids, max_new_tokens=3),
-        model.generate(image_embeds=frozen, input_ids=ids, max_new_tokens=3),
+        model.generate(frozen_image_states=frozen, input_ids=ids, max_new_tokens=3),
     )
     with pytest.raises(ValueError, match="not both"):
-        model(pixel_values=images, image_embeds=frozen, input_ids=ids)
+        model(pixel_values=images, frozen_image_states=frozen, input_ids=ids)
+    # the old name is refused, not swallowed by **kwargs: transformers' `image_embeds` is after post_layernorm
+    for call in (model, model.generate, model.get_image_features):
+        with pytest.raises(TypeError, match="as `frozen_image_states`"):
+            call(image_embeds=frozen, input_ids=ids)
     model.freeze_vision_encoder()
     model.freeze_language_model()
     model.train()

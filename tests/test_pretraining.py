@@ -204,15 +204,15 @@ def test_frozen_vision_encoder_gets_no_gradient_and_stays_in_eval():
     assert model.qformer.encoder.layer[0].crossattention.attention.key.weight.grad.abs().sum() > 0
 
 
-def test_image_embeds_input_equals_pixel_values():
+def test_frozen_image_states_input_equals_pixel_values():
     model = stage1_model().eval()
     inputs = batch(2)
     with torch.no_grad():
         frozen = model.encode_image_frozen(inputs["pixel_values"])
         a = model(**inputs)
-        b = model(image_embeds=frozen, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        b = model(frozen_image_states=frozen, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
     assert torch.allclose(a.loss, b.loss, atol=1e-6)
-    with pytest.raises(ValueError, match="exactly one of pixel_values and image_embeds"):
+    with pytest.raises(ValueError, match="exactly one of pixel_values and frozen_image_states"):
         model(input_ids=inputs["input_ids"])
 
 
