@@ -293,8 +293,9 @@ def _progress(**kwargs: Any) -> Any:
 
 
 def _read_image(path: Path, command: str) -> Image.Image | None:
-    """The image at `path` as RGB, or None after naming the file and the error on stderr."""
-    from .data import load_image
+    """The image at `path` as RGB (`blip2_hf.load_image`, the pipeline's and training's rules), or None after naming
+    the file and the error on stderr."""
+    from .processing_blip2 import load_image
 
     try:
         return load_image(path)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import json
 import logging
 import math
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .processing_blip2 import Blip2ImageProcessor, Blip2Processor
+from .processing_blip2 import Blip2Processor, load_image  # load_image: the one image loader, re-exported here
 
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
@@ -428,45 +427,6 @@ def _interleave(
 # ---------------------------------------------------------------------------------------------------------------------
 # Images: loading, bad-sample accounting, augmentation
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def load_image(value: Any) -> Image.Image:
-    """Open and fully decode one image as 8-bit RGB.
-
-    Args:
-        value: a path (`str` / `os.PathLike`), encoded bytes (`bytes`, `bytearray`, `memoryview`), a
-            `{"path", "bytes"}` dict as `datasets.Image(decode=False)` stores it (bytes win when both are set), or a
-            `PIL.Image.Image`.
-
-    The pixels are decoded here (`Image.load()`), so a truncated or corrupt file raises now, inside the collator's
-    error handling, and not later in the image processor. Modes are converted with `Blip2ImageProcessor.to_rgb_images`
-    (alpha dropped as LAVIS does, 16-bit scaled).
-
-    Raises:
-        FileNotFoundError / PIL.UnidentifiedImageError / OSError: the file is missing, not an image or truncated.
-        ValueError: `value` is None or an empty dict. TypeError: an unsupported type.
-    """
-    if isinstance(value, Mapping):
-        if value.get("bytes") is not None:
-            value = value["bytes"]
-        elif value.get("path") is not None:
-            value = value["path"]
-        else:
-            raise ValueError(f"Image entry {dict(value)!r} has neither bytes nor a path.")
-    if value is None:
-        raise ValueError("The sample has no image.")
-    if isinstance(value, Image.Image):
-        value.load()
-        return Blip2ImageProcessor.to_rgb_images([value])[0]
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        source: Any = io.BytesIO(value)
-    elif isinstance(value, (str, os.PathLike)):
-        source = os.fspath(value)
-    else:
-        raise TypeError(f"Cannot load an image from a {type(value).__name__}; expected a path, bytes or a dict.")
-    with Image.open(source) as image:
-        image.load()
-        return Blip2ImageProcessor.to_rgb_images([image])[0]
 
 
 def describe_image(value: Any, caption: Any = None) -> str:
