@@ -1,7 +1,7 @@
 """`blip2-hf`: the package's command line, one subcommand per task.
 
     blip2-hf demo [--quick] [--seeds N] [--output DIR]
-    blip2-hf push FOLDER REPO_ID [--results results.json ...] [--private] [--license mit] [--timeout 60]
+    blip2-hf push FOLDER REPO_ID [--results results.json ...] [--private] [--license mit] [--dataset ID ...]
     blip2-hf push LORA_FOLDER REPO_ID (--merge-lora | --base-model BASE_REPO_ID [--push-base])
     blip2-hf card FOLDER REPO_ID [--results results.json ...] [--output README.md]
     blip2-hf caption IMAGE [IMAGE ...] [--model M] [--prompt TEXT] [--num-beams 3] [--max-new-tokens 30]
