@@ -28,7 +28,7 @@ from .modeling_blip2 import (
     Blip2VisionModel,
 )
 from .pipeline_blip2 import Blip2ImageToTextPipeline
-from .processing_blip2 import Blip2ImageProcessor, Blip2Processor
+from .processing_blip2 import Blip2ImageProcessor, Blip2Processor, load_image
 
 __version__ = "0.1.0"
 
@@ -65,4 +65,5 @@ __all__ = [
     "Blip2ImageProcessor",
     "Blip2ImageToTextPipeline",
     "VQA_PROMPT",
+    "load_image",
 ]

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 # Only light modules at the top: the parsers (and `--help`) must not wait for torch and transformers.
-from .constants import DEFAULT_LICENSE, DEFAULT_TEMPLATE, VQA_PROMPT
+from .constants import DEFAULT_LICENSE, DEFAULT_TEMPLATE, HUB_TIMEOUT, VQA_PROMPT
 from .demo import CAPTION_MODEL_SUBDIR, RETRIEVAL_MODEL_SUBDIR, demo_dir
 
 if TYPE_CHECKING:  # for the annotations only: the commands import these when they run
@@ -113,6 +113,14 @@ def add_push_command(subparsers: argparse._SubParsersAction) -> None:
         "--allow-pickle", action="store_true", help="Publish pickled files (.bin, .pt, ...) too; refused by default."
     )
     parser.add_argument(
+        "--timeout",
+        type=_positive_float,
+        metavar="SECONDS",
+        default=HUB_TIMEOUT,
+        help="Seconds each Hub request may wait to connect and for each read or write before the push fails "
+        f"(default: {HUB_TIMEOUT:g}; a slow upload that keeps moving is not cut).",
+    )
+    parser.add_argument(
         "--push-base",
         action="store_true",
         help="LoRA folder published as an adapter: first publish its base model (trained Q-Former, LLM without the "
@@ -137,6 +145,7 @@ def run_push(args: argparse.Namespace) -> int:
         revision=args.revision,
         merge_lora=args.merge_lora,
         push_base=args.push_base,
+        timeout=args.timeout,
     )
     print(url)
     return 0
@@ -194,6 +203,14 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a number > 0 (a timeout of 0 would fail every request)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
     return value
 
 
@@ -293,8 +310,9 @@ def _progress(**kwargs: Any) -> Any:
 
 
 def _read_image(path: Path, command: str) -> Image.Image | None:
-    """The image at `path` as RGB, or None after naming the file and the error on stderr."""
-    from .data import load_image
+    """The image at `path` as RGB (`blip2_hf.load_image`, the pipeline's and training's rules), or None after naming
+    the file and the error on stderr."""
+    from .processing_blip2 import load_image
 
     try:
         return load_image(path)

@@ -14,3 +14,5 @@ VQA_PROMPT = "Question: {} Short answer:"
 DEFAULT_TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 # The upstream BLIP-2 checkpoints (Salesforce/blip2-*) are published under MIT; the LLM's own license applies too.
 DEFAULT_LICENSE = "mit"
+# Seconds each Hub request of `blip2-hf push` / `hub.push_folder` may wait to connect and for each read or write.
+HUB_TIMEOUT = 60.0

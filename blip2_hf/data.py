@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import json
 import logging
 import math
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .processing_blip2 import Blip2ImageProcessor, Blip2Processor
+from .processing_blip2 import Blip2Processor, load_image  # load_image: the one image loader, re-exported here
 
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
@@ -95,22 +94,38 @@ def _binary_features() -> Any:
     return Features({"image": Value("binary"), "caption": Value("string")})
 
 
-def _explode_captions(images: Sequence[Any], captions: Sequence[Any], where: str) -> tuple[list[Any], list[str]]:
-    """One row per caption: a list of captions repeats its image. `where` names the source in errors."""
+def _explode_captions(
+    images: Sequence[Any], captions: Sequence[Any], where: str, names: Sequence[str] | None = None
+) -> tuple[list[Any], list[str]]:
+    """One row per caption: a list of captions repeats its image. `where` names the source in errors, `names` its
+    entries (default: their index). Captions that `pre_caption` cleans to nothing ("", "...", "!!") are skipped with
+    one warning naming `where` and the entries: trained on, they would teach the model to stop at once."""
     out_images: list[Any] = []
     out_captions: list[str] = []
+    empty: list[str] = []
     for index, (image, caption) in enumerate(zip(images, captions)):
+        name = names[index] if names is not None else f"entry {index}"
         if isinstance(caption, str):
-            out_images.append(image)
-            out_captions.append(caption)
+            caption = [caption]
+            numbered = [name]
         elif isinstance(caption, (list, tuple)) and all(isinstance(c, str) for c in caption):
-            out_images.extend([image] * len(caption))
-            out_captions.extend(caption)
+            numbered = [f"{name}[{position}]" for position in range(len(caption))]
         else:
             raise ValueError(
-                f"{where}: entry {index} has caption {caption!r} ({type(caption).__name__}); "
+                f"{where}: {name} has caption {caption!r} ({type(caption).__name__}); "
                 "expected a string or a list of strings."
             )
+        for text, name in zip(caption, numbered):
+            if pre_caption(text):
+                out_images.append(image)
+                out_captions.append(text)
+            else:
+                empty.append(name)
+    if empty:
+        shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        logger.warning(
+            "%s: skipped %d caption(s) that are empty after cleaning: %s.", where, len(empty), shown
+        )
     return out_images, out_captions
 
 
@@ -121,13 +136,18 @@ def load_caption_json(path: str | os.PathLike, image_root: str | os.PathLike | N
     format of `coco_karpathy_{train,val,test}.json`, `vg_caption.json`, ...); other keys are ignored. A list of
     captions becomes one row per caption. Relative image paths are joined to `image_root` (default: the folder of
     the JSON file); absolute paths are kept. Image files are not opened here: a missing or broken file is a bad
-    sample for the collator, not an error of the whole source.
+    sample for the collator, not an error of the whole source. Captions that are empty after `pre_caption` are
+    skipped with a warning naming the entries (an error when nothing is left).
 
     The file is read with `json` rather than `load_dataset("json")`: LAVIS files mix `str` and `list` captions and
     `str` / `int` ids across entries, which Arrow type inference rejects, and every row needs its path joined anyway.
 
     Returns:
         `datasets.Dataset` with columns `image` (`str`, a path) and `caption` (`str`).
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: not JSON (names the file, line and column), not a list of
+            entries, an entry without `image` / `caption`, or no caption left.
     """
     from datasets import Dataset
 
@@ -135,7 +155,14 @@ def load_caption_json(path: str | os.PathLike, image_root: str | os.PathLike | N
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Caption JSON {path!r} does not exist.")
     with open(path, encoding="utf-8") as file:
-        entries = json.load(file)
+        try:
+            entries = json.load(file)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"Caption JSON {path!r} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}."
+            ) from None
+        except UnicodeDecodeError as error:
+            raise ValueError(f"Caption JSON {path!r} is not UTF-8 text ({error.reason} at byte {error.start}).") from None
     if not isinstance(entries, list):
         raise ValueError(
             f"Caption JSON {path!r} holds a {type(entries).__name__}; expected a list of "
@@ -152,7 +179,10 @@ def load_caption_json(path: str | os.PathLike, image_root: str | os.PathLike | N
             raise ValueError(f"Caption JSON {path!r}: entry {index} has a non-string image {entry['image']!r}.")
         images.append(os.path.join(root, entry["image"]))  # an absolute entry["image"] wins over `root`
         captions.append(entry["caption"])
-    images, captions = _explode_captions(images, captions, f"Caption JSON {path!r}")
+    names = [f"entry {index}" for index in range(len(images))]
+    images, captions = _explode_captions(images, captions, f"Caption JSON {path!r}", names)
+    if not captions:
+        raise ValueError(f"Caption JSON {path!r} has no caption left to train on (none, or all empty after cleaning).")
     return Dataset.from_dict({"image": images, "caption": captions}, features=_string_features())
 
 
@@ -205,7 +235,8 @@ def load_image_folder(
 
     def to_rows(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         paths = [_folder_image_path(value) for value in batch["image"]]
-        images, captions = _explode_captions(paths, batch[caption_column], f"Image folder {data_dir!r}")
+        names = [os.path.relpath(path, data_dir) for path in paths]  # the metadata's file_name
+        images, captions = _explode_captions(paths, batch[caption_column], f"Image folder {data_dir!r}", names)
         return {"image": images, "caption": captions}
 
     return dataset.map(to_rows, batched=True, remove_columns=columns, features=_string_features())
@@ -258,7 +289,8 @@ def load_webdataset(
     A sample is the group of files sharing a key (`000123.jpg`, `000123.txt`, `000123.json`): its image is the first
     of the `jpg` / `jpeg` / `png` / `webp` fields present, its caption the `txt` field or else the `caption` key of the
     `json` field. A sample without an image or a caption keeps `None` there and is counted as a bad sample by the
-    collator. Images stay undecoded bytes.
+    collator; one whose caption is empty after cleaning is skipped with a warning naming its shard and key. Images
+    stay undecoded bytes.
 
     Args:
         paths_or_glob: a shard path, a glob (`"shards/train-*.tar"`) or a list of them.
@@ -283,14 +315,19 @@ def load_webdataset(
     )
 
     def to_rows(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        images, captions = [], []
+        images, captions, empty = [], [], []
         for index in range(len(batch["__key__"])):
             cell = next((batch[ext][index] for ext in IMAGE_EXTENSIONS if batch[ext][index] is not None), None)
-            images.append(cell["bytes"] if cell is not None else None)
             caption = batch["txt"][index]
             if caption is None and batch["json"][index] is not None:
                 caption = batch["json"][index]["caption"]
+            if isinstance(caption, str) and not pre_caption(caption):  # see `_explode_captions`
+                empty.append(f"{batch['__url__'][index]}:{batch['__key__'][index]}")
+                continue
+            images.append(cell["bytes"] if cell is not None else None)
             captions.append(caption)
+        if empty:
+            logger.warning("Skipped %d sample(s) whose caption is empty after cleaning: %s.", len(empty), ", ".join(empty))
         return {"image": images, "caption": captions}
 
     return dataset.map(to_rows, batched=True, remove_columns=list(features), features=_binary_features())
@@ -428,45 +465,6 @@ def _interleave(
 # ---------------------------------------------------------------------------------------------------------------------
 # Images: loading, bad-sample accounting, augmentation
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def load_image(value: Any) -> Image.Image:
-    """Open and fully decode one image as 8-bit RGB.
-
-    Args:
-        value: a path (`str` / `os.PathLike`), encoded bytes (`bytes`, `bytearray`, `memoryview`), a
-            `{"path", "bytes"}` dict as `datasets.Image(decode=False)` stores it (bytes win when both are set), or a
-            `PIL.Image.Image`.
-
-    The pixels are decoded here (`Image.load()`), so a truncated or corrupt file raises now, inside the collator's
-    error handling, and not later in the image processor. Modes are converted with `Blip2ImageProcessor.to_rgb_images`
-    (alpha dropped as LAVIS does, 16-bit scaled).
-
-    Raises:
-        FileNotFoundError / PIL.UnidentifiedImageError / OSError: the file is missing, not an image or truncated.
-        ValueError: `value` is None or an empty dict. TypeError: an unsupported type.
-    """
-    if isinstance(value, Mapping):
-        if value.get("bytes") is not None:
-            value = value["bytes"]
-        elif value.get("path") is not None:
-            value = value["path"]
-        else:
-            raise ValueError(f"Image entry {dict(value)!r} has neither bytes nor a path.")
-    if value is None:
-        raise ValueError("The sample has no image.")
-    if isinstance(value, Image.Image):
-        value.load()
-        return Blip2ImageProcessor.to_rgb_images([value])[0]
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        source: Any = io.BytesIO(value)
-    elif isinstance(value, (str, os.PathLike)):
-        source = os.fspath(value)
-    else:
-        raise TypeError(f"Cannot load an image from a {type(value).__name__}; expected a path, bytes or a dict.")
-    with Image.open(source) as image:
-        image.load()
-        return Blip2ImageProcessor.to_rgb_images([image])[0]
 
 
 def describe_image(value: Any, caption: Any = None) -> str:

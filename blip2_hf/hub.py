@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -42,16 +43,17 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.constants
 import transformers
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub import get_token as get_stored_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 from huggingface_hub.hf_api import RepoFile
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import get_session, validate_repo_id
 
 from . import __version__, modeling_blip2
 from .configuration_blip2 import Blip2Config
-from .constants import DEFAULT_LICENSE, DEFAULT_TEMPLATE
+from .constants import DEFAULT_LICENSE, DEFAULT_TEMPLATE, HUB_TIMEOUT
 from .remote_code import REMOTE_CODE_FILES, has_complete_auto_map, set_auto_map
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,9 @@ TRAINING_RUN_FILE = "training_run.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILES = (ADAPTER_CONFIG, "adapter_model.safetensors", "adapter_model.bin")
 PROCESSOR_CODE_FILE = "processing_blip2.py"
+# `constants.HUB_TIMEOUT`: seconds every Hub request of a push may wait (huggingface_hub's shared HTTP client waits
+# forever by default, so an endpoint that accepts connections and never answers hung `push`).
+DEFAULT_HUB_TIMEOUT = HUB_TIMEOUT
 
 # config.json `architectures[0]` -> (the card's kind, the Hub pipeline tag). Stage 1 and retrieval map to zero-shot-image-classification, the task transformers serves Blip2ForImageTextRetrieval
 # with (the Hub has no image-text-retrieval pipeline tag).
@@ -562,12 +567,57 @@ class HubAuthError(PushError, PermissionError):
 
 
 @contextmanager
+def hub_timeout(seconds: float | None) -> Iterator[None]:
+    """Within the block, every request of huggingface_hub's shared HTTP client (`get_session()`) waits at most
+    `seconds` to connect and for each read or write (None: forever, the client's default); restored afterwards. A
+    slow upload that keeps moving is not cut: the limit is per wait, not on the whole transfer. Xet uploads go
+    through hf_xet, which has its own timeouts."""
+    session = get_session()
+    saved = session.timeout
+    session.timeout = seconds  # the client's setter accepts a number (one limit for connect, read, write, pool)
+    try:
+        yield
+    finally:
+        session.timeout = saved
+
+
+def _http_library() -> Any:
+    """The module of huggingface_hub's HTTP client (`httpx`, or its `httpx2` fork from huggingface_hub 2 on), whose
+    `TransportError` / `TimeoutException` are what a refused connection or a silent server raise."""
+    return importlib.import_module(type(get_session()).__module__.split(".")[0])
+
+
+def _network_failure(repo_id: str, step: str, err: Exception) -> str:
+    """One line for a request that got no HTTP answer: the endpoint, the request, and what to check."""
+    try:
+        request = f" ({err.request.method} {err.request.url.path})"
+    except (AttributeError, RuntimeError):  # httpx raises RuntimeError when the error carries no request
+        request = ""
+    endpoint = huggingface_hub.constants.ENDPOINT
+    if isinstance(err, _http_library().TimeoutException):
+        limit = get_session().timeout.read
+        what = f"the Hub at {endpoint} did not answer within {limit:g} s" if limit else f"timeout at {endpoint}"
+    else:
+        what = f"cannot reach the Hub at {endpoint}: {type(err).__name__}: {err}"
+    return (
+        f"Could not {step} {repo_id}: {what}{request}. Check the network and HF_ENDPOINT (or raise --timeout / "
+        "`timeout=`)."
+    )
+
+
+@contextmanager
 def _explained_hub_errors(repo_id: str, step: str) -> Iterator[None]:
     """Turn the Hub's HTTP errors into messages that name the repo and the missing right. The token is never part
     of them: huggingface_hub's errors carry the URL and the server's message, not the request headers."""
     try:
         yield
-    except HfHubHTTPError as err:
+    except PushError:
+        raise
+    except Exception as err:
+        if isinstance(err, _http_library().TransportError):  # refused, reset, timed out: no HTTP answer at all
+            raise PushError(_network_failure(repo_id, step, err)) from None
+        if not isinstance(err, HfHubHTTPError):
+            raise
         status = err.response.status_code if err.response is not None else None
         server = err.response.headers.get("X-Error-Message") if err.response is not None else None
         said = f" The Hub said: {server}" if server else ""
@@ -746,16 +796,14 @@ def _file_hashes(path: Path) -> tuple[str, str]:
 def _check_base_repo(api: HfApi, base_repo: str, files: dict[str, Path], folder: Path) -> None:
     """Refuse an adapter push whose `base_repo` does not hold this folder's base weights: stage 2 trains the Q-Former
     beside the adapter, so any other base (the original BLIP-2, an older push) would give other outputs."""
-    try:
-        remote = {e.path: e for e in api.list_repo_tree(base_repo, recursive=True) if isinstance(e, RepoFile)}
-    except RepositoryNotFoundError:
-        raise PushError(
-            f"The base model repo {base_repo} does not exist (or this token cannot read it). Add --push-base "
-            f"(push_base=True) to publish {folder}'s base model there first."
-        ) from None
-    except HfHubHTTPError:
-        with _explained_hub_errors(base_repo, "list the files of"):
-            raise
+    with _explained_hub_errors(base_repo, "list the files of"):  # HTTP and network errors; PushError passes
+        try:
+            remote = {e.path: e for e in api.list_repo_tree(base_repo, recursive=True) if isinstance(e, RepoFile)}
+        except RepositoryNotFoundError:
+            raise PushError(
+                f"The base model repo {base_repo} does not exist (or this token cannot read it). Add --push-base "
+                f"(push_base=True) to publish {folder}'s base model there first."
+            ) from None
     weights = [name for name in files if _is_model_weight(name)]
     for name in weights:
         entry = remote.get(name)
@@ -810,17 +858,55 @@ def _publish(
         operations.append(CommitOperationAdd(path_in_repo="config.json", path_or_fileobj=config_bytes))
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))
     with _explained_hub_errors(repo_id, "create the repo"):
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        created = _create_repo(api, repo_id, private)
+    try:
         if revision is not None:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-    with _explained_hub_errors(repo_id, "list the files of"):
-        existing = api.list_repo_files(repo_id, revision=revision)
-    stale = (*WEIGHT_PATTERNS, *ADAPTER_FILES)
-    operations += [CommitOperationDelete(path_in_repo=n) for n in existing if _matches(n, stale) and n not in files]
-    with _explained_hub_errors(repo_id, "commit to"):
-        commit = api.create_commit(repo_id, operations, commit_message=message, revision=revision)
+            with _explained_hub_errors(repo_id, "create the branch of"):
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+        with _explained_hub_errors(repo_id, "list the files of"):
+            existing = api.list_repo_files(repo_id, revision=revision)
+        stale = (*WEIGHT_PATTERNS, *ADAPTER_FILES)
+        operations += [CommitOperationDelete(path_in_repo=n) for n in existing if _matches(n, stale) and n not in files]
+        with _explained_hub_errors(repo_id, "commit to"):
+            commit = api.create_commit(repo_id, operations, commit_message=message, revision=revision)
+    except BaseException as err:  # Ctrl-C too: a repo this push created must not stay behind empty
+        if not created:
+            raise
+        note = _delete_created_repo(api, repo_id)
+        if isinstance(err, PushError):
+            raise type(err)(f"{err} {note}") from err.__cause__
+        logger.error(note)
+        raise
     logger.info("Published %s: %s", repo_id, commit.commit_url)
     return commit.commit_url
+
+
+def _create_repo(api: HfApi, repo_id: str, private: bool | None) -> bool:
+    """Create `repo_id` if it does not exist; whether this call created it (then a failed push deletes it)."""
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=False)
+        return True
+    except HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else None
+        if status == 409:  # it exists
+            return False
+        if status in (401, 402, 403):  # may exist all the same: huggingface_hub's exist_ok path checks, or raises
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            return False
+        raise
+
+
+def _delete_created_repo(api: HfApi, repo_id: str) -> str:
+    """Delete the repo a failed push created (it holds only the Hub's initial commit); a sentence saying so, or
+    saying that it could not be deleted and must be by hand."""
+    try:
+        api.delete_repo(repo_id, missing_ok=True)
+    except Exception as err:  # the network that failed the push may fail this too: say so, keep the first error
+        return (
+            f"The repo {repo_id} that this push created could not be deleted ({type(err).__name__}): it is empty; "
+            f"delete it at {huggingface_hub.constants.ENDPOINT}/{repo_id}/settings or push again."
+        )
+    return f"The repo {repo_id} that this push created was deleted again."
 
 
 def _hub_api(token: str | None, repo_id: str) -> tuple[HfApi, str]:
@@ -876,6 +962,7 @@ def push_folder(
     revision: str | None = None,
     merge_lora: bool = False,
     push_base: bool = False,
+    timeout: float | None = DEFAULT_HUB_TIMEOUT,
 ) -> str:
     """Publish a saved BLIP-2 folder as `repo_id` in one commit and return the commit's URL.
 
@@ -894,12 +981,42 @@ def push_folder(
         private: create the repo private (ignored when it exists).
         allow_pickle: publish pickled files (`.bin`, `.pt`, ...) too; refused by default.
         revision: the branch to commit to (default `main`).
+        timeout: seconds each Hub request may wait to connect and for each read or write (`hub_timeout`); None
+            waits forever.
 
     Raises:
         HubAuthError: no token, a refused token (401) or no write access (403); the message names the repo.
         PushError: a folder that cannot be published (no weights, pickles, not BLIP-2, a LoRA folder without a Hub
-            base) or a failed commit, after which the repo is as it was before.
+            base), a Hub that cannot be reached or does not answer within `timeout` (one line naming the endpoint),
+            or a failed commit, after which the repo is as it was before (deleted again if this push created it).
     """
+    with hub_timeout(timeout):
+        return _push_folder(
+            folder, repo_id, token=token, private=private, commit_message=commit_message, results=results,
+            license=license, datasets=datasets, base_models=base_models, tags=tags, template_path=template_path,
+            allow_pickle=allow_pickle, revision=revision, merge_lora=merge_lora, push_base=push_base,
+        )  # fmt: skip
+
+
+def _push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None,
+    private: bool | None,
+    commit_message: str | None,
+    results: Sequence[str | os.PathLike] | None,
+    license: str,
+    datasets: Sequence[str] | None,
+    base_models: Sequence[str] | None,
+    tags: Sequence[str] | None,
+    template_path: str | os.PathLike | None,
+    allow_pickle: bool,
+    revision: str | None,
+    merge_lora: bool,
+    push_base: bool,
+) -> str:
+    """`push_folder` within its `hub_timeout`."""
     info = FolderInfo.read(folder)
     adapter = read_adapter_config(info.folder)
     _check_lora_options(folder, adapter, merge_lora, push_base)
@@ -911,9 +1028,10 @@ def push_folder(
     if adapter is not None and merge_lora:
         with tempfile.TemporaryDirectory() as merged:
             merge_lora_folder(info.folder, merged, allow_pickle)
-            return push_folder(
+            return _push_folder(
                 merged, repo_id, token=token, private=private, commit_message=commit_message, results=results,
-                base_models=base_models, allow_pickle=allow_pickle, revision=revision, **card_args,
+                base_models=base_models, allow_pickle=allow_pickle, revision=revision, merge_lora=False,
+                push_base=False, **card_args,
             )  # fmt: skip
     # Everything local comes first (results, card, completed config, processor): an error there leaves the Hub as
     # it was, not with an empty repo.

@@ -8,16 +8,19 @@ This file is copied into saved checkpoints as remote code: it imports only trans
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from transformers import Pipeline
-from transformers.image_utils import load_image
 
 
 class Blip2ImageToTextPipeline(Pipeline):
     """`pipe(image)` -> `[{"generated_text": caption}]`; `pipe(image, prompt="Question: ... Answer:")` -> the answer.
-    `image` is a PIL image, a path or a URL; a list of them gives a list of results. Generation settings come from
+    `image` is a PIL image, an array, a path, a URL or a `data:` URI, decoded by the processor's
+    `Blip2ImageProcessor.load_image` (16-bit, float, transparency and EXIF orientation as the CLI and training read
+    them; never transformers' `load_image`, which turns 16-bit PNGs white and float TIFFs black); a list of them gives
+    a list of results. Generation settings come from
     the model's `generation_config`, overridden by `max_new_tokens=...` or `generate_kwargs={...}`. The returned text
     is the generated continuation only, never the prompt."""
 
@@ -40,10 +43,24 @@ class Blip2ImageToTextPipeline(Pipeline):
         return {"prompt": prompt, "timeout": timeout}, forward_params, {}
 
     def preprocess(self, image, prompt: str | None = None, timeout: float | None = None) -> dict[str, Any]:
-        image = load_image(image, timeout=timeout)
+        image = self._load_image(image, timeout)
         if prompt is None:  # image only: the model builds `[<image> x Q, BOS]` itself, as LAVIS captions
             return dict(self.processor(images=image, return_tensors="pt"))
         return dict(self.processor(images=image, text=prompt, return_tensors="pt"))
+
+    def _load_image(self, image: Any, timeout: float | None) -> Any:
+        """`image` decoded by the processor's BLIP-2 image loader (this file ships without processing_blip2.py, so the
+        loader is reached through the processor rather than imported). A processor whose image processor is not
+        BLIP-2's gets decoded images as they are, and a path or URL is refused rather than decoded another way."""
+        loader = getattr(self.processor.image_processor, "load_image", None)
+        if loader is not None:
+            return loader(image) if timeout is None else loader(image, timeout=timeout)
+        if isinstance(image, (str, bytes, os.PathLike)):
+            raise TypeError(
+                f"This pipeline reads image files with blip2-hf's Blip2ImageProcessor; the processor's image "
+                f"processor is {type(self.processor.image_processor).__name__}. Pass decoded images (PIL) instead."
+            )
+        return image
 
     def _forward(self, model_inputs: dict[str, Any], **generate_kwargs) -> dict[str, Any]:
         model_inputs["pixel_values"] = model_inputs["pixel_values"].to(self.model.vision_model.dtype)

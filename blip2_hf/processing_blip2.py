@@ -6,14 +6,17 @@ torch and transformers.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
-from collections.abc import Sequence
+import urllib.request
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers import AutoTokenizer, BlipImageProcessorPil
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
@@ -24,6 +27,14 @@ from transformers.utils import PaddingStrategy
 
 SingleImage = Image.Image | np.ndarray | torch.Tensor
 ImagesInput = SingleImage | Sequence[SingleImage]
+# What `load_image` reads: a decoded image, a path, an http(s) URL or `data:` URI, encoded bytes, or the
+# `{"path", "bytes"}` dict of `datasets.Image(decode=False)`.
+ImageSource = SingleImage | str | os.PathLike | bytes | bytearray | memoryview | Mapping[str, Any]
+
+# Seconds `load_image` waits for an image URL to answer (connection and each read), unless told otherwise.
+DEFAULT_URL_TIMEOUT = 60.0
+# The EXIF tag that says how to turn the stored pixels to show the picture upright (1 = as stored).
+_EXIF_ORIENTATION = 0x0112
 
 _ACCEPTED_IMAGE_TYPES = "PIL.Image.Image, numpy.ndarray (HWC or HW) or torch.Tensor (CHW or HW)"
 # 16-bit PIL modes. `np.asarray` gives uint16 (or a byte-swapped uint16) for all of them.
@@ -51,18 +62,25 @@ class Blip2ImageProcessor(BlipImageProcessorPil):
     size of the released checkpoints. The resizing and normalisation are those of transformers' `BlipImageProcessorPil`
     (the PIL/NumPy backend: no torchvision needed); only the decoding rules are BLIP-2's own:
 
-    - PIL modes `L`, `1`, `P`, `CMYK`, `YCbCr`, ... go through `Image.convert("RGB")`.
-    - Alpha (`RGBA`, `LA`, `PA`, `P` with transparency) is *dropped*, not composited on white: this follows LAVIS,
-      whose `Image.open(path).convert("RGB")` does the same, so pixel values match the original BLIP-2 pipeline.
-      Likewise the EXIF orientation is not applied.
+    - The EXIF orientation is applied first: the image is turned the way every viewer shows it (what a caption or a
+      question about "the left" refers to). LAVIS' `Image.open(path).convert("RGB")` does not; this differs from it
+      only for files whose orientation tag is not 1 (phone photos, rarely benchmark images).
+    - Transparency (`RGBA`, `LA`, `PA`, `P` or `L` with a `transparency` entry, 4-channel arrays) is composited on
+      *white*, as transformers' `convert_to_rgb` and web pages do. Not on black, and not dropped as LAVIS'
+      `convert("RGB")` does: fully transparent pixels are usually stored as black, so black glyphs or a dark logo on a
+      transparent background would become a uniformly black image; on white they stay visible.
+    - Other PIL modes (`L`, `1`, `P`, `CMYK`, `YCbCr`, ...) go through `Image.convert("RGB")`.
     - 16-bit modes (`I;16`, `I;16B`, ...) are scaled by 255/65535 (65535 -> 255), not clipped at 255 as
       `Image.convert` would. Mode `I` (32-bit integer) is read as 16-bit data when its values fit in [0, 65535], which
       is how 16-bit PNG/TIFF content usually ends up in that mode, and as 31-bit data otherwise (negatives -> 0).
     - Mode `F` (32-bit float) and float arrays/tensors are read as [0, 1] when all values lie in that range, and as
       [0, 255] otherwise; 8-bit values are rounded, not truncated.
     - NumPy arrays are `(H, W, C)` or `(H, W)`; torch tensors are `(C, H, W)` or `(H, W)` (the other layout is also
-      recognised when unambiguous). A 4-channel array/tensor loses its alpha channel, a 1-channel one is grey.
+      recognised when unambiguous). A 4-channel array/tensor is RGBA (composited on white), a 1-channel one grey.
     - A 4D array `(B, H, W, C)` or tensor `(B, C, H, W)` is a batch of `B` images.
+
+    Files, URLs and bytes are read by [`Blip2ImageProcessor.load_image`] (also `blip2_hf.load_image`), which applies
+    the same rules: the pipeline, the CLI, the training collators and the evaluation scripts all decode through it.
 
     Its settings are saved (`preprocessor_config.json`, or the `image_processor` entry of a processor's
     `processor_config.json`) under `image_processor_type: "Blip2ImageProcessor"`.
@@ -92,6 +110,46 @@ class Blip2ImageProcessor(BlipImageProcessorPil):
         """
         settings = {key: value for key, value in image_processor.to_dict().items() if key not in _NOT_SETTINGS}
         return cls(**settings)
+
+    @classmethod
+    def load_image(cls, image: ImageSource, timeout: float | None = DEFAULT_URL_TIMEOUT) -> Image.Image:
+        """
+        Read and fully decode one image as an 8-bit RGB `PIL.Image`, by the rules of the class docstring (EXIF
+        orientation, transparency on white, 16-bit and float scaling). Every entry point that reads image files
+        calls this, so a file gives the same pixels through the pipeline, the CLI, training and evaluation.
+
+        Args:
+            image: a path (`str` / `os.PathLike`); an `http://` / `https://` URL; a `data:image/...;base64,...` URI;
+                encoded bytes (`bytes`, `bytearray`, `memoryview`); a `{"path", "bytes"}` dict as
+                `datasets.Image(decode=False)` stores it (bytes win when both are set); or an already decoded
+                `PIL.Image.Image`, NumPy array `(H, W[, C])` or torch tensor `(C, H, W)` / `(H, W)`.
+            timeout: seconds to wait for a URL's server (connection and each read); None waits forever.
+
+        The pixels are decoded here (`Image.load()`), so a truncated or corrupt file raises now, not later in the
+        image processor.
+
+        Raises:
+            FileNotFoundError: the path does not exist. IsADirectoryError: it is a folder.
+            OSError: not an image, truncated, or a URL that fails or does not answer within `timeout` (names it).
+            ValueError: None, an empty dict, a malformed `data:` URI, or pixels the rules refuse (NaN, ...).
+            TypeError: an unsupported type.
+        """
+        if isinstance(image, Mapping):
+            if image.get("bytes") is not None:
+                image = image["bytes"]
+            elif image.get("path") is not None:
+                image = image["path"]
+            else:
+                raise ValueError(f"Image entry {dict(image)!r} has neither bytes nor a path.")
+        if image is None:
+            raise ValueError("The sample has no image.")
+        if isinstance(image, (Image.Image, np.ndarray, torch.Tensor)):
+            if isinstance(image, Image.Image):
+                image.load()
+            return cls._to_rgb(image, 0)
+        with Image.open(_image_file(image, timeout)) as opened:
+            opened.load()
+            return cls._to_rgb(opened, 0)
 
     @classmethod
     def to_rgb_images(cls, images: ImagesInput) -> list[Image.Image]:
@@ -134,6 +192,8 @@ class Blip2ImageProcessor(BlipImageProcessorPil):
         width, height = image.size
         if width == 0 or height == 0:
             raise ValueError(f"Image at index {index} has zero size (width={width}, height={height}).")
+        if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+            image = ImageOps.exif_transpose(image)
         mode = image.mode
         if mode == "RGB":
             return image
@@ -151,9 +211,9 @@ class Blip2ImageProcessor(BlipImageProcessorPil):
                 scale = 255.0 if values.min() >= 0 and values.max() <= 1 else 1.0
             grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
             return Image.fromarray(grey).convert("RGB")
-        if mode == "P" and "transparency" in image.info:
-            # Going through RGBA avoids Pillow's "palette images with transparency" warning; alpha is then dropped.
-            return image.convert("RGBA").convert("RGB")
+        if {"A", "a"} & set(image.getbands()) or "transparency" in image.info:
+            # One compositing for PIL images and arrays (`_composite_on_white`), so both give the same pixels.
+            return Image.fromarray(_composite_on_white(np.asarray(image.convert("RGBA"))))
         try:
             return image.convert("RGB")
         except (ValueError, OSError) as error:
@@ -207,8 +267,8 @@ class Blip2ImageProcessor(BlipImageProcessorPil):
 
         if pixels.ndim == 3:
             channels = pixels.shape[-1]
-            # 4 channels: drop alpha, as the PIL path does (LAVIS behaviour).
-            pixels = pixels[..., 0] if channels == 1 else pixels[..., :3]
+            # 4 channels: RGBA, composited on white as the PIL path does.
+            pixels = pixels[..., 0] if channels == 1 else _composite_on_white(pixels) if channels == 4 else pixels
         pixels = np.ascontiguousarray(pixels)
         return Image.fromarray(pixels).convert("RGB")  # 2D uint8 -> "L", (H, W, 3) -> "RGB"
 
@@ -576,6 +636,53 @@ class Blip2Processor(ProcessorMixin):
         return self.tokenizer.decode(*args, **kwargs)
 
 
+def load_image(image: ImageSource, timeout: float | None = DEFAULT_URL_TIMEOUT) -> Image.Image:
+    """
+    One image (a path, URL, `data:` URI, bytes, `{"path", "bytes"}` dict, PIL image, array or tensor) as an 8-bit
+    RGB `PIL.Image`, decoded by BLIP-2's rules: [`Blip2ImageProcessor.load_image`], which documents the arguments
+    and errors.
+    """
+    return Blip2ImageProcessor.load_image(image, timeout=timeout)
+
+
+def _image_file(source: Any, timeout: float | None) -> Any:
+    """What `Image.open` reads for `source`: a checked path, or the bytes of bytes / a URL / a `data:` URI."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return io.BytesIO(source)
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(source, timeout=timeout) as response:
+                return io.BytesIO(response.read())
+        except OSError as error:  # URLError, HTTPError and socket timeouts are all OSErrors
+            reason = getattr(error, "reason", error)
+            raise OSError(f"Could not download the image {source} (timeout {timeout} s): {reason}") from None
+    if isinstance(source, str) and source.startswith("data:"):
+        header, _, payload = source.partition(",")
+        if not header.endswith(";base64") or not payload:
+            raise ValueError(f"Image data URI {source[:40]!r}... is not of the form 'data:image/...;base64,<data>'.")
+        try:
+            return io.BytesIO(base64.b64decode(payload, validate=True))
+        except ValueError as error:
+            raise ValueError(f"Image data URI {source[:40]!r}... does not hold valid base64: {error}") from None
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            f"Cannot load an image from a {type(source).__module__}.{type(source).__qualname__}; expected a path, "
+            f"URL, data URI, bytes, a {{'path', 'bytes'}} dict or {_ACCEPTED_IMAGE_TYPES}."
+        )
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"Image path {path!r} is a folder; expected an image file.")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Image file {path!r} does not exist.")
+    return path
+
+
+def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """`(H, W, 4)` uint8 RGBA -> `(H, W, 3)` uint8 RGB over an opaque white background (alpha 0 = white)."""
+    alpha = rgba[..., 3:].astype(np.float64) / 255.0
+    return np.rint(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+
+
 def _is_transformers_blip_image_processor(image_processor: Any) -> bool:
     """Whether `image_processor` is transformers' own BLIP image processor (either backend), not a subclass of it."""
     cls = type(image_processor)
@@ -591,4 +698,4 @@ def _drop_processor_class(path: str | os.PathLike) -> None:
             file.write(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
-__all__ = ["Blip2ImageProcessor", "Blip2Processor"]
+__all__ = ["Blip2ImageProcessor", "Blip2Processor", "load_image"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+import types
 import typing
 from collections.abc import Sequence
 from typing import Any
@@ -57,7 +58,8 @@ def training_dataset(
 def parse_args_with_config(parser: HfArgumentParser, argv: Sequence[str] | None = None) -> tuple:
     """The training scripts' arguments: `--config FILE` (YAML or JSON: a flat mapping of argument names to values)
     then `--name value` overrides from the command line (values read as YAML, so `--max_steps 10` is an int and
-    `--train_data a.json b.json` a list). Unknown names are errors (`HfArgumentParser.parse_dict`)."""
+    `--train_data a.json b.json` a list; one value for a list field, `--train_data a.json`, is a one-item list).
+    Unknown names are errors (`HfArgumentParser.parse_dict`)."""
     import yaml
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -80,11 +82,34 @@ def parse_args_with_config(parser: HfArgumentParser, argv: Sequence[str] | None 
             raise ValueError(f"Unexpected argument {token!r}: use --config FILE and --name value pairs.")
         else:
             items.append(yaml.safe_load(token))
-    # YAML reads 1e-4 as a string (it wants 1.0e-4): give float fields their type
     for dataclass_type in parser.dataclass_types:
         hints = typing.get_type_hints(dataclass_type)
         for field_ in dataclasses.fields(dataclass_type):
-            value = values.get(field_.name)
-            if isinstance(value, str) and hints.get(field_.name) in (float, float | None):
-                values[field_.name] = float(value)
+            if field_.name in values:
+                values[field_.name] = _typed(values[field_.name], hints.get(field_.name))
     return parser.parse_dict(values)
+
+
+def _list_item_type(hint: Any) -> Any | None:
+    """The item type of a `list[X]` or `list[X] | None` hint; None for any other hint (`list[str] | str`, as some
+    `TrainingArguments` fields are, takes a bare string as it is)."""
+    candidates = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    candidates = [candidate for candidate in candidates if candidate is not type(None)]
+    if len(candidates) == 1 and typing.get_origin(candidates[0]) is list:
+        return (typing.get_args(candidates[0]) or (Any,))[0]
+    return None
+
+
+def _typed(value: Any, hint: Any) -> Any:
+    """`value` (from YAML or the command line) fitted to a field's type `hint`: one value given to a list field is a
+    one-item list (`--train_data a.json` once; a bare string would otherwise be read as a list of characters), and
+    YAML's strings for floats (it reads 1e-4 as a string, wanting 1.0e-4) become floats."""
+    item_type = _list_item_type(hint)
+    if item_type is not None:
+        if value is None:
+            return None
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        return [float(item) if item_type is float and isinstance(item, str) else item for item in items]
+    if isinstance(value, str) and hint in (float, float | None):
+        return float(value)
+    return value

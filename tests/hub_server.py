@@ -9,6 +9,7 @@ answers the real client's calls, read from its source (see /work/shared/notes/ec
 | any first request                   | `GET /api/agent-harnesses` (an empty registry)                                 |
 | `whoami`                            | `GET /api/whoami-v2`                                                           |
 | `create_repo`                       | `POST /api/repos/create` (409 when it exists, 403 outside the token's namespaces) |
+| `delete_repo`                       | `DELETE /api/repos/delete`                                                     |
 | `create_commit`                     | `POST /api/validate-yaml` (README.md), `POST .../preupload/{rev}` (always       |
 |                                     | "regular": contents travel inline, no LFS/xet), `POST .../commit/{rev}` (ndjson) |
 | `create_branch`                     | `POST /api/models/{repo}/branch/{branch}`                                      |
@@ -235,6 +236,8 @@ class TestHub:
             )
         if path == "/api/repos/create" and method == "POST":
             return self._create_repo(user, role, json.loads(body or b"{}"))
+        if path == "/api/repos/delete" and method == "DELETE":
+            return self._delete_repo(user, role, json.loads(body or b"{}"))
         if path == "/api/validate-yaml" and method == "POST":
             return _validate_yaml(json.loads(body or b"{}").get("content", ""))
         match = _RESOLVE.match(path)
@@ -271,6 +274,14 @@ class TestHub:
             private = payload.get("visibility") == "private" or bool(payload.get("private"))
             self.create_repo(repo_id, private=private)
         return _Response.json({"url": f"{self._base}/{repo_id}", "name": repo_id, "id": repo_id})
+
+    def _delete_repo(self, user: str | None, role: str | None, payload: dict) -> _Response:
+        repo_id = f"{payload.get('organization') or user}/{payload['name']}"
+        self._require_write(user, role, repo_id, "delete")
+        with self._lock:
+            if self.repos.pop(repo_id, None) is None:
+                raise HubError(404, "Repository not found", "RepoNotFound")
+        return _Response.json({})
 
     def _preupload(self, user: str | None, role: str | None, repo_id: str, revision: str, payload: dict) -> _Response:
         repo = self._readable_repo(repo_id, user)
@@ -473,7 +484,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         url = urlsplit(self.path)
-        body = self._body() if self.command in ("POST", "PUT") else b""
+        body = self._body() if self.command in ("POST", "PUT", "DELETE") else b""
         try:
             response = self.hub.handle(self.command, url.path, parse_qs(url.query), self.headers, body)
         except HubError as err:

@@ -330,12 +330,18 @@ def test_sixteen_bit_is_scaled_not_clipped():
     assert not torch.equal(pixels(processor, mid_grey), pixels(processor, _white("RGB", (8, 8))))
 
 
-def test_alpha_is_dropped_not_composited():
+def test_alpha_is_composited_on_white():
     processor = build()
     transparent = Image.new("RGBA", (10, 10), (10, 20, 30, 0))
-    assert torch.equal(pixels(processor, transparent), pixels(processor, Image.new("RGB", (10, 10), (10, 20, 30))))
+    assert torch.equal(pixels(processor, transparent), pixels(processor, _white("RGB", (10, 10))))
+    half = Image.new("RGBA", (10, 10), (10, 20, 30, 128))  # 10 * 128/255 + 255 * 127/255 = 132.0
+    assert torch.equal(pixels(processor, half), pixels(processor, Image.new("RGB", (10, 10), (132, 137, 142))))
+    # the same pixels from an RGBA array as from the PIL image
+    assert torch.equal(pixels(processor, np.array(half)), pixels(processor, half))
     palette = _unusual("P+transparency")
-    assert torch.equal(pixels(processor, palette), pixels(processor, palette.convert("RGB")))
+    expected = np.array(palette.convert("RGB"))
+    expected[np.array(palette) == 0] = 255  # palette entry 0 is the transparent one
+    assert torch.equal(pixels(processor, palette), pixels(processor, Image.fromarray(expected)))
 
 
 def test_numpy_and_torch_inputs_match_pil():
@@ -349,7 +355,7 @@ def test_numpy_and_torch_inputs_match_pil():
         "numpy HWC float [0,1]": [array.astype(np.float32) / 255 for array in arrays],
         "numpy HWC float [0,255]": [array.astype(np.float64) for array in arrays],
         "numpy CHW uint8": [array.transpose(2, 0, 1) for array in arrays],
-        "numpy HWC RGBA": [np.concatenate([a, np.zeros_like(a[..., :1])], axis=-1) for a in arrays],
+        "numpy HWC RGBA opaque": [np.concatenate([a, np.full_like(a[..., :1], 255)], axis=-1) for a in arrays],
         "numpy batch BHWC": np.stack(arrays),
         "torch CHW uint8": tensors,
         "torch CHW float [0,1]": [tensor.float() / 255 for tensor in tensors],
@@ -386,7 +392,7 @@ def _image_files(folder) -> dict[str, Image.Image]:
     rgba.putalpha(Image.fromarray((grey // 2).astype(np.uint8)))
     palette = base.convert("P")
     exif = Image.Exif()
-    exif[0x0112] = 6  # Orientation: rotate 90 degrees on display; LAVIS (and so BLIP-2) does not apply it
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees on display (applied, unlike LAVIS: see Blip2ImageProcessor)
     writers = {
         "16-bit.png": lambda path: Image.fromarray(grey.astype(np.uint16) * 257).save(path),
         "float.tiff": lambda path: Image.fromarray(grey.astype(np.float32) / 255).save(path),
@@ -419,10 +425,13 @@ def test_image_processor_alone_gives_the_processors_pixel_values(tmp_path):
         expected = reference(Blip2ImageProcessor.to_rgb_images(image), return_tensors="pt")["pixel_values"]
         assert torch.equal(image_processor(image, return_tensors="pt")["pixel_values"], expected), name
         assert torch.equal(pixels(processor, image), expected), name
-    # 16-bit and float files decode like their 8-bit original; the EXIF rotation is not applied
+    # 16-bit and float files decode like their 8-bit original; the EXIF rotation is applied
     assert torch.equal(pixels(processor, images["16-bit.png"]), pixels(processor, Image.fromarray(_grey())))
     assert torch.equal(pixels(processor, images["float.tiff"]), pixels(processor, Image.fromarray(_grey())))
-    assert torch.equal(pixels(processor, images["exif.jpg"]), pixels(processor, images["exif.jpg"].convert("RGB")))
+    stored = Image.fromarray(np.array(images["exif.jpg"]))  # the stored pixels, without the EXIF block
+    upright = stored.transpose(Image.Transpose.ROTATE_270)  # what orientation 6 asks for
+    assert torch.equal(pixels(processor, images["exif.jpg"]), pixels(processor, upright))
+    assert not torch.equal(pixels(processor, images["exif.jpg"]), pixels(processor, stored))
     # arrays, tensors and batches too, with the processor's errors
     array = np.array(images["rgba.png"])
     for value in (array, torch.from_numpy(array).permute(2, 0, 1), np.stack([array, array])):
@@ -644,7 +653,8 @@ def test_module_imports_only_remote_code_safe_packages():
         elif isinstance(node, ast.ImportFrom):
             assert node.level == 0 or node.module is None or not node.module.startswith("blip2_hf")
             roots.add(node.module.split(".")[0] if node.level == 0 else ".")
-    assert roots <= {"__future__", "json", "os", "collections", "typing", "numpy", "PIL", "torch", "transformers"}, roots
+    allowed = {"__future__", "base64", "io", "json", "os", "urllib", "collections", "typing", "numpy", "PIL", "torch"}
+    assert roots <= allowed | {"transformers"}, roots
 
 
 def test_helper_tokenizers_have_the_documented_special_ids():
