@@ -86,7 +86,7 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
         match = _CHECKPOINT_NAME.match(name)
         if match and os.path.isdir(path):
             steps[int(match.group(1))] = path
-        elif name.startswith(STAGING_PREFIX + PREFIX_CHECKPOINT_DIR) and os.path.isdir(path):
+        elif name.startswith(STAGING_PREFIX) and PREFIX_CHECKPOINT_DIR in name and os.path.isdir(path):
             logger.warning(f"Ignoring {path}: a checkpoint whose write was interrupted (incomplete).")
     for step in sorted(steps, reverse=True):
         problems = checkpoint_problems(steps[step])
@@ -171,6 +171,7 @@ class Blip2Trainer(Trainer):
                 raise ValueError(f"No complete checkpoint to resume from in {self.args.output_dir}.")
             logger.info(f"Resuming from {found}." if found else f"No checkpoint in {self.args.output_dir}: starting.")
             resume_from_checkpoint = found
+            self._remove_interrupted_writes()
         elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
             problems = checkpoint_problems(resume_from_checkpoint)
             if problems:
@@ -246,6 +247,18 @@ class Blip2Trainer(Trainer):
                 use_mtime=True,
             )
         self.accelerator.wait_for_everyone()  # no process goes on before checkpoint-N exists
+
+    def _remove_interrupted_writes(self) -> None:
+        """Delete the `.tmp-checkpoint-N` folders of writes that a kill interrupted (incomplete by construction)."""
+        output_dir = self.args.output_dir
+        if self.args.should_save and os.path.isdir(output_dir):
+            for name in os.listdir(output_dir):
+                if name.startswith(STAGING_PREFIX) and PREFIX_CHECKPOINT_DIR in name:
+                    logger.warning(
+                        f"Removing {os.path.join(output_dir, name)}, left by an interrupted checkpoint write."
+                    )
+                    shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+        self.accelerator.wait_for_everyone()
 
     def _publish_checkpoint(self, written: str, final: str, counts: tuple[int, int]) -> None:
         """Complete the checkpoint at `written` and rename it `final` (replacing an older folder of the same step)."""

@@ -107,6 +107,7 @@ def test_last_resumes_from_the_newest_complete_checkpoint(tmp_path, caplog):
     assert f"Resuming from {out / 'checkpoint-2'}." in caplog.text
     assert f"Skipping incomplete checkpoint {partial} (no trainer_state.json)" in caplog.text
     assert trainer.state.global_step == 3
+    assert not (out / ".tmp-checkpoint-4").exists()  # the interrupted write's leftovers are removed
     state = json.loads((partial / "trainer_state.json").read_text())
     assert state["global_step"] == 3  # the partial folder was replaced by a complete one
     assert last_complete_checkpoint(out) == str(partial)
