@@ -15,7 +15,9 @@ With `transformers.Trainer`, pass a collator as `data_collator` and set `remove_
 
 Randomness (crop, flip, the T5 prefix split) comes from Python's `random` module: the Trainer saves and restores its
 state in checkpoints, and `torch.utils.data.DataLoader` seeds it in every worker, so a resumed run draws the same
-augmentations. With `num_workers > 0` each worker holds its own copy of a collator and of its tracker.
+augmentations. With `num_workers > 0` each worker holds its own copy of a collator and of its tracker; a collator
+whose `report_counts` is set (the Trainers set it) adds each batch's counts under `BAD_IMAGE_COUNTS_KEY`, which is how
+the run's totals reach the main process.
 
 `datasets` is imported inside the functions that need it, so importing this module stays cheap.
 """
@@ -48,6 +50,10 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 """Image fields read from WebDataset samples, in order of preference."""
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 """Files that make a folder an `imagefolder` source (the `datasets` convention)."""
+BAD_IMAGE_COUNTS_KEY = "bad_image_counts"
+"""The batch entry of a collator with `report_counts=True`: int64 `[B, 2]`, row 0 = (samples seen, samples whose image
+could not be read) in that batch, other rows 0. One row per sample, so that `accelerate`'s batch dispatching (which
+concatenates and slices along dim 0) keeps every count once; `Blip2Trainer` removes it before the model sees it."""
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Caption cleaning
@@ -667,6 +673,9 @@ class _CollatorBase:
         # (`blip2_hf.trainer` updates `epoch` at each epoch's start).
         self.seed = 0
         self.epoch = 0
+        # Set by `Blip2Trainer`: batches then carry their counts (`BAD_IMAGE_COUNTS_KEY`), the only way the counts of
+        # data-loader workers (each with its own copy of this collator) reach the main process.
+        self.report_counts = False
 
     def _rng(self, row: Mapping[str, Any]) -> random.Random:
         image = row.get("image")
@@ -703,6 +712,14 @@ class _CollatorBase:
                 self.tracker.summary(f"and every sample of the last batch ({len(rows)} samples) was bad")
             )
         return images, captions, rngs
+
+    def _with_counts(self, batch: dict[str, torch.Tensor], num_seen: int, num_bad: int) -> dict[str, torch.Tensor]:
+        """`batch` plus its counts (`BAD_IMAGE_COUNTS_KEY`) when `report_counts` is set."""
+        if self.report_counts:
+            counts = torch.zeros(len(next(iter(batch.values()))), 2, dtype=torch.int64)
+            counts[0, 0], counts[0, 1] = num_seen, num_bad
+            batch[BAD_IMAGE_COUNTS_KEY] = counts
+        return batch
 
     def _cached_captions(self, rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[random.Random]]:
         return [pre_caption(row["caption"], self.max_words) for row in rows], [self._rng(row) for row in rows]
@@ -748,6 +765,7 @@ class Stage1Collator(_CollatorBase):
         else:
             images, captions, _ = self._load_rows(rows)
             batch = {"pixel_values": self._pixel_values(images)}
+        num_bad = len(rows) - len(captions)
         tokens = self.processor.qformer_tokenizer(
             captions,
             padding="longest",
@@ -758,7 +776,7 @@ class Stage1Collator(_CollatorBase):
         )
         batch["input_ids"] = tokens["input_ids"]
         batch["attention_mask"] = tokens["attention_mask"]
-        return batch
+        return self._with_counts(batch, len(rows), num_bad)
 
 
 class Stage2Collator(_CollatorBase):
@@ -827,7 +845,7 @@ class Stage2Collator(_CollatorBase):
             batch.update(self._encoder_decoder_text(captions, rngs))
         else:
             batch.update(self._decoder_only_text(captions))
-        return batch
+        return self._with_counts(batch, len(rows), len(rows) - len(captions))
 
     def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """`[<image> x Q] + tokens`, right-padded, at most `max_length` text tokens."""
@@ -876,6 +894,7 @@ class Stage2Collator(_CollatorBase):
 
 
 __all__ = [
+    "BAD_IMAGE_COUNTS_KEY",
     "BadImageTracker",
     "RandomResizedCropFlip",
     "Stage1Collator",

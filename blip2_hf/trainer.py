@@ -6,26 +6,94 @@ What BLIP-2 needs beyond the stock Trainer, and nothing else:
 - each loss component (ITC / ITM / ITG in stage 1) logged next to the total, averaged over the logging window and
   across processes;
 - checkpoints holding only the trained weights (the frozen ViT-g and LLM are most of the bytes and never change), with
-  an explicit key check on resume; the final `save_model` writes the full model, which `from_pretrained` loads.
+  an explicit key check on resume; the final `save_model` writes the full model, which `from_pretrained` loads;
+- checkpoints that appear only once complete (written as `.tmp-checkpoint-N`, then renamed), and a
+  `resume_from_checkpoint="last"` that takes the newest complete one, so a kill at any moment loses at most the steps
+  since the last checkpoint;
+- the run's unreadable-image counts (`BadImageTracker`), carried from the data-loader workers in each batch, saved in
+  each checkpoint (`bad_images.json`) and restored on resume.
 The optimizer (AdamW, betas from `TrainingArguments`, no weight decay on biases and norms) and the schedule (linear
 warmup, then cosine to `min_lr`: `lr_scheduler_type="cosine_with_min_lr"`) are the Trainer's own.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import safetensors.torch
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.utils import logging
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.utils import (
+    ADAPTER_SAFE_WEIGHTS_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    logging,
+)
 
+from .data import BAD_IMAGE_COUNTS_KEY, BadImageTracker
 from .modeling_blip2 import frozen_tower_dtype
 
 logger = logging.get_logger(__name__)
+
+TRAINER_STATE_NAME = "trainer_state.json"
+BAD_IMAGES_NAME = "bad_images.json"
+"""The run's unreadable-image counts in a checkpoint: `{"num_seen": int, "num_bad": int}` over every process."""
+STAGING_PREFIX = ".tmp-"
+"""A checkpoint is written as `.tmp-checkpoint-N` and renamed `checkpoint-N` once complete: neither
+`get_last_checkpoint` (`^checkpoint-N$`) nor the rotation (`checkpoint-*`) sees the temporary name."""
+_CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+_WEIGHTS_NAMES = (
+    SAFE_WEIGHTS_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    ADAPTER_SAFE_WEIGHTS_NAME,
+    ADAPTER_WEIGHTS_NAME,
+)
+
+
+def checkpoint_problems(folder: str | os.PathLike) -> list[str]:
+    """What a checkpoint folder lacks to be resumed from: `trainer_state.json` and the weights (our
+    `model.safetensors`, or any weights file the stock Trainer writes); empty when complete."""
+    problems = []
+    if not os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME)):
+        problems.append(f"no {TRAINER_STATE_NAME}")
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in _WEIGHTS_NAMES):
+        problems.append(f"no weights ({' / '.join(_WEIGHTS_NAMES)})")
+    return problems
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` folder of `output_dir` (highest N) that is complete (`checkpoint_problems`), None
+    when there is none. Incomplete ones (a kill while an older version wrote them in place, a deleted file) are
+    skipped with a warning naming them, as are `.tmp-checkpoint-N` folders left by a write that was interrupted."""
+    output_dir = os.fspath(output_dir)
+    if not os.path.isdir(output_dir):
+        return None
+    steps = {}
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        match = _CHECKPOINT_NAME.match(name)
+        if match and os.path.isdir(path):
+            steps[int(match.group(1))] = path
+        elif name.startswith(STAGING_PREFIX) and PREFIX_CHECKPOINT_DIR in name and os.path.isdir(path):
+            logger.warning(f"Ignoring {path}: a checkpoint whose write was interrupted (incomplete).")
+    for step in sorted(steps, reverse=True):
+        problems = checkpoint_problems(steps[step])
+        if not problems:
+            return steps[step]
+        logger.warning(f"Skipping incomplete checkpoint {steps[step]} ({', '.join(problems)}): not resumable.")
+    return None
 
 
 @dataclass
@@ -83,16 +151,35 @@ class Blip2Trainer(Trainer):
         self._component_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(()))
         self._component_count = 0
         self._saving_checkpoint = False
+        self._staging_dir: str | None = None
+        if isinstance(getattr(self.data_collator, "report_counts", None), bool):
+            # each batch then carries its unreadable-image counts (from whichever worker process collated it)
+            self.data_collator.report_counts = True
+        # (seen, bad) of the batches this process trained on, on its device (no sync per step); plus, on the main
+        # process, the counts restored from a checkpoint (every process's, summed when it was saved)
+        self._bad_image_counts: torch.Tensor | None = None
+        self._restored_bad_image_counts = (0, 0)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """`Trainer.train`; `resume_from_checkpoint="last"` resumes from the newest checkpoint in `output_dir` when
-        there is one and starts afresh otherwise, so one command both starts a run and continues a killed one."""
-        if resume_from_checkpoint == "last":
-            from transformers.trainer_utils import get_last_checkpoint
-
-            output_dir = self.args.output_dir
-            resume_from_checkpoint = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        """`Trainer.train`; `resume_from_checkpoint="last"` (or `True`) resumes from the newest *complete* checkpoint
+        in `output_dir` (`last_complete_checkpoint`), saying which, and `"last"` starts afresh when there is none, so
+        one command both starts a run and continues a killed one. At the end, the data collator's `tracker` (a
+        `BadImageTracker`) holds the whole run's counts, every process and every worker, resumed part included."""
+        if resume_from_checkpoint in ("last", True):
+            found = last_complete_checkpoint(self.args.output_dir)
+            if found is None and resume_from_checkpoint is True:
+                raise ValueError(f"No complete checkpoint to resume from in {self.args.output_dir}.")
+            logger.info(f"Resuming from {found}." if found else f"No checkpoint in {self.args.output_dir}: starting.")
+            resume_from_checkpoint = found
+            self._remove_interrupted_writes()
+        elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            problems = checkpoint_problems(resume_from_checkpoint)
+            if problems:
+                raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {', '.join(problems)}.")
+        self._restore_bad_image_counts(resume_from_checkpoint)
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        self._sync_collator_tracker()
+        return output
 
     def end_training(self) -> None:
         """Call last in a training script: every process waits for the others (rank 0 may still be writing the final
@@ -129,12 +216,113 @@ class Blip2Trainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         return {name for name, param in model.named_parameters() if param.requires_grad}
 
+    def _get_output_dir(self, trial) -> str:
+        # while a checkpoint is written, the stock `_save_checkpoint` puts `checkpoint-N` under the staging folder
+        return self._staging_dir if self._staging_dir is not None else super()._get_output_dir(trial)
+
     def _save_checkpoint(self, model, trial) -> None:
-        self._saving_checkpoint = True
+        """The stock checkpoint (trained weights, optimizer, scheduler, RNG, trainer state) plus `bad_images.json`,
+        written under `.tmp-checkpoint-N/checkpoint-N` and moved to `checkpoint-N` once every process has written
+        its part: a kill at any moment leaves either the complete folder or no `checkpoint-N` at all."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, STAGING_PREFIX + name)
+        if self.args.should_save and os.path.isdir(staging):  # left by a write that was killed
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()  # no process writes its RNG state into a folder being removed
+        counts = self._total_bad_image_counts()  # collective: every process calls it
+        self._saving_checkpoint, self._staging_dir = True, staging
         try:
             super()._save_checkpoint(model, trial)
         finally:
-            self._saving_checkpoint = False
+            self._saving_checkpoint, self._staging_dir = False, None
+        self.accelerator.wait_for_everyone()  # every process's files are in the staging folder
+        if self.args.should_save:
+            self._publish_checkpoint(os.path.join(staging, name), os.path.join(run_dir, name), counts)
+            os.rmdir(staging)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()  # no process goes on before checkpoint-N exists
+
+    def _remove_interrupted_writes(self) -> None:
+        """Delete the `.tmp-checkpoint-N` folders of writes that a kill interrupted (incomplete by construction)."""
+        output_dir = self.args.output_dir
+        if self.args.should_save and os.path.isdir(output_dir):
+            for name in os.listdir(output_dir):
+                if name.startswith(STAGING_PREFIX) and PREFIX_CHECKPOINT_DIR in name:
+                    logger.warning(
+                        f"Removing {os.path.join(output_dir, name)}, left by an interrupted checkpoint write."
+                    )
+                    shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def _publish_checkpoint(self, written: str, final: str, counts: tuple[int, int]) -> None:
+        """Complete the checkpoint at `written` and rename it `final` (replacing an older folder of the same step)."""
+        with open(os.path.join(written, BAD_IMAGES_NAME), "w", encoding="utf-8") as file:
+            json.dump({"num_seen": counts[0], "num_bad": counts[1]}, file)
+        if self.state.best_model_checkpoint == written:  # the stock code named the staging path: name the final one
+            self.state.best_model_checkpoint = final
+            self.state.save_to_json(os.path.join(written, TRAINER_STATE_NAME))
+        if os.path.exists(final):  # the same step saved again (a resumed run): the new one wins
+            old = os.path.join(os.path.dirname(final), STAGING_PREFIX + "old-" + os.path.basename(final))
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(written, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(written, final)
+        logger.info(f"Saved checkpoint {final}")
+
+    # --- unreadable-image counts: from the batches (any worker), into checkpoints and the collator's tracker ---------
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        for batch in batch_samples:
+            counts = batch.pop(BAD_IMAGE_COUNTS_KEY, None) if isinstance(batch, dict) else None
+            if counts is not None:  # `[B, 2]` (seen, bad), summed on the device: no host sync per step
+                total = counts.sum(0)
+                self._bad_image_counts = total if self._bad_image_counts is None else self._bad_image_counts + total
+        return batch_samples, num_items_in_batch
+
+    def _prepare_inputs(self, inputs):
+        if isinstance(inputs, dict):  # a batch that did not come through `get_batch_samples` (evaluation)
+            inputs.pop(BAD_IMAGE_COUNTS_KEY, None)
+        return super()._prepare_inputs(inputs)
+
+    def _total_bad_image_counts(self) -> tuple[int, int]:
+        """(seen, bad) over the whole run and every process; a collective call (every process must make it)."""
+        local = torch.tensor(self._restored_bad_image_counts, dtype=torch.int64)
+        if self._bad_image_counts is not None:
+            local = local + self._bad_image_counts.detach().to("cpu", torch.int64)
+        if self.accelerator.num_processes > 1:
+            local = self.accelerator.reduce(local.to(self.args.device), reduction="sum").cpu()
+        return int(local[0]), int(local[1])
+
+    def _restore_bad_image_counts(self, checkpoint: str | None) -> None:
+        """The counts saved in `checkpoint`, on the main process only (they are every process's, summed)."""
+        self._bad_image_counts, self._restored_bad_image_counts = None, (0, 0)
+        path = os.path.join(checkpoint, BAD_IMAGES_NAME) if checkpoint else None
+        if path is None or not self.accelerator.is_main_process:
+            return
+        if not os.path.isfile(path):
+            logger.warning(f"{checkpoint} has no {BAD_IMAGES_NAME} (an older checkpoint): image counts restart at 0.")
+            return
+        with open(path, encoding="utf-8") as file:
+            saved = json.load(file)
+        self._restored_bad_image_counts = (int(saved["num_seen"]), int(saved["num_bad"]))
+        logger.info(f"Restored the unreadable-image counts from {path}: {saved['num_bad']} of {saved['num_seen']}.")
+
+    def _sync_collator_tracker(self) -> None:
+        """Put the run's totals into the collator's `tracker`, which the training scripts report: with data-loader
+        workers the main process's own tracker saw nothing (each worker counts in its copy)."""
+        seen, bad = self._total_bad_image_counts()
+        tracker = getattr(self.data_collator, "tracker", None)
+        if isinstance(tracker, BadImageTracker) and getattr(self.data_collator, "report_counts", False):
+            tracker.num_seen, tracker.num_bad = seen, bad
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self._saving_checkpoint:  # the final model: everything, as `save_pretrained` writes it

@@ -27,19 +27,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from common import (
+    PredictionLog,
     add_benchmark_arg,
     add_common_args,
     add_generation_args,
     check_args,
     check_benchmark,
-    check_images_exist,
     custom_table,
     dataset_fields,
+    drop_bad_images,
     finish,
     fmt,
     gather,
@@ -51,9 +53,11 @@ from common import (
     loader,
     markdown_table,
     model_name,
+    predict_resumable,
     read_json,
     settings,
     shard,
+    skipped_list,
     write_outputs,
 )
 from tqdm.auto import tqdm
@@ -200,10 +204,10 @@ class Collate:
 
 
 @torch.no_grad()
-def caption(model, processor, rows: list[dict], args: argparse.Namespace, main: bool) -> list[dict]:
+def caption(model, processor, rows: list[dict], args: argparse.Namespace, main: bool) -> Iterator[list[dict]]:
+    """The predictions `{image_id, caption, image}` of `rows`, one list per batch as it is captioned."""
     gen_kwargs = generation_kwargs(args)
     interpolate = interpolate_pos_encoding(args, model.config)
-    predictions = []
     for batch_rows, inputs in tqdm(
         loader(rows, Collate(processor, args.prompt), args), desc="Captioning", unit="batch", disable=not main
     ):
@@ -213,9 +217,10 @@ def caption(model, processor, rows: list[dict], args: argparse.Namespace, main: 
         if model.config.use_decoder_only_language_model:
             output = output[:, inputs["input_ids"].shape[1] :]  # drop `<image> x Q, BOS, prompt`
         texts = processor.batch_decode(output, skip_special_tokens=True)
-        for row, text in zip(batch_rows, texts):
-            predictions.append(dict(image_id=row["image_id"], caption=text.strip(), image=row["image"]))
-    return predictions
+        yield [
+            dict(image_id=row["image_id"], caption=text.strip(), image=row["image"])
+            for row, text in zip(batch_rows, texts)
+        ]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -273,17 +278,22 @@ def main(argv: list[str] | None = None) -> dict | None:
     rows, file_format, dataset = load_annotations(args)
     if args.benchmark:
         check_benchmark("caption", args, args.annotations, len(rows), "images")
+    rows, bad = drop_bad_images(accelerator, rows, args)  # every image decoded before the model: nothing fails late
     has_references = all(row["references"] for row in rows)
     local_rows = shard(accelerator, rows)
-    check_images_exist([row["image"] for row in local_rows])
+    log = PredictionLog(args.output_dir, "image_id", args, accelerator) if args.output_dir else None
 
     processor = load_processor(args)
     model, dtype = load_model(Blip2ForConditionalGeneration, args, accelerator)
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+    if main:
         print(f"{dataset} ({file_format} format): {len(rows)} images, {accelerator.num_processes} process(es)")
         print(f"prompt {args.prompt!r}, generation {generation_kwargs(args)}")
 
-    predictions = gather(accelerator, caption(model, processor, local_rows, args, accelerator.is_main_process))
+    def predict(todo: list[dict]) -> Iterator[list[dict]]:
+        return caption(model, processor, todo, args, main)
+
+    predictions = gather(accelerator, predict_resumable(local_rows, "image_id", log, predict, main))
     if not accelerator.is_main_process:
         finish(accelerator)
         return None
@@ -311,6 +321,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             else None,
             num_predictions=len(predictions),
         ),
+        skipped_images=skipped_list(bad),
     )
     if args.benchmark:
         table = table3(model_name(args), dataset, metrics)
@@ -320,6 +331,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         header = ["B@4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"]
         table = custom_table(model_name(args), os.path.basename(args.annotations), header, values)
     write_outputs(args.output_dir, results, predictions, table)
+    if log is not None:
+        log.remove()  # predictions.json holds them all now
     finish(accelerator)
     return results
 

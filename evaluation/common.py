@@ -9,6 +9,14 @@ questions or images, no `--limit`). Everything else is recorded as `"dataset": "
 Each process takes one contiguous slice of the examples (`Accelerator.split_between_processes`), so gathering the
 slices in process order (`accelerate.utils.gather_object`) gives the examples back in file order. Only the main
 process computes metrics and writes files; the other processes stop once their outputs are gathered.
+
+Nothing is lost to a bad file or a kill:
+- every image is decoded once before the model loads (`screen_images`, the data-loader workers in parallel): one
+  that does not decode stops the run at once with the list of such files, or with `--skip_bad_images` is left out,
+  listed in results.json (`skipped_images`), the metrics being over the rest;
+- with `--output_dir`, the generation scripts append each batch's predictions to `predictions.partial.<rank>.jsonl`
+  (`PredictionLog`); run the same command again after an interruption and it answers only what is missing, then
+  writes results.json as an uninterrupted run does and removes the partial files.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +37,7 @@ from torch.utils.data import DataLoader
 
 import blip2_hf
 from blip2_hf import Blip2Config, Blip2Processor
+from blip2_hf.data import load_image
 from blip2_hf.modeling_blip2 import FROZEN_PRECISIONS, frozen_tower_dtype
 
 # Tokenizers are used inside DataLoader workers (forked): keep the Rust thread pool out of it (and its warning).
@@ -81,6 +90,12 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="Evaluate the first N examples only.")
     parser.add_argument("--output_dir", default=None, help="Where results.json, predictions.json, results.md go.")
     parser.add_argument("--name", default=None, help="Row label in the results table (default: the model's name).")
+    parser.add_argument(
+        "--skip_bad_images",
+        action="store_true",
+        help="Evaluate without the images that do not decode (listed in results.json, the metrics over the rest) "
+        "instead of refusing to start. Missing files are always refused (usually a wrong --image_dir).",
+    )
 
 
 def add_generation_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
@@ -197,6 +212,173 @@ def check_images_exist(paths: Sequence[str]) -> None:
         raise FileNotFoundError(
             f"{len(missing)} image(s) not found (check --image_dir / --image_template), e.g.:\n  {shown}"
         )
+
+
+def _decode_errors(paths: list[str]) -> list[tuple[str, str]]:
+    """(path, error) of each of `paths` that `load_image` cannot decode (a DataLoader collate: runs in workers)."""
+    errors = []
+    for path in paths:
+        try:
+            load_image(path)
+        except Exception as error:  # whatever the decoder raises (PIL raises many kinds), the image is bad
+            errors.append((path, f"{type(error).__name__}: {error}"))
+    return errors
+
+
+def screen_images(accelerator: Accelerator, paths: Sequence[str], args: argparse.Namespace) -> dict[str, str]:
+    """Decode every distinct image of `paths` (all processes' together, each process a slice) before any model work,
+    as the evaluation will (`blip2_hf.data.load_image`): one that does not decode would otherwise stop the run late.
+
+    Returns `{path: error}` of the bad images, the same on every process, when `--skip_bad_images` allows them (and
+    says so); otherwise exits with their list. A benchmark is never scored without some of its images."""
+    unique = list(dict.fromkeys(paths))
+    local = shard(accelerator, unique)
+    batches = DataLoader(local, batch_size=16, num_workers=args.num_workers, collate_fn=_decode_errors)
+    local_bad = [error for batch in batches for error in batch]
+    bad = dict(error for part in gather(accelerator, [local_bad]) for error in part)
+    if not bad:
+        return bad
+    shown = "\n  ".join(f"{path} ({error})" for path, error in list(bad.items())[:20])
+    more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+    listing = f"{len(bad)} of {len(unique)} image(s) do not decode:\n  {shown}{more}"
+    if not args.skip_bad_images:
+        raise SystemExit(
+            f"{listing}\nNothing was evaluated. Replace or remove them, or pass --skip_bad_images to evaluate the "
+            "rest (they are then listed in results.json)."
+        )
+    if len(bad) == len(unique):
+        raise SystemExit(f"{listing}\nNone is left to evaluate.")
+    if getattr(args, "benchmark", None):
+        raise SystemExit(
+            f"{listing}\n--benchmark {args.benchmark} is scored on all of its images: drop --benchmark to evaluate the "
+            "rest as custom data."
+        )
+    if accelerator.is_main_process:
+        print(f"--skip_bad_images: leaving out {listing}")
+    return bad
+
+
+def drop_bad_images(accelerator: Accelerator, rows: list[dict], args: argparse.Namespace) -> tuple[list, dict]:
+    """`rows` (dicts with an `image` path) without those whose image is missing (an error) or does not decode (an
+    error, or left out with `--skip_bad_images`: `screen_images`), and `{path: error}` of the left-out images."""
+    check_images_exist([row["image"] for row in rows])
+    bad = screen_images(accelerator, [row["image"] for row in rows], args)
+    return [row for row in rows if row["image"] not in bad], bad
+
+
+def skipped_list(bad: dict[str, str]) -> list[dict[str, str]]:
+    """results.json's `skipped_images`: each image left out by `--skip_bad_images`, with its decoding error."""
+    return [dict(image=path, error=error) for path, error in bad.items()]
+
+
+# Options that do not change a prediction: a partial file written under other values of these still resumes.
+_RESUME_FREE = {"output_dir", "batch_size", "num_workers", "name", "limit", "skip_bad_images", "benchmark"}
+_RESUME_FREE |= {"meteor", "spice", "metric_mode", "dataset", "split"}
+PARTIAL_PREFIX = "predictions.partial."
+
+
+class PredictionLog:
+    """Predictions written as they come, so that an interrupted evaluation resumes.
+
+    Each process appends each batch's predictions, one JSON line each, to `output_dir/predictions.partial.<rank>.jsonl`
+    (flushed and synced: a kill loses at most the batch being answered), after a first line holding the run's
+    settings. A new run in the same `output_dir` reads every such file (any number of processes wrote them: rows are
+    matched by `key`, e.g. `question_id`), refuses files written with settings that change predictions (another
+    model, prompt, generation...), drops a last line cut by a kill, and answers only the rows left."""
+
+    def __init__(self, output_dir: str, key: str, args: argparse.Namespace, accelerator: Accelerator):
+        self.output_dir, self.key = output_dir, key
+        self.settings = json.loads(
+            json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in _RESUME_FREE}, default=str)
+        )
+        self.path = os.path.join(output_dir, f"{PARTIAL_PREFIX}{accelerator.process_index}.jsonl")
+        os.makedirs(output_dir, exist_ok=True)
+        self.done: dict[Any, dict] = {}
+        for name in sorted(os.listdir(output_dir)):
+            if name.startswith(PARTIAL_PREFIX) and name.endswith(".jsonl"):
+                self.done.update(self._read(os.path.join(output_dir, name)))
+        accelerator.wait_for_everyone()  # every process has read every file before any appends to its own
+        self._start_own_file()
+
+    def _read(self, path: str) -> dict[Any, dict]:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().split("\n")
+        if not lines[0].strip():
+            return {}
+        if lines[-1] == "":
+            lines.pop()
+        elif len(lines) > 1:
+            lines.pop()  # a line cut short by a kill: its batch is answered again
+        try:
+            header = json.loads(lines[0])["settings"]
+        except (ValueError, KeyError, TypeError):
+            return {}  # a header cut short by a kill: nothing was predicted yet
+        if header != self.settings:
+            changed = sorted(k for k in {*header, *self.settings} if header.get(k) != self.settings.get(k))
+            details = ", ".join(f"--{k} {header.get(k)!r} there, {self.settings.get(k)!r} now" for k in changed)
+            raise SystemExit(
+                f"{path} holds predictions of a run with other settings ({details}): remove it (and the other "
+                f"{PARTIAL_PREFIX}*.jsonl files) or choose another --output_dir."
+            )
+        predictions = {}
+        for number, line in enumerate(lines[1:], start=2):
+            try:
+                prediction = json.loads(line)
+            except ValueError as error:
+                raise SystemExit(f"{path}, line {number}: not JSON ({error}); remove it to start afresh.") from None
+            if not isinstance(prediction, dict) or self.key not in prediction:
+                raise SystemExit(
+                    f"{path}, line {number}: not a prediction with a {self.key!r}; remove it to start afresh."
+                )
+            predictions[prediction[self.key]] = prediction
+        return predictions
+
+    def _start_own_file(self) -> None:
+        """Keep this process's file up to its last complete line (a kill may have cut one), or start it."""
+        if os.path.isfile(self.path):
+            with open(self.path, "rb") as file:
+                data = file.read()
+            if data.count(b"\n") >= 1:
+                with open(self.path, "wb") as file:
+                    file.write(data[: data.rindex(b"\n") + 1])
+                return
+        with open(self.path, "w", encoding="utf-8") as file:
+            file.write(json.dumps({"settings": self.settings}, ensure_ascii=False) + "\n")
+
+    def append(self, predictions: list[dict]) -> None:
+        with open(self.path, "a", encoding="utf-8") as file:
+            file.write("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+            file.flush()
+            os.fsync(file.fileno())
+
+    def remove(self) -> None:
+        """Once the final files are written: every process's partial file."""
+        for name in os.listdir(self.output_dir):
+            if name.startswith(PARTIAL_PREFIX) and name.endswith(".jsonl"):
+                os.remove(os.path.join(self.output_dir, name))
+
+
+def predict_resumable(
+    rows: Sequence[dict],
+    key: str,
+    log: PredictionLog | None,
+    predict: Callable[[list[dict]], Iterator[list[dict]]],
+    main: bool,
+) -> list[dict]:
+    """The prediction of each of `rows` (in order): the ones `log` already holds, and `predict(rows left)` (one list
+    of predictions per batch, each appended to `log` as it comes) for the others."""
+    done = {} if log is None else {row[key]: log.done[row[key]] for row in rows if row[key] in log.done}
+    todo = [row for row in rows if row[key] not in done]
+    if done and main:
+        print(
+            f"Resuming: {len(done)} predictions read from {log.output_dir}/{PARTIAL_PREFIX}*.jsonl, {len(todo)} left."
+        )
+    new = {}
+    for predictions in predict(todo):
+        if log is not None:
+            log.append(predictions)
+        new.update((prediction[key], prediction) for prediction in predictions)
+    return [done[row[key]] if row[key] in done else new[row[key]] for row in rows]
 
 
 def loader(rows: Sequence[Any], collate: Callable, args: argparse.Namespace) -> DataLoader:

@@ -27,6 +27,7 @@ never move between processes), and the main process puts the scores together.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 from typing import Any
@@ -54,8 +55,10 @@ from common import (
     markdown_table,
     model_name,
     read_json,
+    screen_images,
     settings,
     shard,
+    skipped_list,
     write_outputs,
 )
 from tqdm.auto import tqdm
@@ -151,6 +154,20 @@ def load_annotations(args: argparse.Namespace) -> tuple[list[str], list[str], li
         [len(captions) for _, captions in entries],
         file_format,
         dataset,
+    )
+
+
+def without_images(
+    paths: list[str], texts: list[str], counts: list[int], bad: dict[str, str]
+) -> tuple[list[str], list[str], list[int]]:
+    """`load_annotations`' images, texts and counts without the images in `bad` and their captions (left out of both
+    directions with `--skip_bad_images`)."""
+    starts = [0, *itertools.accumulate(counts)]
+    kept = [i for i, path in enumerate(paths) if path not in bad]
+    return (
+        [paths[i] for i in kept],
+        [texts[t] for i in kept for t in range(starts[i], starts[i + 1])],
+        [counts[i] for i in kept],
     )
 
 
@@ -314,6 +331,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     paths, texts, counts, file_format, dataset = load_annotations(args)
     if args.benchmark:
         check_benchmark("retrieval", args, args.annotations, len(paths), "images")
+    check_images_exist(paths)
+    bad = screen_images(accelerator, paths, args)  # every image decoded before the model: nothing fails late
+    paths, texts, counts = without_images(paths, texts, counts, bad)
     img2txt, txt2img, start = [], [], 0
     for image, count in enumerate(counts):
         img2txt.append(list(range(start, start + count)))
@@ -321,7 +341,6 @@ def main(argv: list[str] | None = None) -> dict | None:
         start += count
     local_images = shard(accelerator, list(range(len(paths))))
     local_texts = shard(accelerator, list(range(len(texts))))
-    check_images_exist([paths[i] for i in local_images])
 
     processor = load_processor(args)
     tokenizer = qformer_tokenizer(args, processor)
@@ -367,6 +386,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         settings=settings(
             args, accelerator, dtype, format=file_format, num_images=len(paths), num_texts=len(texts), k_used=args.k
         ),
+        skipped_images=skipped_list(bad),
     )
     if args.benchmark:
         table = table5(model_name(args), dataset, metrics)

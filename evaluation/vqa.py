@@ -33,20 +33,22 @@ import itertools
 import os
 import re
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from common import (
     CUSTOM,
+    PredictionLog,
     add_benchmark_arg,
     add_common_args,
     add_generation_args,
     check_args,
     check_benchmark,
-    check_images_exist,
     custom_table,
     dataset_fields,
+    drop_bad_images,
     finish,
     fmt,
     gather,
@@ -58,9 +60,11 @@ from common import (
     loader,
     markdown_table,
     model_name,
+    predict_resumable,
     read_json,
     settings,
     shard,
+    skipped_list,
     write_outputs,
 )
 from tqdm.auto import tqdm
@@ -273,10 +277,12 @@ class Collate:
 
 
 @torch.no_grad()
-def answer(model, processor, rows: list[dict], args: argparse.Namespace, prompt: str, main: bool) -> list[dict]:
+def answer(
+    model, processor, rows: list[dict], args: argparse.Namespace, prompt: str, main: bool
+) -> Iterator[list[dict]]:
+    """The predictions `{question_id, answer, question, image}` of `rows`, one list per batch as it is answered."""
     gen_kwargs = generation_kwargs(args)
     interpolate = interpolate_pos_encoding(args, model.config)
-    predictions = []
     batches = loader(rows, Collate(processor, prompt, args.max_words), args)
     for batch_rows, inputs in tqdm(batches, desc="Answering", unit="batch", disable=not main):
         inputs = inputs.to(model.device)
@@ -285,11 +291,10 @@ def answer(model, processor, rows: list[dict], args: argparse.Namespace, prompt:
         if model.config.use_decoder_only_language_model:
             output = output[:, inputs["input_ids"].shape[1] :]  # decoder-only: prompt + new tokens
         texts = processor.batch_decode(output, skip_special_tokens=True)
-        for row, text in zip(batch_rows, texts):
-            predictions.append(
-                dict(question_id=row["question_id"], answer=text.strip(), question=row["question"], image=row["image"])
-            )
-    return predictions
+        yield [
+            dict(question_id=row["question_id"], answer=text.strip(), question=row["question"], image=row["image"])
+            for row, text in zip(batch_rows, texts)
+        ]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -312,24 +317,30 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     accelerator = Accelerator()
     rows, file_format, dataset = load_questions(args)
-    has_answers = all(row["answers"] for row in rows)
     if args.benchmark:
         split = check_benchmark("vqa", args, args.questions, len(rows), "questions")
         column = TABLE2_COLUMNS.get((dataset, split), f"{dataset} {split}")
     else:  # custom data: its own column, never a paper benchmark's
         split, column = args.split, f"{CUSTOM}: {os.path.basename(args.questions)}"
+    num_questions = len(rows)
+    rows, bad = drop_bad_images(accelerator, rows, args)  # every image decoded before the model: nothing fails late
+    has_answers = all(row["answers"] for row in rows)
     local_rows = shard(accelerator, rows)
-    check_images_exist([row["image"] for row in local_rows])
+    log = PredictionLog(args.output_dir, "question_id", args, accelerator) if args.output_dir else None
 
     processor = load_processor(args)
     model, dtype = load_model(Blip2ForConditionalGeneration, args, accelerator)
     prompt = args.prompt or VQA_PROMPT
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+    if main:
         processes = accelerator.num_processes
         print(f"{dataset} ({file_format} format, {split}): {len(rows)} questions, {processes} process(es)")
         print(f"prompt {prompt!r}, generation {generation_kwargs(args)}")
 
-    predictions = gather(accelerator, answer(model, processor, local_rows, args, prompt, accelerator.is_main_process))
+    def predict(todo: list[dict]) -> Iterator[list[dict]]:
+        return answer(model, processor, todo, args, prompt, main)
+
+    predictions = gather(accelerator, predict_resumable(local_rows, "question_id", log, predict, main))
     if not accelerator.is_main_process:
         finish(accelerator)
         return None
@@ -366,7 +377,9 @@ def main(argv: list[str] | None = None) -> dict | None:
             num_questions=len(rows),
             num_images=len({row["image"] for row in rows}),
             num_predictions=len(predictions),
+            num_questions_skipped=num_questions - len(rows),
         ),
+        skipped_images=skipped_list(bad),
     )
     accuracy = metrics["accuracy"] if metrics else None
     if args.benchmark:
@@ -374,6 +387,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     else:  # the paper's rows measure other data: custom results stand alone (as caption.py and retrieval.py)
         table = custom_table(model_name(args), os.path.basename(args.questions), ["accuracy"], [accuracy])
     write_outputs(args.output_dir, results, predictions, table)
+    if log is not None:
+        log.remove()  # predictions.json holds them all now
     finish(accelerator)
     return results
 
