@@ -664,10 +664,14 @@ def read_safetensors_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor
     return state_dict
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(Exception):
     """A checkpoint whose tensors do not fit the class loading it: tensors missing (they would start random),
     unexpected (they would be dropped) or of another shape, beyond the differences `Blip2PreTrainedModel.from_pretrained`
-    documents. The message is one line naming the tensors (the first few of each kind, with their count)."""
+    documents. The message is one line naming the tensors (the first few of each kind, with their count).
+
+    Not a ValueError or OSError on purpose: `transformers.pipeline` catches those from one model class and tries the
+    next, and the classes it tries include transformers' own `Blip2ForConditionalGeneration` (named by the config's
+    `architectures`), which would load the same folder with random tensors."""
 
 
 # Unexpected tensors that carry nothing: buffers every model rebuilds at construction (`arange`), which older
