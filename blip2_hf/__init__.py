@@ -26,6 +26,7 @@ from .modeling_blip2 import (
     Blip2QFormerImage,
     Blip2QFormerModel,
     Blip2VisionModel,
+    CheckpointMismatchError,
 )
 from .pipeline_blip2 import Blip2ImageToTextPipeline
 from .processing_blip2 import Blip2ImageProcessor, Blip2Processor, load_image
@@ -61,6 +62,7 @@ __all__ = [
     "Blip2ForConditionalGeneration",
     "Blip2ForImageTextRetrieval",
     "Blip2ForPreTraining",
+    "CheckpointMismatchError",
     "Blip2Processor",
     "Blip2ImageProcessor",
     "Blip2ImageToTextPipeline",

@@ -284,9 +284,11 @@ def _load_model(
     args: argparse.Namespace, model_class: type[PreTrainedModel], subdir: str, example: str
 ) -> tuple[PreTrainedModel, Blip2Processor, torch.device] | None:
     """`(model, processor, device)`: `--model` (else the demo checkpoint `subdir`) loaded, the model in eval mode on
-    `--device`. None, after an error on stderr, when there is no such model (a missing folder, a Hub id that does not
-    resolve, files missing) or no such device."""
+    `--device`. None, after a one-line error on stderr, when there is no such model (a missing folder, a Hub id that
+    does not resolve, files missing, a truncated weight file, tensors missing, unexpected or of another shape: the
+    strict `from_pretrained` names them) or no such device."""
     from . import Blip2Processor
+    from .modeling_blip2 import CheckpointMismatchError
 
     name = _model_name(args, subdir, example)
     device = _device(args) if name is not None else None
@@ -295,9 +297,10 @@ def _load_model(
     try:
         model = model_class.from_pretrained(name)
         processor = Blip2Processor.from_pretrained(name)
-    except (OSError, ValueError) as err:
+    except (CheckpointMismatchError, OSError, ValueError) as err:  # a truncated weight file is an OSError
         where = "" if Path(name).exists() else " (no such folder here, so it was looked up as a Hub id)"
-        print(f"blip2-hf {args.command}: error: cannot load {name}{where}: {err}", file=sys.stderr)
+        message = str(err) if str(err).startswith(f"{name}:") else f"{name}{where}: {err}"
+        print(f"blip2-hf {args.command}: error: cannot load {message}", file=sys.stderr)
         return None
     return model.to(device).eval(), processor, device
 
@@ -685,6 +688,7 @@ def run(args: argparse.Namespace) -> int:
     import transformers
 
     from .hub import PushError
+    from .modeling_blip2 import CheckpointMismatchError
 
     # The package's progress messages on stderr; the libraries' own loggers keep their settings.
     handler = logging.StreamHandler()
@@ -697,7 +701,7 @@ def run(args: argparse.Namespace) -> int:
         transformers.utils.logging.disable_progress_bar()
     try:
         return args.func(args)
-    except (PushError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (PushError, FileNotFoundError, FileExistsError, ValueError, CheckpointMismatchError) as err:
         print(f"blip2-hf {args.command}: error: {err}", file=sys.stderr)
         return 1
     finally:

@@ -12,6 +12,7 @@ only torch, transformers and the configuration and packaging files beside it (`r
 from __future__ import annotations
 
 import copy
+import logging as python_logging
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -663,6 +664,39 @@ def read_safetensors_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor
     return state_dict
 
 
+class CheckpointMismatchError(Exception):
+    """A checkpoint whose tensors do not fit the class loading it: tensors missing (they would start random),
+    unexpected (they would be dropped) or of another shape, beyond the differences `Blip2PreTrainedModel.from_pretrained`
+    documents. The message is one line naming the tensors (the first few of each kind, with their count).
+
+    Not a ValueError or OSError on purpose: `transformers.pipeline` catches those from one model class and tries the
+    next, and the classes it tries include transformers' own `Blip2ForConditionalGeneration` (named by the config's
+    `architectures`), which would load the same folder with random tensors."""
+
+
+# Unexpected tensors that carry nothing: buffers every model rebuilds at construction (`arange`), which older
+# checkpoints saved (transformers drops them only for models that still have such a buffer).
+_HARMLESS_UNEXPECTED = re.compile(r"(^|\.)position_ids$")
+# Missing tensors with a documented start: the learnable ITC temperature, which transformers' port of retrieval does
+# not have (Salesforce/blip2-itm-vit-g), starts at `config.initial_temperature`, LAVIS's initial value.
+_TOLERATED_MISSING = frozenset({"temp"})
+_SHOWN_KEYS = 5
+
+
+def _some(keys: Sequence[str], what: str) -> str:
+    """`"3 tensors missing (a, b, c)"`: the count, `what`, and the first `_SHOWN_KEYS` names."""
+    more = ", ..." if len(keys) > _SHOWN_KEYS else ""
+    return f"{len(keys)} {'tensor' if len(keys) == 1 else 'tensors'} {what} ({', '.join(keys[:_SHOWN_KEYS])}{more})"
+
+
+class _WithoutLoadReport(python_logging.Filter):
+    """Drops transformers' multi-line load report (a table of missing / unexpected / mismatched tensors): a strict
+    load raises one line naming them instead, and logs what it tolerates itself."""
+
+    def filter(self, record: python_logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Base class
 # ---------------------------------------------------------------------------------------------------------------------
@@ -685,6 +719,111 @@ class Blip2PreTrainedModel(PreTrainedModel):
     # lists its own bridge modules: transformers matches the entries as patterns anywhere in a weight's name, so an
     # entry a class does not have could catch a frozen tower's weights (an LLM's `embeddings.word_embeddings`).
     _keep_in_fp32_modules_strict: list[str] = []
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args: Any, strict: bool = True, **kwargs
+    ) -> PreTrainedModel | tuple[PreTrainedModel, dict[str, Any]]:
+        """`PreTrainedModel.from_pretrained`, strict: a checkpoint that lacks tensors this class needs, holds tensors
+        it does not know, or holds one of another shape raises `CheckpointMismatchError` naming them, instead of
+        transformers' warning and random weights. Auto classes, pipelines, the CLI and the evaluation scripts load
+        through here.
+
+        What still loads (the documented differences between stages and formats):
+        - tensors transformers itself leaves out: tied weights (an LLM's `lm_head` tied to its input embeddings, the
+          stage-1 ITG decoder tied to the Q-Former's word embeddings) and a class's `_keys_to_ignore_on_load_*`, e.g.
+          the ITG head (`cls.predictions.*`) of a stage-1 folder loaded into `Blip2ForImageTextRetrieval`;
+        - `position_ids` buffers an older checkpoint saved (rebuilt at construction);
+        - no `temp` (transformers' `Blip2ForImageTextRetrieval` checkpoints, e.g. Salesforce/blip2-itm-vit-g, have
+          no learnable temperature): it starts at `config.initial_temperature`, with a warning.
+        Everything else is an error, e.g. a stage-1 folder loaded into `Blip2ForConditionalGeneration` (its LLM and
+        `language_projection` would be random: build stage 2 with `Blip2ForConditionalGeneration.from_stage1`), or a
+        retrieval folder loaded into `Blip2ForPreTraining` (no ITG head). A folder with a LoRA adapter is checked on
+        its base weights (peft loads the adapter). An unreadable safetensors file (truncated) is an `OSError` naming
+        the checkpoint.
+
+        Args:
+            strict: False restores transformers' behaviour for users who mean it: missing tensors are initialized at
+                random, unexpected ones dropped, and both listed in transformers' load report.
+            ignore_mismatched_sizes: True (transformers' switch) also lets tensors of another shape be re-initialized
+                under `strict`, with a warning naming them.
+        """
+        if not strict:
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            (loaded[0] if isinstance(loaded, tuple) else loaded).__dict__.pop("_base_loading_info", None)
+            return loaded
+        wants_info = kwargs.pop("output_loading_info", False)
+        check_shapes = not kwargs.get("ignore_mismatched_sizes", False)
+        kwargs["ignore_mismatched_sizes"] = True  # shapes are checked below, with the tensors named on one line
+        report_filter = _WithoutLoadReport()
+        transformers_logger = logging.get_logger("transformers.modeling_utils")
+        transformers_logger.addFilter(report_filter)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":  # safetensors' error type, not importable as remote code
+                raise
+            raise OSError(
+                f"{pretrained_model_name_or_path}: a weight file is not readable safetensors (truncated or damaged?): "
+                f"{error}"
+            ) from error
+        finally:
+            transformers_logger.removeFilter(report_filter)
+        # the base model's tensors (transformers returns a LoRA adapter's loading info when the folder holds one)
+        base_info = model.__dict__.pop("_base_loading_info", None) or info
+        cls._check_loaded_tensors(model, base_info, pretrained_model_name_or_path, check_shapes)
+        return (model, info) if wants_info else model
+
+    @staticmethod
+    def _check_loaded_tensors(
+        model: PreTrainedModel, info: dict[str, Any], name: str | os.PathLike | None, check_shapes: bool
+    ) -> None:
+        """Raise `CheckpointMismatchError` for the missing, unexpected and (when `check_shapes`) mismatched tensors
+        of a load's `info` (transformers' loading info) beyond what `from_pretrained` documents; warn about those it
+        tolerates."""
+        missing = sorted(set(info["missing_keys"]) - _TOLERATED_MISSING)
+        unexpected = sorted(info["unexpected_keys"])
+        mismatched = [f"{key} {tuple(ckpt)} vs {tuple(own)}" for key, ckpt, own in info["mismatched_keys"]]
+        problems = [_some(missing, "missing")] if missing else []
+        problems += [_some(unexpected, "unexpected")] if unexpected else []
+        if mismatched and check_shapes:
+            problems.append(_some(mismatched, "of another shape, checkpoint vs model"))
+        if problems:
+            hint = ""
+            if any(key.startswith("language_model.") for key in missing):
+                hint = (
+                    " (a stage-1 folder becomes stage 2 with Blip2ForConditionalGeneration.from_stage1(folder, llm))"
+                )
+            raise CheckpointMismatchError(
+                f"{name}: the checkpoint does not match {type(model).__name__}: {'; '.join(problems)}{hint}. "
+                "Pass strict=False to from_pretrained to load it anyway (missing tensors random, unexpected dropped)."
+            )
+        tolerated = sorted(set(info["missing_keys"]) & _TOLERATED_MISSING)
+        if tolerated:
+            logger.warning(
+                f"{name} has no {', '.join(tolerated)} (a transformers Blip2ForImageTextRetrieval checkpoint): "
+                f"temp starts at config.initial_temperature={model.config.initial_temperature}."
+            )
+        if mismatched:
+            logger.warning(
+                f"{name}: ignore_mismatched_sizes=True re-initialized {_some(mismatched, 'of another shape')}"
+            )
+
+    def _adjust_missing_and_unexpected_keys(self, loading_info: Any) -> None:
+        """transformers' hook after the weights are in: also drop `position_ids` buffers from the unexpected tensors
+        (see `from_pretrained`), and keep a copy of the result for `from_pretrained`'s check (a LoRA adapter loaded
+        afterwards replaces the loading info transformers returns)."""
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+        loading_info.unexpected_keys = {
+            key for key in loading_info.unexpected_keys if not _HARMLESS_UNEXPECTED.search(key)
+        }
+        self._base_loading_info = {
+            "missing_keys": set(loading_info.missing_keys),
+            "unexpected_keys": set(loading_info.unexpected_keys),
+            "mismatched_keys": list(loading_info.mismatched_keys),
+        }
 
     def _output_flags(
         self, output_attentions: bool | None, output_hidden_states: bool | None, return_dict: bool | None

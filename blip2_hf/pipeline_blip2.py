@@ -22,7 +22,12 @@ class Blip2ImageToTextPipeline(Pipeline):
     them; never transformers' `load_image`, which turns 16-bit PNGs white and float TIFFs black); a list of them gives
     a list of results. Generation settings come from
     the model's `generation_config`, overridden by `max_new_tokens=...` or `generate_kwargs={...}`. The returned text
-    is the generated continuation only, never the prompt."""
+    is the generated continuation only, never the prompt.
+
+    The model loads through the strict `from_pretrained` (modeling_blip2.py): a folder with tensors missing, unexpected
+    or of another shape raises `CheckpointMismatchError` naming them, rather than `pipeline` falling back to
+    transformers' own `Blip2ForConditionalGeneration` with random weights; `model_kwargs={"strict": False}` loads it
+    anyway."""
 
     _load_processor = True
     _load_image_processor = False

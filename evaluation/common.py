@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 import blip2_hf
 from blip2_hf import Blip2Config, Blip2Processor
 from blip2_hf.data import load_image
-from blip2_hf.modeling_blip2 import FROZEN_PRECISIONS, frozen_tower_dtype
+from blip2_hf.modeling_blip2 import FROZEN_PRECISIONS, CheckpointMismatchError, frozen_tower_dtype
 
 # Tokenizers are used inside DataLoader workers (forked): keep the Rust thread pool out of it (and its warning).
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -188,10 +188,15 @@ def interpolate_pos_encoding(args: argparse.Namespace, config: Blip2Config) -> b
 
 
 def load_model(model_class: type, args: argparse.Namespace, accelerator: Accelerator) -> tuple[torch.nn.Module, str]:
-    """`model_class.from_pretrained(--model)` in the `--dtype` precision, in eval mode on this process's device."""
+    """`model_class.from_pretrained(--model)` in the `--dtype` precision, in eval mode on this process's device. A
+    checkpoint that does not fit the class (tensors missing, unexpected or of another shape: the strict
+    `from_pretrained`) or whose weights do not read stops the run with one line naming them, before any work."""
     config = Blip2Config.from_pretrained(args.model)
     dtype = frozen_tower_dtype(args.dtype, config, accelerator.device)  # the frozen towers' dtype, as training's
-    model = model_class.from_pretrained(args.model, dtype=dtype)
+    try:
+        model = model_class.from_pretrained(args.model, dtype=dtype)
+    except (CheckpointMismatchError, OSError) as error:
+        raise SystemExit(f"Cannot load the model to evaluate: {error}") from error
     return model.to(accelerator.device).eval(), str(dtype).removeprefix("torch.")
 
 
