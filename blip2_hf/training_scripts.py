@@ -56,6 +56,19 @@ def training_dataset(
     return dataset, transform
 
 
+def train_or_exit(trainer: Blip2Trainer, resume_from_checkpoint: str | bool | None, script: str) -> None:
+    """`trainer.train(resume_from_checkpoint=...)`, and a run that diverged (`TrainingDivergedError`, raised on every
+    process at the same step) ends with its one-line message on stderr and exit status 1, after the processes close
+    their group together, before the script would save anything."""
+    try:
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    except TrainingDivergedError as error:
+        if trainer.is_world_process_zero():
+            print(f"{script}: error: {error}", file=sys.stderr, flush=True)
+        trainer.end_training()
+        raise SystemExit(1) from None
+
+
 def parse_args_with_config(parser: HfArgumentParser, argv: Sequence[str] | None = None) -> tuple:
     """The training scripts' arguments: `--config FILE` (YAML or JSON: a flat mapping of argument names to values)
     then `--name value` overrides from the command line (values read as YAML, so `--max_steps 10` is an int and
@@ -90,16 +103,3 @@ def parse_args_with_config(parser: HfArgumentParser, argv: Sequence[str] | None 
             if isinstance(value, str) and hints.get(field_.name) in (float, float | None):
                 values[field_.name] = float(value)
     return parser.parse_dict(values)
-
-
-def train_or_exit(trainer: Blip2Trainer, resume_from_checkpoint: str | bool | None, script: str) -> None:
-    """`trainer.train(resume_from_checkpoint=...)`, and a run that diverged (`TrainingDivergedError`, raised on every
-    process at the same step) ends with its one-line message on stderr and exit status 1, after the processes close
-    their group together, before the script would save anything."""
-    try:
-        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    except TrainingDivergedError as error:
-        if trainer.is_world_process_zero():
-            print(f"{script}: error: {error}", file=sys.stderr, flush=True)
-        trainer.end_training()
-        raise SystemExit(1) from None
