@@ -663,24 +663,6 @@ def read_safetensors_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor
     return state_dict
 
 
-def nonfinite_tensor_names(tensors: Mapping[str, torch.Tensor]) -> list[str]:
-    """Names of the floating-point tensors in `tensors` that hold a NaN or an infinity, in order. Tensors on the meta
-    device (no values) and integer ones (quantized weights) are skipped."""
-    return [
-        name
-        for name, tensor in tensors.items()
-        if (tensor.is_floating_point() or tensor.is_complex())
-        and tensor.device.type != "meta"
-        and not bool(torch.isfinite(tensor).all())
-    ]
-
-
-def name_some(names: Sequence[str], first: int = 5) -> str:
-    """`names` for a message: the first few, then how many in all."""
-    shown = ", ".join(names[:first])
-    return f"{shown} ... ({len(names)} in all)" if len(names) > first else shown
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Base class
 # ---------------------------------------------------------------------------------------------------------------------
@@ -769,6 +751,24 @@ def frozen_tower_dtype(precision: str, config: Blip2Config, device: torch.device
     if precision not in FROZEN_PRECISIONS:
         raise ValueError(f"frozen precision {precision!r}: expected one of auto, {', '.join(FROZEN_PRECISIONS)}.")
     return FROZEN_PRECISIONS[precision]
+
+
+def nonfinite_tensor_names(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors in `tensors` that hold a NaN or an infinity, in order. Tensors on the meta
+    device (no values) and integer ones (quantized weights) are skipped."""
+    return [
+        name
+        for name, tensor in tensors.items()
+        if (tensor.is_floating_point() or tensor.is_complex())
+        and tensor.device.type != "meta"
+        and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def name_some(names: Sequence[str], first: int = 5) -> str:
+    """`names` for a message: the first few, then how many in all."""
+    shown = ", ".join(names[:first])
+    return f"{shown} ... ({len(names)} in all)" if len(names) > first else shown
 
 
 class Blip2FrozenTowersMixin:
