@@ -6,12 +6,13 @@ What BLIP-2 needs beyond the stock Trainer, and nothing else:
 - each loss component (ITC / ITM / ITG in stage 1) logged next to the total, averaged over the logging window and
   across processes;
 - checkpoints holding only the trained weights (the frozen ViT-g and LLM are most of the bytes and never change), with
-  an explicit key check on resume; the final `save_model` writes the full model, which `from_pretrained` loads;
-- divergence never ends in a NaN model: an optimizer step whose loss or gradients are not finite on any process is
-  skipped on all of them (no update) with a warning naming it; `max_nonfinite_steps` consecutive ones stop the run
-  with `TrainingDivergedError`, and weights that are not finite are never checkpointed or returned to the script.
+  an explicit key check on resume; the final `save_model` writes the full model, which `from_pretrained` loads.
 The optimizer (AdamW, betas from `TrainingArguments`, no weight decay on biases and norms) and the schedule (linear
 warmup, then cosine to `min_lr`: `lr_scheduler_type="cosine_with_min_lr"`) are the Trainer's own.
+
+Divergence never ends in a NaN model: an optimizer step whose loss or gradients are not finite on any process is
+skipped on all of them (no update) with a warning naming it; `max_nonfinite_steps` consecutive ones stop the run with
+`TrainingDivergedError`, and weights that are not finite are never checkpointed or returned to the script.
 """
 
 from __future__ import annotations
@@ -91,9 +92,9 @@ class _CollatorEpoch(TrainerCallback):
 
 
 class _NonFiniteGuard(TrainerCallback):
-    """Calls the trainer's divergence checks where the Trainer's loop allows it: before each optimizer step (after
-    backward and clipping) and before each checkpoint (`control.should_save` is set by the flow callback, which runs
-    before this one)."""
+    """Calls the trainer's divergence checks where the Trainer's loop allows it: before each optimizer step, before
+    each checkpoint (`control.should_save` is set by the flow callback, which runs before this one) and at the end of
+    training, before the script saves the model."""
 
     def __init__(self, trainer: Blip2Trainer):
         self.trainer = trainer
@@ -108,6 +109,9 @@ class _NonFiniteGuard(TrainerCallback):
     def on_epoch_end(self, args, state, control, **kwargs):
         if control.should_save:
             self.trainer._check_weights_finite(f"before writing the checkpoint of step {state.global_step}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer._check_weights_finite("at the end of training")  # before the script saves them
 
 
 class Blip2Trainer(Trainer):
@@ -143,9 +147,7 @@ class Blip2Trainer(Trainer):
 
             output_dir = self.args.output_dir
             resume_from_checkpoint = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-        self._check_weights_finite("at the end of training")  # before the script saves them
-        return output
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def end_training(self) -> None:
         """Call last in a training script: every process waits for the others (rank 0 may still be writing the final
