@@ -311,3 +311,8 @@ def test_weights_are_checked_before_a_checkpoint_and_at_the_end(tmp_path):
     with pytest.raises(TrainingDivergedError, match=r"not finite before writing the checkpoint of step 2.*query_tok"):
         trainer.train()
     assert not list((tmp_path / "out").glob("checkpoint-*"))
+    # no checkpoint on the way: `train()` itself refuses to return them to the script that would save them
+    trainer = make_trainer(tmp_path, copy.deepcopy(model), max_steps=2)
+    trainer.add_callback(Overflow())
+    with pytest.raises(TrainingDivergedError, match=r"not finite at the end of training \(step 2\): query_tokens"):
+        trainer.train()
