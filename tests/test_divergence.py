@@ -192,6 +192,25 @@ def test_save_pretrained_refuses_nonfinite_tensors(tmp_path):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+def test_push_refuses_a_folder_with_nonfinite_weights(tmp_path, monkeypatch):
+    """`blip2-hf push` publishes a folder's files as they are (it does not go through `save_pretrained`): a folder
+    written otherwise (an older version, by hand) with a NaN tensor is refused before any Hub request."""
+    from safetensors.torch import save_file
+
+    from blip2_hf import hub
+
+    folder = tmp_path / "model"
+    stage1_model().save_pretrained(folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["query_tokens"][0, 0, 0] = NAN
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setattr(hub, "_hub_api", lambda *args: pytest.fail("the Hub was contacted"))
+    with pytest.raises(
+        hub.PushError, match=r"1 tensor\(s\) hold NaN or inf values \(model.safetensors:query_tokens\)"
+    ):
+        hub.push_folder(folder, "someone/diverged", token="hf_test")
+
+
 def test_stage1_refuses_a_global_batch_of_one(tmp_path, monkeypatch, caplog):
     with pytest.raises(ValueError, match=r"at least 2 image-text pairs per step.*=1 x 1 process"):
         make_trainer(tmp_path, stage1_model(), max_steps=1, per_device_train_batch_size=1)
