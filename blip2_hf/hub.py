@@ -671,7 +671,27 @@ def _folder_files(folder: Path, allow_pickle: bool) -> dict[str, Path]:
         )
     if not any(_matches(name, WEIGHT_PATTERNS) for name in files):
         raise PushError(f"{folder} has no safetensors weights (model.safetensors or an index with shards).")
+    _refuse_nonfinite_weights(folder, files)
     return files
+
+
+def _refuse_nonfinite_weights(folder: Path, files: dict[str, Path]) -> None:
+    """A folder whose safetensors (model or adapter) hold a NaN/inf tensor is a diverged model: refused, naming the
+    tensors. Read one tensor at a time (never the whole model in memory); pickles are not read."""
+    from safetensors import safe_open
+
+    bad = []
+    for name, path in files.items():
+        if name.endswith(".safetensors"):
+            with safe_open(str(path), framework="pt") as weights:
+                for key in weights.keys():
+                    if modeling_blip2.nonfinite_tensor_names({key: weights.get_tensor(key)}):
+                        bad.append(f"{name}:{key}")
+    if bad:
+        raise PushError(
+            f"{folder}: {len(bad)} tensor(s) hold NaN or inf values ({modeling_blip2.name_some(bad)}): the model "
+            f"diverged; not published."
+        )
 
 
 def _completed_config(info: FolderInfo) -> bytes | None:

@@ -15,7 +15,7 @@ import copy
 import logging as python_logging
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -840,7 +840,15 @@ class Blip2PreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained`, plus the remote code: the composite models write the full `auto_map`
         (and, for generation, the `image-to-text` pipeline entry) and copy this package's model files beside the
-        weights. `push_to_hub` goes through here too."""
+        weights. `push_to_hub` goes through here too. Refuses (ValueError, nothing written) when a tensor to save is
+        NaN/inf: a diverged model must not look like a trained one."""
+        state_dict = kwargs.get("state_dict")
+        bad = nonfinite_tensor_names(self.state_dict() if state_dict is None else state_dict)
+        if bad:
+            raise ValueError(
+                f"Not saving to {save_directory}: {len(bad)} tensor(s) hold NaN or inf values: {name_some(bad)}. "
+                f"The model diverged (or was loaded so); save weights from before it did."
+            )
         if isinstance(self.config, Blip2Config):
             set_auto_map(self.config, self.can_generate())
         super().save_pretrained(save_directory, *args, **kwargs)
@@ -882,6 +890,24 @@ def frozen_tower_dtype(precision: str, config: Blip2Config, device: torch.device
     if precision not in FROZEN_PRECISIONS:
         raise ValueError(f"frozen precision {precision!r}: expected one of auto, {', '.join(FROZEN_PRECISIONS)}.")
     return FROZEN_PRECISIONS[precision]
+
+
+def nonfinite_tensor_names(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors in `tensors` that hold a NaN or an infinity, in order. Tensors on the meta
+    device (no values) and integer ones (quantized weights) are skipped."""
+    return [
+        name
+        for name, tensor in tensors.items()
+        if (tensor.is_floating_point() or tensor.is_complex())
+        and tensor.device.type != "meta"
+        and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def name_some(names: Sequence[str], first: int = 5) -> str:
+    """`names` for a message: the first few, then how many in all."""
+    shown = ", ".join(names[:first])
+    return f"{shown} ... ({len(names)} in all)" if len(names) > first else shown
 
 
 class Blip2FrozenTowersMixin:

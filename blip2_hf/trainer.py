@@ -14,6 +14,10 @@ What BLIP-2 needs beyond the stock Trainer, and nothing else:
   each checkpoint (`bad_images.json`) and restored on resume.
 The optimizer (AdamW, betas from `TrainingArguments`, no weight decay on biases and norms) and the schedule (linear
 warmup, then cosine to `min_lr`: `lr_scheduler_type="cosine_with_min_lr"`) are the Trainer's own.
+
+Divergence never ends in a NaN model: an optimizer step whose loss or gradients are not finite on any process is
+skipped on all of them (no update) with a warning naming it; `max_nonfinite_steps` consecutive ones stop the run with
+`TrainingDivergedError`, and weights that are not finite are never checkpointed or returned to the script.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dataclasses import dataclass, field
 
 import safetensors.torch
 import torch
+from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import (
@@ -41,9 +46,10 @@ from transformers.utils import (
 )
 
 from .data import BAD_IMAGE_COUNTS_KEY, BadImageTracker
-from .modeling_blip2 import frozen_tower_dtype
+from .modeling_blip2 import frozen_tower_dtype, name_some, nonfinite_tensor_names
 
 logger = logging.get_logger(__name__)
+_SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 TRAINER_STATE_NAME = "trainer_state.json"
 BAD_IMAGES_NAME = "bad_images.json"
@@ -116,10 +122,28 @@ class Blip2TrainingArguments(TrainingArguments):
         },
     )
 
+    max_nonfinite_steps: int = field(
+        default=3,
+        metadata={
+            "help": "Optimizer steps whose loss or gradients are NaN/inf (on any process) are skipped: no update, a "
+            "warning naming the step and the loss components, `nonfinite_steps` in the next log. This many "
+            "consecutive ones stop the run (TrainingDivergedError; the training scripts exit with status 1) before "
+            "any non-finite weight is written. 1: stop at the first."
+        },
+    )
+
     def __post_init__(self):
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps={self.max_nonfinite_steps}: it must be at least 1.")
         if self.lr_scheduler_type in ("cosine_with_min_lr", "SchedulerType.COSINE_WITH_MIN_LR"):
             self.lr_scheduler_kwargs = {"min_lr": self.min_learning_rate, **(self.lr_scheduler_kwargs or {})}
         super().__post_init__()
+
+
+class TrainingDivergedError(RuntimeError):
+    """Training stopped because it diverged: `max_nonfinite_steps` consecutive optimizer steps had a non-finite loss
+    or gradient, or the weights became non-finite. Raised on every process at the same step; nothing non-finite was
+    written, so the newest checkpoint holds the last finite weights. The message is one line."""
 
 
 class _CollatorEpoch(TrainerCallback):
@@ -135,6 +159,29 @@ class _CollatorEpoch(TrainerCallback):
         self.collator.epoch = int(math.floor(state.epoch + 1e-6)) if state.epoch else 0
 
 
+class _NonFiniteGuard(TrainerCallback):
+    """Calls the trainer's divergence checks where the Trainer's loop allows it: before each optimizer step, before
+    each checkpoint (`control.should_save` is set by the flow callback, which runs before this one) and at the end of
+    training, before the script saves the model."""
+
+    def __init__(self, trainer: Blip2Trainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._check_step_finite()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            self.trainer._check_weights_finite(f"before writing the checkpoint of step {state.global_step}")
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            self.trainer._check_weights_finite(f"before writing the checkpoint of step {state.global_step}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer._check_weights_finite("at the end of training")  # before the script saves them
+
+
 class Blip2Trainer(Trainer):
     """Shared by both stages; `loss_components` names the output fields logged besides `loss`."""
 
@@ -148,8 +195,16 @@ class Blip2Trainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         if hasattr(self.data_collator, "epoch"):
             self.add_callback(_CollatorEpoch(self.data_collator))
-        self._component_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(()))
-        self._component_count = 0
+        self.add_callback(_NonFiniteGuard(self))
+        # the logging window: loss and components, each summed over the micro-batches where it is finite, and
+        # how many those were (0-dim tensors on the device), and the steps it skipped
+        self._component_sums: dict[str, torch.Tensor] = {}
+        self._component_counts: dict[str, torch.Tensor] = {}
+        self._nonfinite_in_window = 0
+        # the current optimizer step's micro-batches, kept until the step is known to be finite
+        self._pending: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._nonfinite_streak = 0
+        self._grads_nonfinite: torch.Tensor | None = None
         self._saving_checkpoint = False
         self._staging_dir: str | None = None
         if isinstance(getattr(self.data_collator, "report_counts", None), bool):
@@ -192,23 +247,134 @@ class Blip2Trainer(Trainer):
         if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
             inputs = {**inputs, "num_items_in_batch": num_items_in_batch}
         outputs = model(**inputs)
-        if model.training:
+        if model.training:  # kept until the optimizer step (`_check_step_finite`)
             for name in self.loss_components:
                 if outputs.get(name) is not None:  # an objective the config leaves out is not logged
-                    self._component_sums[name] = self._component_sums[name] + outputs[name].detach().float().cpu()
-            self._component_count += 1
+                    self._pending[name].append(outputs[name].detach().float())
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict, num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """`Trainer.training_step`; after the last micro-batch of an optimizer step it notes whether the gradients
+        are finite, before the Trainer clips them (clipping by an infinite norm would hide an overflow)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # what this micro-batch adds to the step's loss, times the micro-batches: on the scale of a step's loss
+        self._pending["loss"].append(loss.detach().float() * getattr(self, "current_gradient_accumulation_steps", 1))
+        if self.accelerator.sync_gradients:  # the step's last micro-batch: its gradients are complete, not clipped yet
+            self._grads_nonfinite = self._gradients_nonfinite()
+        return loss
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._component_count:  # a training log: add the components, averaged
-            for name in self.loss_components:
-                if name not in self._component_sums:
-                    continue
-                mean = (self._component_sums[name] / self._component_count).to(self.args.device)
-                logs[name] = round(self.accelerator.reduce(mean, reduction="mean").item(), 4)
-            self._component_sums.clear()
-            self._component_count = 0
+        if "loss" in logs:  # a training log
+            self._log_window(logs)
         super().log(logs, start_time)
+
+    def _log_window(self, logs: dict[str, float]) -> None:
+        """Adds the logging window's loss components and, when it skipped steps, `nonfinite_steps` and its own
+        `loss`: each averaged over the micro-batches (of all processes) where it is finite, NaN where none was. The
+        Trainer's `loss` would count a NaN step as the mean of the steps before it, or 0 when there were none
+        (`logging_nan_inf_filter`), which made a diverged run log 0."""
+        names = [name for name in self.loss_components if name in self._component_sums]
+        if self._nonfinite_in_window:
+            logs["nonfinite_steps"] = self._nonfinite_in_window
+            names = ["loss", *names] if "loss" in self._component_sums else names
+        if names:  # the same names on every process (they run the same steps): the collective is safe
+            sums = torch.stack([self._component_sums[name] for name in names])
+            counts = torch.stack([self._component_counts[name] for name in names])
+            totals = self.accelerator.reduce(torch.cat([sums, counts]).to(self.args.device), reduction="sum")
+            sums, counts = totals.split(len(names))
+            means = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, float("nan")))
+            logs.update({name: round(value, 4) for name, value in zip(names, means.tolist())})
+        self._component_sums.clear()
+        self._component_counts.clear()
+        self._nonfinite_in_window = 0
+
+    def _add_to_window(self, pending: dict[str, list[torch.Tensor]]) -> None:
+        """The optimizer step's micro-batch losses, each where it is finite, into the logging window."""
+        device = self.args.device
+        for name, values in pending.items():
+            stacked = torch.stack(values).to(device)
+            finite = torch.isfinite(stacked)
+            zero = torch.zeros((), device=device)
+            self._component_sums[name] = self._component_sums.get(name, zero) + torch.where(finite, stacked, 0).sum()
+            self._component_counts[name] = self._component_counts.get(name, zero) + finite.sum()
+
+    # --- divergence: non-finite steps skipped on every process, then a stop ------------------------------------------
+
+    def _check_step_finite(self) -> None:
+        """Before each optimizer step: the step is skipped on every process when any process saw a non-finite loss
+        or gradient (noted by `training_step` before clipping). One all-reduce of two flags (`reduce` returns them
+        as they are without a process group), so all processes decide alike. The step's finite losses join the
+        logging window either way."""
+        pending, self._pending = self._pending, defaultdict(list)
+        device = self.args.device
+        losses = torch.stack(pending["loss"]).to(device) if pending["loss"] else torch.zeros(1, device=device)
+        grads_bad, self._grads_nonfinite = self._grads_nonfinite, None
+        grads_bad = self._gradients_nonfinite() if grads_bad is None else grads_bad
+        flags = torch.stack([~torch.isfinite(losses).all(), grads_bad]).float()
+        loss_bad, grads_bad = (self.accelerator.reduce(flags, reduction="sum") > 0).tolist()
+        self._add_to_window(pending)
+        if loss_bad or grads_bad:
+            self._skip_step(pending, loss_bad, grads_bad)
+        else:
+            self._nonfinite_streak = 0
+
+    def _gradients_nonfinite(self) -> torch.Tensor:
+        """Whether the gradients' global norm (the one the Trainer clips with) is NaN/inf: a NaN/inf gradient, or
+        one so large that the norm overflows, which clipping turns into NaN or zero gradients. A 0-dim bool tensor
+        (no sync). Not judged under a GradScaler (fp16 mixed precision), which skips overflowing steps itself while
+        it calibrates its scale, nor for sharded gradients (FSDP, DeepSpeed); their losses are still checked."""
+        false = torch.zeros((), dtype=torch.bool, device=self.args.device)
+        if self.accelerator.scaler is not None or self.accelerator.distributed_type in _SHARDED:
+            return false
+        norms = [
+            torch.linalg.vector_norm(p.grad).to(false.device) for p in self.model.parameters() if p.grad is not None
+        ]
+        return ~torch.isfinite(torch.linalg.vector_norm(torch.stack(norms))) if norms else false
+
+    def _skip_step(self, pending: dict[str, list[torch.Tensor]], loss_bad: bool, grads_bad: bool) -> None:
+        """No update from this step: gradients set to None, which optimizers skip (no moment update, no weight decay,
+        no step count; a GradScaler has already recorded them). Warns, naming the step and its losses averaged
+        across processes; raises `TrainingDivergedError` at `max_nonfinite_steps` consecutive ones."""
+        self.model.zero_grad(set_to_none=True)
+        self._nonfinite_streak += 1
+        self._nonfinite_in_window += 1
+        names = [name for name in ("loss", *self.loss_components) if pending.get(name)]
+        values = ""
+        if names:  # every process is here (the decision is shared): the collective is safe
+            means = torch.stack([torch.stack(pending[name]).mean() for name in names]).to(self.args.device)
+            means = self.accelerator.reduce(means, reduction="mean").tolist()
+            values = " (" + ", ".join(f"{name}={value:.4g}" for name, value in zip(names, means)) + ")"
+        what = " and ".join(word for word, bad in (("loss", loss_bad), ("gradients", grads_bad)) if bad)
+        limit = self.args.max_nonfinite_steps
+        deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED  # its engine has stepped already
+        step = self.state.global_step + 1
+        message = f"step {step}: non-finite {what}{values}"
+        if self.accelerator.is_main_process:
+            logger.warning(f"Skipped {message}: no update ({self._nonfinite_streak} consecutive of at most {limit}).")
+        if self._nonfinite_streak >= limit or deepspeed:
+            raise TrainingDivergedError(
+                f"training diverged: {self._nonfinite_streak} consecutive optimizer steps had a non-finite loss or "
+                f"gradients, the last {message}{'; DeepSpeed steps cannot be skipped' if deepspeed else ''}. "
+                f"Stopped without saving the model; the newest checkpoint in {self.args.output_dir}, if any, holds "
+                f"finite weights. Lower the learning rate (now {self.args.learning_rate:g}) or check the data; "
+                f"--max_nonfinite_steps sets how many such steps in a row are skipped."
+            )
+
+    def _check_weights_finite(self, when: str) -> None:
+        """Raises `TrainingDivergedError` on every process when a trained weight is NaN/inf (an update that
+        overflowed: non-finite gradients never reach the optimizer), before anything holding it is written."""
+        model = self.accelerator.unwrap_model(self.model)
+        bad = nonfinite_tensor_names({name: p.detach() for name, p in model.named_parameters() if p.requires_grad})
+        flag = torch.tensor(float(len(bad)), device=self.args.device)
+        if self.accelerator.reduce(flag, reduction="sum").item() > 0:
+            raise TrainingDivergedError(
+                f"training diverged: trained weights are not finite {when} (step {self.state.global_step})"
+                f"{': ' + name_some(bad) if bad else ' on another process'}. Nothing was written; the newest "
+                f"checkpoint in {self.args.output_dir}, if any, holds finite weights. Lower the learning rate (now "
+                f"{self.args.learning_rate:g}) or check the data."
+            )
 
     # --- checkpoints: trained weights only, checked on resume --------------------------------------------------------
 
@@ -366,13 +532,36 @@ class Blip2Trainer(Trainer):
 
 class Blip2Stage1Trainer(Blip2Trainer):
     """Stage 1 (`Blip2ForPreTraining`): logs `loss_itc`, `loss_itm`, `loss_itg`. Its losses are batch means, so
-    gradient accumulation divides them by the number of accumulation steps (no `num_items_in_batch`)."""
+    gradient accumulation divides them by the number of accumulation steps (no `num_items_in_batch`).
+
+    ITC contrasts each image with the other captions of the step's global batch (per-device batch x processes: the
+    model gathers across processes; gradient accumulation adds none) and ITM draws its hard negatives there. A
+    global batch of one pair has no negative (ITC loss 0, ITM learns "always match"): refused here, before training;
+    a dataset whose last batch would hold one pair gets a warning."""
 
     loss_components = ("loss_itc", "loss_itm", "loss_itg")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False
+        self._check_negatives()
+
+    def _check_negatives(self) -> None:
+        per_device, world = self.args.per_device_train_batch_size, self.args.world_size
+        if per_device * world < 2:
+            raise ValueError(
+                f"Stage 1 needs at least 2 image-text pairs per step: per_device_train_batch_size={per_device} x "
+                f'{world} process(es) = 1 pair, which has no negative (ITC loss 0, ITM learns "always match"). '
+                f"Raise per_device_train_batch_size (gradient accumulation adds no negatives: they come from one "
+                f"step's batch across processes)."
+            )
+        size = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else None
+        # several processes pad the last batch with samples from the start (accelerate's even_batches): no lone pair
+        if size is not None and world == 1 and size % per_device == 1 and not self.args.dataloader_drop_last:
+            logger.warning(
+                f"The last batch of each epoch holds 1 pair ({size} pairs, batches of {per_device}): that step has "
+                f"no negative (ITC loss 0, ITM sees only a match). Pass --dataloader_drop_last true to drop it."
+            )
 
 
 class Blip2Stage2Trainer(Blip2Trainer):

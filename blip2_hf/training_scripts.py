@@ -1,6 +1,7 @@
 """What the training scripts (`training/stage1.py`, `training/stage2.py`) share: their arguments, read from a YAML/JSON
-config file with command-line overrides (`parse_args_with_config`), and their training data, from caption sources
-or a frozen-feature cache (`training_dataset`). Library code does not import this module."""
+config file with command-line overrides (`parse_args_with_config`), their training data, from caption sources or a
+frozen-feature cache (`training_dataset`), and how a diverged run ends (`train_or_exit`). Library code does not import
+this module."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from transformers import HfArgumentParser
 
 from .data import RandomResizedCropFlip, load_training_data, share_naming_sides
 from .feature_cache import check_cache_matches, load_feature_cache
+from .trainer import Blip2Trainer, TrainingDivergedError
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,19 @@ def training_dataset(
                 "images as they are.", 100 * share,
             )  # fmt: skip
     return dataset, transform
+
+
+def train_or_exit(trainer: Blip2Trainer, resume_from_checkpoint: str | bool | None, script: str) -> None:
+    """`trainer.train(resume_from_checkpoint=...)`, and a run that diverged (`TrainingDivergedError`, raised on every
+    process at the same step) ends with its one-line message on stderr and exit status 1, after the processes close
+    their group together, before the script would save anything."""
+    try:
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    except TrainingDivergedError as error:
+        if trainer.is_world_process_zero():
+            print(f"{script}: error: {error}", file=sys.stderr, flush=True)
+        trainer.end_training()
+        raise SystemExit(1) from None
 
 
 def parse_args_with_config(parser: HfArgumentParser, argv: Sequence[str] | None = None) -> tuple:

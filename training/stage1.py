@@ -11,6 +11,11 @@ YAML/JSON `--config` file, overridden by `--name value` on the command line. The
 does. Data are caption JSONs, image folders with metadata.jsonl or webdataset tar shards (`train_data`, mixed by
 `train_data_weights`), or a frozen-feature cache (`feature_cache`, built by `blip2-hf-cache-features`).
 A run killed at any point resumes from its last checkpoint with `--resume_from_checkpoint last`.
+
+ITC and ITM take their negatives from each step's global batch (`per_device_train_batch_size` x processes; gradient
+accumulation adds none): a global batch of one pair is refused before training starts. A run whose loss or gradients
+turn NaN/inf skips those steps; `max_nonfinite_steps` of them in a row stop it with exit status 1, and no non-finite
+weights are written.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from blip2_hf.data import BadImageTracker, Stage1Collator
 from blip2_hf.hub import write_training_run
 from blip2_hf.modeling_blip2 import read_safetensors_folder
 from blip2_hf.trainer import Blip2Stage1Trainer, Blip2TrainingArguments
-from blip2_hf.training_scripts import parse_args_with_config, training_dataset
+from blip2_hf.training_scripts import parse_args_with_config, train_or_exit, training_dataset
 
 logger = logging.getLogger("blip2_hf.training")
 
@@ -107,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     trainer = Blip2Stage1Trainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)  # "last": the newest, if any
+    # "last": the newest checkpoint, if any. A diverged run exits here with status 1, writing nothing.
+    train_or_exit(trainer, training_args.resume_from_checkpoint, "stage1.py")
     trainer.save_model(training_args.output_dir)  # the full model: from_pretrained / AutoModelForPreTraining load it
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)

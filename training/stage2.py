@@ -10,6 +10,8 @@ The model is a stage-1 folder (`stage1_name_or_path`: vision encoder, query toke
 path (`language_model_name_or_path`), or a stage-2 folder to continue from (`model_name_or_path`). `lora_r > 0` adds
 LoRA adapters (peft) to the LLM and, with `lora_qformer`, to the Q-Former; they are saved next to the model and
 `PeftModel.from_pretrained(Blip2ForConditionalGeneration.from_pretrained(out), out)` reloads them.
+A run whose loss or gradients turn NaN/inf skips those steps; `max_nonfinite_steps` of them in a row stop it with exit
+status 1, and no non-finite weights are written.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from blip2_hf import Blip2ForConditionalGeneration, Blip2Processor
 from blip2_hf.data import BadImageTracker, Stage2Collator
 from blip2_hf.hub import write_training_run
 from blip2_hf.trainer import Blip2Stage2Trainer, Blip2TrainingArguments
-from blip2_hf.training_scripts import parse_args_with_config, training_dataset
+from blip2_hf.training_scripts import parse_args_with_config, train_or_exit, training_dataset
 
 logger = logging.getLogger("blip2_hf.training")
 
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     trainer = Blip2Stage2Trainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)  # "last": the newest, if any
+    # "last": the newest checkpoint, if any. A diverged run exits here with status 1, writing nothing.
+    train_or_exit(trainer, training_args.resume_from_checkpoint, "stage2.py")
 
     output_dir = training_args.output_dir
     if model_args.lora_r > 0:
