@@ -235,6 +235,26 @@ def test_image_features_of_blip2_model_are_the_vision_output():
     torch.testing.assert_close(generation.pooler_output, output.image_outputs.pooler_output)
 
 
+@pytest.mark.parametrize("name", ["model", "generation"])
+def test_image_features_equal_transformers(name, tmp_path):
+    """Both classes' `get_image_features` against transformers' own on the same weights: the vision output
+    (`Blip2Model`), the soft prompt (`Blip2ForConditionalGeneration`)."""
+    ours_model = build("generation").eval()
+    ours_model.save_pretrained(tmp_path)
+    if name == "model":
+        ours_model = blip2_hf.Blip2Model.from_pretrained(tmp_path).eval()
+    reference_class = reference.Blip2Model if name == "model" else reference.Blip2ForConditionalGeneration
+    theirs = reference_class.from_pretrained(tmp_path).eval()
+    pixel_values = inputs_for(name, batch=2)["pixel_values"]
+    with torch.no_grad():
+        expected = theirs.get_image_features(pixel_values, output_hidden_states=True)
+        actual = ours_model.get_image_features(pixel_values, output_hidden_states=True)
+    assert actual.pooler_output.shape == expected.pooler_output.shape
+    for key in ("last_hidden_state", "pooler_output"):
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6)
+    assert len(actual.hidden_states) == len(expected.hidden_states) == VISION_LAYERS + 1
+
+
 def test_image_features_of_the_generation_model():
     model = build("generation").eval()
     inputs = inputs_for("generation", batch=2)
