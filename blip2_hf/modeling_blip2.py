@@ -692,19 +692,6 @@ class Blip2PreTrainedModel(PreTrainedModel):
     # entry a class does not have could catch a frozen tower's weights (an LLM's `embeddings.word_embeddings`).
     _keep_in_fp32_modules_strict: list[str] = []
 
-    def post_init(self) -> None:
-        """`PreTrainedModel.post_init`, after building this class's `_keep_in_fp32_modules_strict` entries in fp32:
-        transformers upcasts them only when it loads weights, so a model built under another default dtype
-        (`torch.set_default_dtype`, `from_config(dtype=...)`) would otherwise hold a half-precision bridge. A no-op
-        in fp32: the weights, their random initialization and checkpoints stay as they are."""
-        for entry in type(self)._keep_in_fp32_modules_strict:
-            try:
-                self.get_submodule(entry).float()
-            except AttributeError:  # a parameter of this model (`query_tokens`, `temp`), not a module
-                param = self.get_parameter(entry)
-                param.data = param.data.float()
-        super().post_init()
-
     def _output_flags(
         self, output_attentions: bool | None, output_hidden_states: bool | None, return_dict: bool | None
     ) -> tuple[bool, bool, bool]:
@@ -726,6 +713,19 @@ class Blip2PreTrainedModel(PreTrainedModel):
         super().save_pretrained(save_directory, *args, **kwargs)
         if isinstance(self.config, Blip2Config) and kwargs.get("is_main_process", True):
             copy_remote_code(save_directory)
+
+    def post_init(self) -> None:
+        """`PreTrainedModel.post_init`, after building this class's `_keep_in_fp32_modules_strict` entries in fp32:
+        transformers upcasts them only when it loads weights, so a model built under another default dtype
+        (`torch.set_default_dtype`, `from_config(dtype=...)`) would otherwise hold a half-precision bridge. A no-op
+        in fp32: the weights, their random initialization and checkpoints stay as they are."""
+        for entry in type(self)._keep_in_fp32_modules_strict:
+            try:
+                self.get_submodule(entry).float()
+            except AttributeError:  # a parameter of this model (`query_tokens`, `temp`), not a module
+                param = self.get_parameter(entry)
+                param.data = param.data.float()
+        super().post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)  # Linear / Embedding: normal(0, initializer_range); LayerNorm: 1, 0
