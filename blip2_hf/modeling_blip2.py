@@ -81,12 +81,13 @@ class Blip2QFormerModelOutput(ModelOutput):
 @dataclass
 class Blip2ImageFeaturesOutput(BaseModelOutputWithPooling):
     """
-    What `get_image_features` returns: the fields of transformers' `BaseModelOutputWithVisionQformerOutputs`.
+    What `get_image_features` of `Blip2ForConditionalGeneration` and of the stage-1 models returns (`Blip2Model`'s, as
+    transformers', is the vision model's output): the fields of transformers' `BaseModelOutputWithVisionQformerOutputs`.
 
     last_hidden_state: `[B, 1 + P, Dv]` image embeddings (after `post_layernorm`).
     pooler_output: the image features the model hands on: `[B, Q, D_llm]`, the query outputs projected into the LLM's
-        embedding space (the soft prompt; `Blip2Model`), or `[B, Q, E]`, the L2-normalized ITC projections of the
-        query outputs (the stage-1 models).
+        embedding space (the soft prompt; `Blip2ForConditionalGeneration`), or `[B, Q, E]`, the L2-normalized ITC
+        projections of the query outputs (the stage-1 models).
     hidden_states / attentions: the vision encoder's (with `output_hidden_states` / `output_attentions`).
     vision_outputs / qformer_outputs: the raw outputs of both towers.
     """
@@ -100,6 +101,12 @@ class Blip2ForConditionalGenerationModelOutput(ModelOutput):
     """
     loss: language-modeling loss over the `labels` that are not -100.
     logits: `[B, L, V]` LLM logits (decoder logits for encoder-decoder LLMs).
+    vision_outputs / qformer_outputs / language_model_outputs: each tower's own output.
+    image_outputs: the image side as the LLM received it, what `Blip2ForConditionalGeneration.get_image_features`
+        returns (the field newer transformers VLM outputs carry, and what `mm_encoder_outputs={"image": ...}` takes):
+        `pooler_output` the soft prompt `[B, Q, D_llm]`, `last_hidden_state` the image embeddings, `hidden_states` /
+        `attentions` the vision encoder's, with `vision_outputs` and `qformer_outputs` (the two fields above). Last,
+        so that the tuple positions of the other fields are those of transformers' output.
     """
 
     loss: torch.FloatTensor | None = None
@@ -107,12 +114,11 @@ class Blip2ForConditionalGenerationModelOutput(ModelOutput):
     vision_outputs: BaseModelOutputWithPooling | None = None
     qformer_outputs: Blip2QFormerModelOutput | None = None
     language_model_outputs: ModelOutput | None = None
+    image_outputs: Blip2ImageFeaturesOutput | None = None
 
     def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(
-            self[k] if k not in ("vision_outputs", "qformer_outputs", "language_model_outputs") else self[k].to_tuple()
-            for k in self.keys()
-        )
+        nested = ("vision_outputs", "qformer_outputs", "language_model_outputs", "image_outputs")
+        return tuple(self[k] if k not in nested else self[k].to_tuple() for k in self.keys())
 
 
 @dataclass
@@ -855,6 +861,19 @@ class Blip2PreTrainedModel(PreTrainedModel):
         if isinstance(self.config, Blip2Config) and kwargs.get("is_main_process", True):
             copy_remote_code(save_directory)
 
+    def post_init(self) -> None:
+        """`PreTrainedModel.post_init`, after building this class's `_keep_in_fp32_modules_strict` entries in fp32:
+        transformers upcasts them only when it loads weights, so a model built under another default dtype
+        (`torch.set_default_dtype`, `from_config(dtype=...)`) would otherwise hold a half-precision bridge. A no-op
+        in fp32: the weights, their random initialization and checkpoints stay as they are."""
+        for entry in type(self)._keep_in_fp32_modules_strict:
+            try:
+                self.get_submodule(entry).float()
+            except AttributeError:  # a parameter of this model (`query_tokens`, `temp`), not a module
+                param = self.get_parameter(entry)
+                param.data = param.data.float()
+        super().post_init()
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)  # Linear / Embedding: normal(0, initializer_range); LayerNorm: 1, 0
         std = self.config.initializer_range
@@ -1261,8 +1280,10 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
 class Blip2Model(Blip2FrozenTowersMixin, Blip2PreTrainedModel):
     """Vision encoder -> Q-Former queries -> `language_projection` -> soft prompt of a (frozen) LLM.
 
-    Also gives each part's features: `get_image_features` (image embeddings and the projected query outputs),
-    `get_qformer_features` (query outputs `[B, Q, Dq]`) and `get_text_features` (the LLM's text hidden states).
+    Also gives each part's features, as transformers' `Blip2Model`: `get_image_features` (the vision model's output),
+    `get_qformer_features` (query outputs `[B, Q, Dq]`) and `get_text_features` (the LLM's text hidden states). The
+    soft prompt is `Blip2ForConditionalGeneration.get_image_features`' `pooler_output`, and `image_outputs` of both
+    classes' forward output.
     """
 
     _keep_in_fp32_modules_strict = ["query_tokens", "qformer", "language_projection"]
@@ -1351,8 +1372,8 @@ class Blip2Model(Blip2FrozenTowersMixin, Blip2PreTrainedModel):
         self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs
     ) -> torch.Tensor:
         """`[B, 3, H, W]` -> the query outputs `[B, Q, Dq]`."""
-        features = self.get_image_features(pixel_values, interpolate_pos_encoding, return_dict=True)
-        return features.qformer_outputs.last_hidden_state
+        vision_outputs = self._vision_outputs(pixel_values, None, interpolate_pos_encoding, False, False)
+        return self._soft_prompt_features(vision_outputs, False, False).qformer_outputs.last_hidden_state
 
     def freeze_language_model(self) -> None:
         """`freeze_towers` for the LLM alone."""
@@ -1367,35 +1388,80 @@ class Blip2Model(Blip2FrozenTowersMixin, Blip2PreTrainedModel):
         frozen_image_states: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> Blip2ImageFeaturesOutput | tuple:
-        """Run the image through both towers. `pooler_output` is the soft prompt `[B, Q, D_llm]` (fp32, as the
-        Q-Former); `last_hidden_state` the image embeddings `[B, 1 + P, Dv]`; `hidden_states` / `attentions` the
-        vision encoder's, as transformers returns them (the Q-Former's are in `qformer_outputs`). Instead of
-        `pixel_values`, cached `frozen_image_states` (the frozen encoder's output before `post_layernorm`, see
-        `encode_image_frozen`) may be given; the encoder does not run then, so it records nothing."""
+    ) -> BaseModelOutputWithPooling | Blip2ImageFeaturesOutput | tuple:
+        """The image features, as transformers returns them from each class:
+
+        - `Blip2Model`: the vision model's output: `last_hidden_state` the image embeddings `[B, 1 + P, Dv]`,
+          `pooler_output` the pooled `[CLS]` position `[B, Dv]`, the encoder's `hidden_states` / `attentions` (the
+          query outputs are `get_qformer_features`);
+        - `Blip2ForConditionalGeneration`: a `Blip2ImageFeaturesOutput` whose `pooler_output` is the soft prompt
+          `[B, Q, D_llm]` (fp32, as the Q-Former), the other fields the same (the Q-Former's hidden states and
+          attentions are in `qformer_outputs`).
+
+        Either goes back in as `forward(mm_encoder_outputs={"image": ...})`. Instead of `pixel_values`, cached
+        `frozen_image_states` (the frozen encoder's output before `post_layernorm`, see `encode_image_frozen`) may be
+        given; the encoder does not run then, so it records nothing."""
         output_attentions, output_hidden_states, return_dict = self._output_flags(
             output_attentions, output_hidden_states, return_dict
         )
         _reject_image_embeds_input(kwargs)
-        record = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
-        if frozen_image_states is not None:
-            if pixel_values is not None:
-                raise ValueError("Pass pixel_values or frozen_image_states, not both.")
-            vision_outputs = BaseModelOutputWithPooling(
-                last_hidden_state=self._image_embeds(None, frozen_image_states)
+        vision_outputs = self._vision_outputs(
+            pixel_values, frozen_image_states, interpolate_pos_encoding, output_attentions, output_hidden_states
+        )
+        output = self._image_features(vision_outputs, output_attentions, output_hidden_states)
+        return output if return_dict else output.to_tuple()
+
+    def _image_features(
+        self, vision_outputs: BaseModelOutputWithPooling, output_attentions: bool, output_hidden_states: bool
+    ) -> BaseModelOutputWithPooling:
+        """What `get_image_features` returns of the vision output: here that output itself (transformers'
+        `Blip2Model`); `Blip2ForConditionalGeneration` returns the soft prompt."""
+        return vision_outputs
+
+    def _vision_outputs(
+        self,
+        pixel_values: torch.Tensor | None,
+        frozen_image_states: torch.Tensor | None,
+        interpolate_pos_encoding: bool,
+        output_attentions: bool,
+        output_hidden_states: bool,
+    ) -> BaseModelOutputWithPooling:
+        """The vision model's output of images `[B, 3, H, W]` or of cached `frozen_image_states [B, 1 + P, Dv]`
+        (then only `last_hidden_state` and `pooler_output`, made as `Blip2VisionModel` makes them)."""
+        if frozen_image_states is None:
+            return self.vision_model(
+                pixel_values,
+                interpolate_pos_encoding=interpolate_pos_encoding,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
             )
-        else:
-            vision_outputs = self.vision_model(
-                pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **record
-            )
+        if pixel_values is not None:
+            raise ValueError("Pass pixel_values or frozen_image_states, not both.")
+        image_embeds = self._image_embeds(None, frozen_image_states)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=image_embeds, pooler_output=self.vision_model.post_layernorm(image_embeds[:, 0])
+        )
+
+    def _soft_prompt_features(
+        self, vision_outputs: BaseModelOutputWithPooling, output_attentions: bool, output_hidden_states: bool
+    ) -> Blip2ImageFeaturesOutput:
+        """The Q-Former's queries over the image embeddings of `vision_outputs`, projected into the LLM's embedding
+        space: `pooler_output` is the soft prompt `[B, Q, D_llm]` (fp32, as the Q-Former), the rest the vision
+        output's, as transformers' `Blip2ForConditionalGeneration.get_image_features` returns them (the Q-Former's
+        hidden states and attentions are in `qformer_outputs`)."""
         image_embeds = vision_outputs.last_hidden_state
         query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         qformer_outputs = self.qformer(
-            query_embeds=query_tokens, encoder_hidden_states=image_embeds, return_dict=True, **record
+            query_embeds=query_tokens,
+            encoder_hidden_states=image_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         query_output = qformer_outputs.last_hidden_state
         language_model_inputs = self.language_projection(query_output.to(self.language_projection.weight.dtype))
-        output = Blip2ImageFeaturesOutput(
+        return Blip2ImageFeaturesOutput(
             last_hidden_state=image_embeds,
             pooler_output=language_model_inputs,
             hidden_states=vision_outputs.hidden_states,
@@ -1403,7 +1469,6 @@ class Blip2Model(Blip2FrozenTowersMixin, Blip2PreTrainedModel):
             vision_outputs=vision_outputs,
             qformer_outputs=qformer_outputs,
         )
-        return output if return_dict else output.to_tuple()
 
     def get_text_features(
         self,
@@ -1546,17 +1611,13 @@ class Blip2Model(Blip2FrozenTowersMixin, Blip2PreTrainedModel):
         self._ignore_qformer_text(qformer_input_ids)
         _reject_image_embeds_input(kwargs)
         record = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
-        image_features = (mm_encoder_outputs or {}).get("image")
-        if image_features is None:
-            image_features = self.get_image_features(
-                pixel_values,
-                interpolate_pos_encoding,
-                frozen_image_states=frozen_image_states,
-                return_dict=True,
-                **record,
-            )
-        elif pixel_values is not None or frozen_image_states is not None:
-            raise ValueError("Pass mm_encoder_outputs or pixel_values / frozen_image_states, not both.")
+        image_features = self._forward_image_features(
+            pixel_values,
+            frozen_image_states,
+            (mm_encoder_outputs or {}).get("image"),
+            interpolate_pos_encoding,
+            record,
+        )
         kwargs.update(record)
         if inputs_embeds is None:
             if input_ids is None:
@@ -1576,8 +1637,31 @@ class Blip2Model(Blip2FrozenTowersMixin, Blip2PreTrainedModel):
             vision_outputs=image_features.vision_outputs,
             qformer_outputs=image_features.qformer_outputs,
             language_model_outputs=outputs,
+            image_outputs=image_features,
         )
         return output if return_dict else output.to_tuple()
+
+    def _forward_image_features(
+        self,
+        pixel_values: torch.Tensor | None,
+        frozen_image_states: torch.Tensor | None,
+        encoded: BaseModelOutputWithPooling | None,
+        interpolate_pos_encoding: bool,
+        record: dict[str, bool],
+    ) -> Blip2ImageFeaturesOutput:
+        """The soft-prompt features `forward` puts into the LLM: from images, from cached frozen states, or from
+        `mm_encoder_outputs["image"]` (`encoded`): the generation model's `get_image_features` output as it is, or
+        `Blip2Model.get_image_features`' (the vision output), which the Q-Former then reads."""
+        if encoded is None:
+            vision_outputs = self._vision_outputs(
+                pixel_values, frozen_image_states, interpolate_pos_encoding, **record
+            )
+            return self._soft_prompt_features(vision_outputs, **record)
+        if pixel_values is not None or frozen_image_states is not None:
+            raise ValueError("Pass mm_encoder_outputs or pixel_values / frozen_image_states, not both.")
+        if getattr(encoded, "qformer_outputs", None) is None:
+            return self._soft_prompt_features(encoded, **record)
+        return encoded
 
 
 class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
@@ -1594,6 +1678,13 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
       gives prompt + answer;
     - encoder-decoder LLMs (T5, Flan-T5): the output is the decoder sequence only (decoder start token + new tokens).
     """
+
+    def _image_features(
+        self, vision_outputs: BaseModelOutputWithPooling, output_attentions: bool, output_hidden_states: bool
+    ) -> Blip2ImageFeaturesOutput:
+        """`get_image_features` here, as transformers' `Blip2ForConditionalGeneration.get_image_features`: the image
+        through both towers, `pooler_output` the soft prompt `[B, Q, D_llm]` (`_soft_prompt_features`)."""
+        return self._soft_prompt_features(vision_outputs, output_attentions, output_hidden_states)
 
     @classmethod
     def from_stage1(
@@ -1762,9 +1853,10 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
         _reject_image_embeds_input(generate_kwargs)
         if hasattr(self, "hf_device_map") and hasattr(self.language_model, "_hf_hook"):
             self.language_model._hf_hook.io_same_device = True  # outputs come back to the input device
-        language_model_inputs = self.get_image_features(
-            pixel_values, interpolate_pos_encoding, frozen_image_states=frozen_image_states, return_dict=True
-        ).pooler_output
+        vision_outputs = self._vision_outputs(
+            pixel_values, frozen_image_states, interpolate_pos_encoding, False, False
+        )
+        language_model_inputs = self._soft_prompt_features(vision_outputs, False, False).pooler_output
         batch_size = language_model_inputs.shape[0]
         if inputs_embeds is None:
             if input_ids is None:

@@ -209,6 +209,52 @@ def test_stage1_features_are_the_retrieval_scores():
     torch.testing.assert_close(scores, expected)
 
 
+def test_image_features_of_blip2_model_are_the_vision_output():
+    """transformers 5's `Blip2Model.get_image_features`: the vision model's output (`pooler_output [B, Dv]`), not the
+    soft prompt, which only `Blip2ForConditionalGeneration.get_image_features` returns (as there)."""
+    model = eager(build("model"))
+    inputs = inputs_for("model", batch=2)
+    pixel_values = inputs["pixel_values"]
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values, output_attentions=True)
+        vision = model.vision_model(pixel_values, output_attentions=True)
+        frozen = model.get_image_features(frozen_image_states=model.encode_image_frozen(pixel_values))
+        output = model(**inputs)
+        # its features go back in as transformers' pre-encoded images: the Q-Former runs on them
+        reused = model(input_ids=inputs["input_ids"], mm_encoder_outputs={"image": features})
+    assert type(features) is BaseModelOutputWithPooling
+    assert features.pooler_output.shape == (2, 32)
+    for key in ("last_hidden_state", "pooler_output"):
+        torch.testing.assert_close(features[key], vision[key], rtol=0, atol=0)
+        torch.testing.assert_close(frozen[key], vision[key])
+    assert len(features.attentions) == VISION_LAYERS
+    torch.testing.assert_close(reused.logits, output.logits)
+    with torch.no_grad():
+        generation = build("generation").eval().get_image_features(pixel_values)
+    assert generation.pooler_output.shape == (2, QUERIES, model.config.text_config.hidden_size)
+    torch.testing.assert_close(generation.pooler_output, output.image_outputs.pooler_output)
+
+
+@pytest.mark.parametrize("name", ["model", "generation"])
+def test_image_features_equal_transformers(name, tmp_path):
+    """Both classes' `get_image_features` against transformers' own on the same weights: the vision output
+    (`Blip2Model`), the soft prompt (`Blip2ForConditionalGeneration`)."""
+    ours_model = build("generation").eval()
+    ours_model.save_pretrained(tmp_path)
+    if name == "model":
+        ours_model = blip2_hf.Blip2Model.from_pretrained(tmp_path).eval()
+    reference_class = reference.Blip2Model if name == "model" else reference.Blip2ForConditionalGeneration
+    theirs = reference_class.from_pretrained(tmp_path).eval()
+    pixel_values = inputs_for(name, batch=2)["pixel_values"]
+    with torch.no_grad():
+        expected = theirs.get_image_features(pixel_values, output_hidden_states=True)
+        actual = ours_model.get_image_features(pixel_values, output_hidden_states=True)
+    assert actual.pooler_output.shape == expected.pooler_output.shape
+    for key in ("last_hidden_state", "pooler_output"):
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6)
+    assert len(actual.hidden_states) == len(expected.hidden_states) == VISION_LAYERS + 1
+
+
 def test_image_features_of_the_generation_model():
     model = build("generation").eval()
     inputs = inputs_for("generation", batch=2)
@@ -233,9 +279,11 @@ def field_names(cls) -> list[str]:
 
 
 def test_output_fields_are_transformers():
-    assert field_names(ours.Blip2ForConditionalGenerationModelOutput) == field_names(
-        reference.Blip2ForConditionalGenerationModelOutput
-    )
+    # ours adds `image_outputs` (newer transformers VLM outputs carry it), last: the other tuple positions stay
+    assert field_names(ours.Blip2ForConditionalGenerationModelOutput) == [
+        *field_names(reference.Blip2ForConditionalGenerationModelOutput),
+        "image_outputs",
+    ]
     assert field_names(ours.Blip2ImageFeaturesOutput) == field_names(reference.BaseModelOutputWithVisionQformerOutputs)
     # ours adds the ITC temperature, last, so the tuple positions of the others stay transformers'
     assert field_names(ours.Blip2ImageTextMatchingModelOutput) == [
@@ -243,6 +291,37 @@ def test_output_fields_are_transformers():
         "temperature",
     ]
     assert field_names(ours.Blip2QFormerModelOutput) == field_names(BaseModelOutputWithPoolingAndCrossAttentions)
+
+
+@pytest.mark.parametrize("name", ["model", "generation"])
+@pytest.mark.parametrize("switch", ["keyword", "config"])
+def test_forward_output_carries_image_outputs(name, switch):
+    """`image_outputs` as newer transformers VLMs fill it: what `get_image_features` of the generation model returns
+    (the image side as the LLM receives it), with the vision encoder's attentions and hidden states, reusable as
+    `mm_encoder_outputs={"image": ...}`."""
+    model = eager(build(name))
+    inputs = inputs_for(name, batch=2)
+    if switch == "config":
+        model.config.output_attentions = model.config.output_hidden_states = True
+    else:
+        inputs.update(output_attentions=True, output_hidden_states=True)
+    with torch.no_grad():
+        output = model(**inputs)
+        reused = model(
+            input_ids=inputs["input_ids"], labels=inputs["labels"], mm_encoder_outputs={"image": output.image_outputs}
+        )
+        as_tuple = model(**inputs, return_dict=False)
+    image = output.image_outputs
+    assert isinstance(image, ours.Blip2ImageFeaturesOutput)
+    assert image.pooler_output.shape == (2, QUERIES, model.config.text_config.hidden_size)
+    assert len(image.attentions) == VISION_LAYERS and len(image.hidden_states) == VISION_LAYERS + 1
+    assert image.vision_outputs is output.vision_outputs and image.qformer_outputs is output.qformer_outputs
+    assert image.attentions is output.vision_outputs.attentions
+    torch.testing.assert_close(reused.logits, output.logits, rtol=0, atol=0)
+    # the tuple: transformers' positions first, then image_outputs as a tuple
+    torch.testing.assert_close(as_tuple[1], output.logits)
+    assert isinstance(as_tuple[-1], tuple)
+    torch.testing.assert_close(as_tuple[-1][1], image.pooler_output)
 
 
 @pytest.mark.parametrize("itm", [False, True])
@@ -285,6 +364,47 @@ def test_keep_in_fp32_entries_name_the_class_own_modules(name):
             assert entry in names, f"{type(model).__name__}: {entry!r} is not a module or parameter"
             caught = [key for key in keys if re.search(entry, key)]
             assert caught and all(key == entry or key.startswith(f"{entry}.") for key in caught), (entry, caught)
+
+
+def strict_fp32_keys(model: torch.nn.Module) -> list[str]:
+    entries = type(model)._keep_in_fp32_modules_strict
+    return [key for key in model.state_dict() if any(key == entry or key.startswith(f"{entry}.") for entry in entries)]
+
+
+@pytest.mark.parametrize("name", ["model", "generation", "retrieval", "pretraining"])
+def test_keep_in_fp32_entries_are_built_in_fp32(name):
+    """transformers applies `_keep_in_fp32_modules_strict` only when it loads weights: a model built under another
+    default dtype (`torch.set_default_dtype`, `from_config(dtype=...)`) must still build those entries in fp32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        model = build(name)
+    finally:
+        torch.set_default_dtype(previous)
+    keys = strict_fp32_keys(model)
+    assert keys and "query_tokens" in keys
+    state_dict = model.state_dict()
+    half = [key for key in keys if state_dict[key].is_floating_point() and state_dict[key].dtype != torch.float32]
+    assert not half, half
+    # the rest (the frozen towers) takes the default dtype, as transformers builds it
+    assert model.vision_model.encoder.layers[0].mlp.fc1.weight.dtype == torch.float16
+    if name in ("model", "generation"):
+        assert model.get_input_embeddings().weight.dtype == torch.float16
+        assert model.language_projection.weight.dtype == torch.float32
+
+
+def test_from_config_in_half_precision_keeps_the_bridge_fp32_and_runs():
+    config = tiny_config()
+    model = blip2_hf.Blip2ForConditionalGeneration._from_config(config, dtype=torch.bfloat16).eval()
+    assert torch.get_default_dtype() == torch.float32
+    assert model.vision_model.encoder.layers[0].mlp.fc1.weight.dtype == torch.bfloat16
+    assert {param.dtype for param in model.qformer.parameters()} == {torch.float32}
+    assert model.query_tokens.dtype == model.language_projection.weight.dtype == torch.float32
+    inputs = inputs_for("generation", batch=2)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    with torch.no_grad():
+        output = model(**inputs)
+    assert torch.isfinite(output.loss)
 
 
 def test_stage1_model_loads_in_bf16_with_an_fp32_bridge(tmp_path):
