@@ -165,10 +165,10 @@ def load_caption_json(path: str | os.PathLike, image_root: str | os.PathLike | N
             entries = json.load(file)
         except json.JSONDecodeError as error:
             raise ValueError(
-                f"Caption JSON {path!r} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}."
+                f"Caption JSON {path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})."
             ) from None
         except UnicodeDecodeError as error:
-            raise ValueError(f"Caption JSON {path!r} is not UTF-8 text ({error.reason} at byte {error.start}).") from None
+            raise ValueError(f"Caption JSON {path}: not UTF-8 text ({error.reason} at byte {error.start}).") from None
     if not isinstance(entries, list):
         raise ValueError(
             f"Caption JSON {path!r} holds a {type(entries).__name__}; expected a list of "

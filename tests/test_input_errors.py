@@ -140,12 +140,12 @@ def test_malformed_json_names_the_file_line_and_column(tmp_path, text, where):
     path = tmp_path / "broken.json"
     path.write_text(text)
     for load in (load_caption_json, lambda p: load_training_data([str(p)])):
-        with pytest.raises(ValueError, match=rf"Caption JSON '.*broken\.json' is not valid JSON: .* at {where}\."):
+        with pytest.raises(ValueError, match=rf"Caption JSON .*broken\.json: not valid JSON \(.* at {where}\)\."):
             load(path)
 
 
 def test_json_that_is_not_utf8_names_the_file(tmp_path):
     path = tmp_path / "latin1.json"
     path.write_bytes('[{"image": "a.jpg", "caption": "caf\u00e9"}]'.encode("latin-1"))
-    with pytest.raises(ValueError, match=r"latin1\.json' is not UTF-8 text"):
+    with pytest.raises(ValueError, match=r"latin1\.json: not UTF-8 text"):
         load_caption_json(path)
