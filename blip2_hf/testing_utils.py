@@ -255,6 +255,19 @@ def make_bert_tokenizer(vocab_size: int = 300, corpus: Sequence[str] | None = No
     return train_bert_tokenizer(CORPUS if corpus is None else corpus, vocab_size)
 
 
+def make_tiny_processor(image_size: int = 30, num_query_tokens: int = 4):
+    """A `Blip2Processor` for the tiny test models: `image_size` px images, `make_opt_tokenizer` as the LLM's tokenizer,
+    `make_bert_tokenizer` as the Q-Former's, `num_query_tokens` image tokens."""
+    from .processing_blip2 import Blip2Processor
+
+    return Blip2Processor(
+        image_processor=Blip2Processor.default_image_processor(image_size),
+        tokenizer=make_opt_tokenizer(),
+        qformer_tokenizer=make_bert_tokenizer(),
+        num_query_tokens=num_query_tokens,
+    )
+
+
 _COLORS = (
     (220, 20, 60),
     (30, 144, 255),

@@ -12,23 +12,18 @@ import shutil
 import pytest
 import torch
 from transformers import Trainer, TrainerCallback
-from utils import draw_images, make_bert_tokenizer, make_opt_tokenizer
+from utils import draw_images
 
 import blip2_hf
 from blip2_hf.data import BadImageTracker, Stage2Collator
-from blip2_hf.testing_utils import tiny_config_dict
+from blip2_hf.testing_utils import make_tiny_processor, tiny_config_dict
 from blip2_hf.trainer import Blip2Stage2Trainer, Blip2TrainingArguments, last_complete_checkpoint
 
 CAPTIONS = ["a red circle", "a blue square", "two cats", "a dog on the grass", "a green tree", "a yellow sun"]
 
 
 def processor() -> blip2_hf.Blip2Processor:
-    return blip2_hf.Blip2Processor(
-        image_processor=blip2_hf.Blip2Processor.default_image_processor(30),
-        tokenizer=make_opt_tokenizer(),
-        qformer_tokenizer=make_bert_tokenizer(),
-        num_query_tokens=4,
-    )
+    return make_tiny_processor()
 
 
 def model_for(proc: blip2_hf.Blip2Processor) -> blip2_hf.Blip2ForConditionalGeneration:

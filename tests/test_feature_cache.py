@@ -11,7 +11,7 @@ import datasets
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from utils import draw_images, make_bert_tokenizer, make_opt_tokenizer
+from utils import draw_images, make_bert_tokenizer
 
 import blip2_hf
 from blip2_hf import feature_cache
@@ -22,7 +22,7 @@ from blip2_hf.feature_cache import (
     load_feature_cache,
     read_cache_index,
 )
-from blip2_hf.testing_utils import perturb_, tiny_config_dict
+from blip2_hf.testing_utils import make_tiny_processor, perturb_, tiny_config_dict
 
 # Five images, eight caption rows: image 0 has three captions, image 1 two.
 CAPTIONS = [
@@ -39,12 +39,7 @@ NUM_IMAGES = 5
 
 
 def make_processor() -> blip2_hf.Blip2Processor:
-    return blip2_hf.Blip2Processor(
-        image_processor=blip2_hf.Blip2Processor.default_image_processor(30),
-        tokenizer=make_opt_tokenizer(),
-        qformer_tokenizer=make_bert_tokenizer(),
-        num_query_tokens=4,
-    )
+    return make_tiny_processor()
 
 
 def stage1_model(processor: blip2_hf.Blip2Processor, seed: int = 0, **vision) -> blip2_hf.Blip2ForPreTraining:

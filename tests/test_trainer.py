@@ -8,11 +8,11 @@ import copy
 import pytest
 import torch
 from transformers import TrainerCallback
-from utils import draw_images, make_bert_tokenizer, make_opt_tokenizer
+from utils import draw_images
 
 import blip2_hf
 from blip2_hf.data import Stage1Collator, Stage2Collator
-from blip2_hf.testing_utils import perturb_, tiny_config_dict
+from blip2_hf.testing_utils import make_tiny_processor, perturb_, tiny_config_dict
 from blip2_hf.trainer import Blip2Stage1Trainer, Blip2Stage2Trainer, Blip2TrainingArguments
 
 CAPTIONS = ["a red circle", "a large blue square on the left", "two cats", "a dog running in the green grass"]
@@ -27,12 +27,7 @@ class GradientGrabber(TrainerCallback):
 
 
 def processor() -> blip2_hf.Blip2Processor:
-    return blip2_hf.Blip2Processor(
-        image_processor=blip2_hf.Blip2Processor.default_image_processor(30),
-        tokenizer=make_opt_tokenizer(),
-        qformer_tokenizer=make_bert_tokenizer(),
-        num_query_tokens=4,
-    )
+    return make_tiny_processor()
 
 
 def rows(tmp_path) -> list[dict]:
