@@ -41,6 +41,7 @@ def _optimize(
     learning_rate: float,
     description: str,
     log: Callable[[dict], None] | None,
+    after_step: Callable[[int], None] | None = None,
 ) -> float:
     """AdamW (betas 0.9/0.98, weight decay 0.05, gradients clipped at 1) with a linear warmup over the first tenth,
     then cosine to a tenth of `learning_rate`; `loss_at()` draws a batch and returns its loss. Returns the last loss."""
@@ -57,6 +58,8 @@ def _optimize(
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if log is not None:
                 log({"step": step, "loss": loss.item()})
+        if after_step is not None:
+            after_step(step)
     return loss.item()
 
 
@@ -146,11 +149,14 @@ def scene_documents(
     per_scene: int,
     seed: int = 0,
     questions_per_document: tuple[int, int] = (2, 4),
+    always_asked: Sequence[str] = (),
 ) -> list[str]:
     """The language model's corpus: per scene, `per_scene` documents of one or two of its captions (ones that name
-    every attribute), then two to four "Question: ... Short answer: ..." lines about it (LAVIS's zero-shot VQA prompt
+    every attribute), then a number in `questions_per_document` of "Question: ... Short answer: ..." lines about it (LAVIS's zero-shot VQA prompt
     for OPT), each line ended by "\n". Only text: the answers come from the captions before them. A second caption
-    restates the first: predicting it rewards copying from the context, which answering from it needs too."""
+    restates the first: predicting it rewards copying from the context, which answering from it needs too.
+    Questions of the types in `always_asked` are in every document of their scene (counted in
+    `questions_per_document`): the skill a type needs is learned in proportion to how often it is asked."""
     rng = random.Random(seed)
     documents = []
     for scene_captions, scene_questions in zip(captions, questions):
@@ -159,7 +165,13 @@ def scene_documents(
         for _ in range(per_scene):
             lines = rng.sample(complete, k=min(len(complete), rng.choice((1, 2))))
             count = min(len(scene_questions), rng.randint(*questions_per_document))
-            for qa in rng.sample(list(scene_questions), k=count):
+            asked = [qa for qa in scene_questions if qa["type"] in always_asked][:count]
+            others = [qa for qa in scene_questions if qa["type"] not in always_asked]
+            chosen = rng.sample(others, k=min(len(others), count - len(asked)))
+            if asked:
+                chosen = asked + chosen
+                rng.shuffle(chosen)  # the always-asked ones anywhere in the document
+            for qa in chosen:
                 lines.append(f"Question: {qa['question']} Short answer: {qa['answer']}")
             documents.append("".join(line + "\n" for line in lines))
     rng.shuffle(documents)
@@ -189,8 +201,12 @@ def pretrain_language_model(
     learning_rate: float = 2e-3,
     seed: int = 0,
     log: Callable[[dict], None] | None = None,
+    monitor: Callable[[OPTForCausalLM], dict] | None = None,
+    monitor_every: int = 1000,
 ) -> OPTForCausalLM:
-    """Next-token prediction on `documents` (BOS + text, every token a target).
+    """Next-token prediction on `documents` (BOS + text, every token a target). `monitor(model)` (for example
+    `quality.text_only_vqa` on held-out scenes) runs every `monitor_every` steps and at the end; its result is printed
+    and logged with the step: the skills break out one at a time after long plateaus, which only such a curve shows.
 
     Batches are grouped by length (`length_grouped_batches`): random batches pad every document to the longest of
     its batch, which spent about a third of the compute on padding (benchmarks/README.md, "Training choices")."""
@@ -207,7 +223,16 @@ def pretrain_language_model(
         labels = tokens["input_ids"].masked_fill(tokens["attention_mask"] == 0, -100)
         return model(**tokens, labels=labels).loss
 
+    def monitor_step(step: int) -> None:
+        if monitor is not None and ((step + 1) % monitor_every == 0 or step + 1 == steps):
+            model.eval()
+            result = {"step": step + 1, **monitor(model)}
+            model.train()
+            print(f"language model, step {step + 1}: {result}", flush=True)
+            if log is not None:
+                log(result)
+
     model.train()
-    _optimize(list(model.parameters()), lm_loss, steps, learning_rate, "language model (text only)", log)
+    _optimize(list(model.parameters()), lm_loss, steps, learning_rate, "language model (text only)", log, monitor_step)
     model.eval()
     return model

@@ -30,10 +30,13 @@ def first_line(text: str) -> str:
 
 
 @torch.inference_mode()
-def text_only_vqa(llm: OPTForCausalLM, tokenizer: Any, test: Sequence[dict], batch_size: int = 128) -> dict:
+def text_only_vqa(
+    llm: OPTForCausalLM, tokenizer: Any, test: Sequence[dict], batch_size: int = 128, per_type: bool = False
+) -> dict:
     """The LLM alone on the test questions (`test`: records with "caption" and "questions"): after the image's first
     ground-truth caption (what the image tells, as text: the ceiling for zero-shot VQA through it) and from the
-    question alone (its prior: the floor). Exact-match accuracy (%) per setting."""
+    question alone (its prior: the floor). Exact-match accuracy (%) per setting; with `per_type`, also
+    `"with_caption_per_type"`: `{question type: accuracy}` after the caption."""
     questions = [(record, qa) for record in test for qa in record["questions"]]
     newline = tokenizer("\n", add_special_tokens=False).input_ids[0]
     result = {}
@@ -51,7 +54,12 @@ def text_only_vqa(llm: OPTForCausalLM, tokenizer: Any, test: Sequence[dict], bat
             )  # fmt: skip
             answers += [first_line(text) for text in tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1] :])]
         references = [qa["answer"] for _, qa in questions]
-        result[name] = vqa_accuracy(answers, references, mode="gqa")["accuracy"]
+        scores = vqa_accuracy(answers, references, mode="gqa", question_types=[qa["type"] for _, qa in questions])
+        result[name] = scores["accuracy"]
+        if per_type and name == "with_caption":
+            result["with_caption_per_type"] = {
+                kind: round(value, 1) for kind, value in scores["per_question_type"].items()
+            }
     return result
 
 
@@ -84,7 +92,8 @@ def quality_checks(towers: Path) -> dict[str, Any]:
     )  # fmt: skip
     llm = OPTForCausalLM.from_pretrained(towers / "language_model", dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(towers / "language_model")
-    return {"probe": probe, "llm": text_only_vqa(llm, tokenizer, records["test"])}
+    llm_scores = text_only_vqa(llm, tokenizer, records["test"], per_type=True)
+    return {"probe": probe, "llm_per_type": llm_scores.pop("with_caption_per_type"), "llm": llm_scores}
 
 
 def _record(scene: Any) -> dict:

@@ -39,9 +39,16 @@ def plot_losses(path: Path, towers: dict, curves: Sequence[dict]) -> None:
         (axes[0], "vision_encoder", "image encoder: scene tagging (built once)"),
         (axes[1], "language_model", "LLM: next token, text only (built once)"),
     ):
-        steps, losses = zip(*((entry["step"], entry["loss"]) for entry in towers["curves"][name]))
+        curve = towers["curves"][name]
+        steps, losses = zip(*((entry["step"], entry["loss"]) for entry in curve if "loss" in entry))
         ax.plot(steps, losses, color="black")
         ax.set_title(title, fontsize=10)
+        monitored = [entry for entry in curve if "with_caption" in entry]
+        if monitored:  # the LLM's text-only VQA on held-out scenes during its training
+            twin = ax.twinx()
+            twin.plot([e["step"] for e in monitored], [e["with_caption"] for e in monitored], "o-", color="tab:blue")
+            twin.set_ylabel("text-only VQA after the caption (%)", color="tab:blue", fontsize=8)
+            twin.set_ylim(0, 100)
     for seed, logs in enumerate(curves):
         for key, color in (("loss_itc", "tab:green"), ("loss_itm", "tab:orange"), ("loss_itg", "tab:purple")):
             axes[2].plot(
@@ -241,8 +248,10 @@ def _examples_table(test: Sequence[dict], run: dict, count: int = 12) -> str:
 def _tables(results: dict, per_seed: Sequence[dict], towers: dict) -> dict[str, str]:
     per_type_a = per_seed[0]["stage1+2"]["VQA_per_type"]
     per_type_b = per_seed[0]["stage2_only"]["VQA_per_type"]
-    per_type = ["| question type | BLIP-2 | no stage 1 |", "|---|---:|---:|"] + [
-        f"| {name} | {per_type_a[name]:.1f} | {per_type_b.get(name, float('nan')):.1f} |"
+    per_type_llm = towers.get("llm_per_type", {})  # the LLM alone, reading the true caption: the ceiling
+    per_type = ["| question type | BLIP-2 | no stage 1 | LLM alone, true caption first |", "|---|---:|---:|---:|"] + [
+        f"| {name} | {per_type_a[name]:.1f} | {per_type_b.get(name, float('nan')):.1f} "
+        f"| {per_type_llm.get(name, float('nan')):.1f} |"
         for name in sorted(per_type_a)
     ]
     probe = ["| attribute | linear probe accuracy (%) | majority rate (%) |", "|---|---:|---:|"] + [
@@ -342,11 +351,11 @@ def _towers_and_protocol_markdown(results: dict, per_seed: Sequence[dict], tower
     """The report's second half: the frozen towers, VQA per question type, losses, attention, protocol and timings."""
     tables = _tables(results, per_seed, towers)
     settings = results["settings"]
-    build_minutes = towers["build"]["total_training"] / 60
+    build_minutes, build_threads = towers["build"]["total_training"] / 60, towers.get("build_threads", 2)
     return f"""## The frozen towers
 
-Built once by `blip2-hf demo --build-towers` ({build_minutes:.0f} minutes on 2 CPU cores) and shipped with the
-package (`blip2_hf/demo/towers/towers.json`: command, seed, budget, sha256 of every file), as BLIP-2 starts from
+Built once by `blip2-hf demo --build-towers` ({build_minutes:.0f} minutes of training on {build_threads} CPU thread(s))
+and shipped with the package (`blip2_hf/demo/towers/towers.json`: command, seed, budget, sha256 of every file), as BLIP-2 starts from
 EVA-CLIP and OPT: a ViT with a convolutional stem trained by scene tagging (no text), and an OPT-style LLM trained on
 text alone. What the image encoder carries, read by a logistic regression on the mean of its output tokens (trained
 on this world's 4,000 training images, scored on its test

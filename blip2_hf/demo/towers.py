@@ -3,7 +3,7 @@
 
 BLIP-2 starts from strong frozen models that someone else trained. Trained inside the demo (a few minutes), the image
 encoder carried colors but not shapes or sides, and no Q-Former can pass on what the encoder never saw. So the towers
-are made here, by `blip2-hf demo --build-towers DIR` (about 25 minutes on 2 CPU cores), and the files in
+are made here, by `blip2-hf demo --build-towers DIR` (about 49 minutes on 2 CPU cores), and the files in
 `blip2_hf/demo/towers/` are that command's output:
 
 - `vision_encoder/`: a `Blip2VisionModel` (ViT with a convolutional stem) trained by scene tagging, no text;
@@ -26,7 +26,6 @@ import random
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from ..configuration_blip2 import Blip2VisionConfig
 from ..processing_blip2 import Blip2Processor
 from ..tokenizer_training import train_bert_tokenizer, train_opt_tokenizer
 from .pretrain import pretrain_image_encoder, pretrain_language_model, scene_documents
-from .quality import quality_checks
+from .quality import quality_checks, text_only_vqa
 from .world import IMAGE_SIZE, random_scene
 
 TOWERS_DIR = Path(__file__).parent / "towers"
@@ -49,8 +48,8 @@ VISION_SUBDIR, LLM_SUBDIR, QFORMER_TOKENIZER_SUBDIR = "vision_encoder", "languag
 
 @dataclasses.dataclass(frozen=True)
 class TowerBudget:
-    """Architectures and budgets of the two towers. The default is what ships (about 25 minutes on 2 CPU cores:
-    the two towers train side by side, one core each)."""
+    """Architectures and budgets of the two towers. The default is what ships (about 49 minutes on 2 CPU cores, one
+    tower after the other; `towers.json` records each one's time)."""
 
     vision_scenes: int = 30000  # the image pool (drawn once; 30000 x 12 kB as bytes)
     vision_width: int = 128
@@ -60,11 +59,15 @@ class TowerBudget:
     vision_batch_size: int = 128
     vision_learning_rate: float = 2e-3
     llm_scenes: int = 20000
-    documents_per_scene: int = 2
-    questions_per_document: tuple[int, int] = (2, 4)
+    documents_per_scene: int = 3
+    # Dense question documents and a long schedule: each reading skill (which group has which count, side, color,
+    # shape) breaks out of chance on its own, after a plateau of thousands of steps (benchmarks/README.md).
+    questions_per_document: tuple[int, int] = (6, 8)
+    questions_always_asked: tuple[str, ...] = ()  # types asked in every document (("shape",) measured worse)
     llm_width: int = 128
     llm_layers: int = 4
-    llm_steps: int = 3000
+    llm_max_positions: int = 256  # a document of two captions and eight questions is up to ~140 tokens
+    llm_steps: int = 8000
     llm_batch_size: int = 32
     llm_learning_rate: float = 2e-3
 
@@ -136,6 +139,7 @@ def _train_language_model(folder: Path, budget: TowerBudget, seed: int, threads:
     documents = scene_documents(
         [scene.captions() for scene in scenes], [scene.questions() for scene in scenes],
         per_scene=budget.documents_per_scene, seed=seed, questions_per_document=budget.questions_per_document,
+        always_asked=budget.questions_always_asked,
     )  # fmt: skip
     config = OPTConfig(
         vocab_size=len(tokenizer),
@@ -144,7 +148,7 @@ def _train_language_model(folder: Path, budget: TowerBudget, seed: int, threads:
         ffn_dim=4 * budget.llm_width,
         num_hidden_layers=budget.llm_layers,
         num_attention_heads=4,
-        max_position_embeddings=128,
+        max_position_embeddings=budget.llm_max_positions,
         dropout=0.0,
         # Untied: with tied embeddings the colors' input embeddings stayed nearly equal (a caption's first color is
         # unpredictable, so the output side pushes them together) and the model read colors from its context late.
@@ -154,9 +158,13 @@ def _train_language_model(folder: Path, budget: TowerBudget, seed: int, threads:
         eos_token_id=tokenizer.eos_token_id,
     )
     curve: list[dict] = []
+    monitor_rng = _scene_rng(seed, "language monitor")
+    monitor_scenes = [random_scene(monitor_rng) for _ in range(100)]
+    monitor_records = [{"caption": s.captions(), "questions": s.questions()} for s in monitor_scenes]
     llm = pretrain_language_model(
         config, documents, tokenizer, steps=budget.llm_steps, batch_size=budget.llm_batch_size,
-        learning_rate=budget.llm_learning_rate, seed=seed, log=curve.append,
+        learning_rate=budget.llm_learning_rate, seed=seed, log=curve.append, monitor_every=1000,
+        monitor=lambda model: text_only_vqa(model, tokenizer, monitor_records, per_type=True),
     )  # fmt: skip
     llm.save_pretrained(folder / LLM_SUBDIR)
     tokenizer.save_pretrained(folder / LLM_SUBDIR)
@@ -185,7 +193,10 @@ def _tower_budget(folder: Path, budget: TowerBudget) -> dict[str, Any]:
 
 def _record_tower(folder: Path, budget: TowerBudget, seed: int, curve: list[dict], seconds: float) -> dict[str, Any]:
     """Written last, once the tower's files are saved: a tower folder without it is incomplete."""
-    record = {"budget": _tower_budget(folder, budget), "seed": seed, "seconds": round(seconds, 1), "curve": curve}
+    record = {
+        "budget": _tower_budget(folder, budget), "seed": seed, "seconds": round(seconds, 1),
+        "threads": torch.get_num_threads(), "curve": curve,
+    }  # fmt: skip
     (folder / TOWER_RECORD).write_text(json.dumps(record))
     return record
 
@@ -205,7 +216,7 @@ def _finished_tower(folder: Path, budget: TowerBudget, seed: int) -> dict[str, A
 
 
 def build_towers(output: str | Path, budget: TowerBudget = TowerBudget(), seed: int = 0) -> dict[str, Any]:
-    """Train both towers side by side (one process and one core each), save them with the Q-Former tokenizer into
+    """Train the two towers one after the other (each on every core), save them with the Q-Former tokenizer into
     `output`, score them on the demo's world (`quality_checks`) and write `output/towers.json`. Returns the manifest.
 
     A build that was interrupted resumes: a tower whose folder holds its `training.json` (same budget and seed) is
@@ -220,19 +231,21 @@ def build_towers(output: str | Path, budget: TowerBudget = TowerBudget(), seed: 
     for name, record in runs.items():
         if record is not None:
             print(f"towers: {output / name} was finished by an earlier build ({record['seconds']:.0f} s): kept")
-    start = time.perf_counter()
-    with ProcessPoolExecutor(2) as pool:  # two single-threaded trainings beat one after the other on 2 threads
-        jobs = {name: pool.submit(train, output, budget, seed, 1) for name, train in
-                ((VISION_SUBDIR, _train_vision), (LLM_SUBDIR, _train_language_model)) if runs[name] is None}  # fmt: skip
-        runs.update({name: job.result() for name, job in jobs.items()})
+    start, threads = time.perf_counter(), torch.get_num_threads()
+    # one after the other on every core: the language model's schedule is the longer by far, and one thread each
+    # side by side would leave a core idle once the image encoder is done
+    for name, train in ((VISION_SUBDIR, _train_vision), (LLM_SUBDIR, _train_language_model)):
+        if runs[name] is None:
+            runs[name] = train(output, budget, seed, threads)
+    torch.set_num_threads(threads)
     manifest = {
-        "command": f"blip2-hf demo --build-towers {output.name}",
+        # the thread count changes the floating-point sums, so a build is reproduced with the same one
+        "command": f"OMP_NUM_THREADS={threads} blip2-hf demo --build-towers {output.name}",
         "seed": seed,
         "budget": dataclasses.asdict(budget),
         "wall_time_s": {
             "training_this_run": round(time.perf_counter() - start, 1),
-            # the two train side by side: the build's training time is the longer of the two
-            "total_training": max(run["seconds"] for run in runs.values()),
+            "total_training": round(sum(run["seconds"] for run in runs.values()), 1),
             **{name: run["seconds"] for name, run in runs.items()},
         },
         "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
