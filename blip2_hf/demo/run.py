@@ -97,6 +97,9 @@ def _trainer_args(output_dir: Path, steps: int, settings: DemoSettings, seed: in
         save_strategy="no",
         report_to="none",
         seed=seed,
+        # Two CPU threads made stage 1 differ between two runs of the same seed (from step 9 of a 30-step run; one
+        # thread, or deterministic algorithms, repeat exactly): the demo's seeds must be reruns, not draws
+        full_determinism=True,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=False,
