@@ -152,11 +152,11 @@ def scene_documents(
     always_asked: Sequence[str] = (),
 ) -> list[str]:
     """The language model's corpus: per scene, `per_scene` documents of one or two of its captions (ones that name
-    every attribute), then a number in `questions_per_document` of "Question: ... Short answer: ..." lines about it (LAVIS's zero-shot VQA prompt
-    for OPT), each line ended by "\n". Only text: the answers come from the captions before them. A second caption
-    restates the first: predicting it rewards copying from the context, which answering from it needs too.
-    Questions of the types in `always_asked` are in every document of their scene (counted in
-    `questions_per_document`): the skill a type needs is learned in proportion to how often it is asked."""
+    every attribute), then `questions_per_document` (a range) "Question: ... Short answer: ..." lines about it
+    (LAVIS's zero-shot VQA prompt for OPT), each line ended by "\n". Only text: the answers come from the captions
+    before them. A second caption restates the first: predicting it rewards copying from the context, which answering
+    from it needs too. Questions of the types in `always_asked` are in every document of their scene (counted in
+    `questions_per_document`; asking "shape" in every document did not teach it: benchmarks/README.md)."""
     rng = random.Random(seed)
     documents = []
     for scene_captions, scene_questions in zip(captions, questions):

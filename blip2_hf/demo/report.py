@@ -355,9 +355,9 @@ def _towers_and_protocol_markdown(results: dict, per_seed: Sequence[dict], tower
     return f"""## The frozen towers
 
 Built once by `blip2-hf demo --build-towers` ({build_minutes:.0f} minutes of training on {build_threads} CPU thread(s))
-and shipped with the package (`blip2_hf/demo/towers/towers.json`: command, seed, budget, sha256 of every file), as BLIP-2 starts from
-EVA-CLIP and OPT: a ViT with a convolutional stem trained by scene tagging (no text), and an OPT-style LLM trained on
-text alone. What the image encoder carries, read by a logistic regression on the mean of its output tokens (trained
+and shipped with the package (`blip2_hf/demo/towers/towers.json`: command, seed, budget, sha256 of every file), as
+BLIP-2 starts from EVA-CLIP and OPT: a ViT with a convolutional stem trained by scene tagging (no text), and an
+OPT-style LLM trained on text alone. What the image encoder carries, read by a logistic regression on the mean of its output tokens (trained
 on this world's 4,000 training images, scored on its test
 images), next to the majority rate:
 
