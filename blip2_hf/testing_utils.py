@@ -100,19 +100,30 @@ def tiny_config_dict(text: str = "opt", num_query_tokens: int = 4, text_input: b
     return copy.deepcopy(config)
 
 
-def salesforce_config_dict(name: str, depth: int = 1) -> dict:
+def salesforce_config_dict(
+    name: str,
+    depth: int = 1,
+    vision_depth: int | None = None,
+    qformer_depth: int | None = None,
+    text_depth: int | None = None,
+) -> dict:
     """The Salesforce/blip2-opt-2.7b and blip2-flan-t5-xl configs (real widths and vocabularies) with every stack cut
-    to `depth` layers. Values from the published config.json files (opt-2.7b: vocab 50304, `<image>` 50265, eos "\\n"
-    50118; flan-t5-xl: vocab 32128, `<image>` 32100, gelu, bos 1)."""
+    to `depth` layers, or each to its own (`vision_depth` of the ViT's 39, `qformer_depth` of 12, `text_depth` of the
+    LLM's 32 / 24): benchmarks cut them in proportion so that each tower's share of the time stays as at full depth.
+    Values from the published config.json files (opt-2.7b: vocab 50304, `<image>` 50265, eos "\\n" 50118;
+    flan-t5-xl: vocab 32128, `<image>` 32100, gelu, bos 1)."""
+    vision_depth = depth if vision_depth is None else vision_depth
+    qformer_depth = max(depth, 2) if qformer_depth is None else qformer_depth
+    depth = depth if text_depth is None else text_depth
     vision = dict(
         hidden_size=1408,
         intermediate_size=6144,
-        num_hidden_layers=depth,
+        num_hidden_layers=vision_depth,
         num_attention_heads=16,
         image_size=224,
         patch_size=14,
     )
-    qformer = dict(num_hidden_layers=max(depth, 2), cross_attention_frequency=2)
+    qformer = dict(num_hidden_layers=qformer_depth, cross_attention_frequency=2)
     if name == "blip2-opt-2.7b":
         text = dict(
             model_type="opt",
