@@ -139,7 +139,7 @@ def itc_loss(
 
 def sample_hard_negatives(similarity: torch.Tensor, positive_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one negative per row with probability softmax(similarity) over the row, positives excluded (LAVIS's ITM
-    hard-negative mining, vectorized: one `multinomial` call, no per-sample host sync).
+    hard-negative mining, vectorized, without a host sync: the step can run ahead of the GPU).
 
     Args:
         similarity: `[B, N]` logits (similarity / temperature) of each local row against the whole global batch.
@@ -149,14 +149,17 @@ def sample_hard_negatives(similarity: torch.Tensor, positive_index: torch.Tensor
         is one pair). NaN similarities get no weight; a row whose weights are all zero or NaN draws uniformly.
     """
     logits = torch.nan_to_num(similarity.detach().float(), nan=-torch.inf, posinf=-torch.inf)
-    candidates = torch.ones_like(logits, dtype=torch.bool)
-    candidates[torch.arange(len(positive_index), device=logits.device), positive_index] = False
+    # every column but the row's positive (a scatter: boolean or advanced indexing would sync with the host)
+    candidates = torch.ones_like(logits, dtype=torch.bool).scatter_(1, positive_index[:, None], False)
     weights = torch.softmax(logits.masked_fill(~candidates, -torch.inf), dim=1)
     broken = ~torch.isfinite(weights).all(dim=1) | (weights.sum(dim=1) <= 0)
     weights = torch.where(broken[:, None], candidates.float(), weights.nan_to_num(0.0))
-    has_negative = candidates.any(dim=1)
-    weights[~has_negative] = 1.0  # keep multinomial valid; these rows are dropped by the caller
-    return torch.multinomial(weights, 1).squeeze(1), has_negative
+    # a row has a candidate unless the global batch is one pair; such rows draw anything (the caller drops them)
+    has_negative = torch.full_like(positive_index, logits.shape[1] > 1, dtype=torch.bool)
+    # `torch.multinomial(weights, 1)` draws exactly this (its one-sample path: the same exponential_ call, the same
+    # generator state after it), but first checks the weights with `item()` on the CPU: the weights are valid here
+    # by construction, so the check is only a sync
+    return (weights / torch.empty_like(weights).exponential_(1)).argmax(dim=1), has_negative
 
 
 @dataclass
@@ -183,25 +186,30 @@ class ItmBatch:
 
 def itm_batch(
     local_rows: torch.LongTensor,
-    negative_images: tuple[torch.LongTensor, torch.Tensor],
-    negative_texts: tuple[torch.LongTensor, torch.Tensor],
+    negative_images: tuple[torch.LongTensor, torch.Tensor | None],
+    negative_texts: tuple[torch.LongTensor, torch.Tensor | None],
     append_negative_images: bool,
 ) -> ItmBatch:
     """Lays out the ITM rows (`ItmBatch`) from `local_rows [B]` (the local pairs' rows of the global batch) and the
     draws of `sample_hard_negatives`: `negative_images` (a global image row per local text, and whether it has one)
-    and `negative_texts` (a global text row per local image, and whether it has one). `append_negative_images`: the
-    negative images are gathered and appended after the local images (several processes), rather than indexed among
-    them (one process)."""
+    and `negative_texts` (a global text row per local image, and whether it has one). A None "whether" means every
+    row has one: no boolean indexing, whose data-dependent shape would sync with the host. `append_negative_images`:
+    the negative images are gathered and appended after the local images (several processes), rather than indexed
+    among them (one process)."""
     negative_image, text_has_negative = negative_images
     negative_text, image_has_negative = negative_texts
+
+    def kept(rows: torch.Tensor, has_negative: torch.Tensor | None) -> torch.Tensor:
+        return rows if has_negative is None else rows[has_negative]
+
     local_images = torch.arange(len(local_rows), device=local_rows.device)
-    text_rows = torch.cat([local_rows, local_rows[text_has_negative], negative_text[image_has_negative]])
-    appended = negative_image[text_has_negative] if append_negative_images else None
+    text_rows = torch.cat([local_rows, kept(local_rows, text_has_negative), kept(negative_text, image_has_negative)])
+    appended = kept(negative_image, text_has_negative) if append_negative_images else None
     if appended is None:
-        negative_image_rows = negative_image[text_has_negative]
+        negative_image_rows = kept(negative_image, text_has_negative)
     else:
         negative_image_rows = len(local_rows) + torch.arange(len(appended), device=local_rows.device)
-    image_rows = torch.cat([local_images, negative_image_rows, local_images[image_has_negative]])
+    image_rows = torch.cat([local_images, negative_image_rows, kept(local_images, image_has_negative)])
     labels = torch.zeros(len(text_rows), dtype=torch.long, device=local_rows.device)
     labels[: len(local_rows)] = 1
     return ItmBatch(text_rows=text_rows, image_rows=image_rows, appended_images=appended, labels=labels)
@@ -211,10 +219,15 @@ def sample_itm_batch(
     sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, local_rows: torch.LongTensor, append_negative_images: bool
 ) -> ItmBatch:
     """Draws the hard negatives from the ITC logits `[B, N]` (a negative image per text from `sim_t2i`, then a
-    negative text per image from `sim_i2t`, in LAVIS's order) and lays out the ITM rows (`itm_batch`)."""
-    negative_images = sample_hard_negatives(sim_t2i, local_rows)
-    negative_texts = sample_hard_negatives(sim_i2t, local_rows)
-    return itm_batch(local_rows, negative_images, negative_texts, append_negative_images)
+    negative text per image from `sim_i2t`, in LAVIS's order) and lays out the ITM rows (`itm_batch`). Every row has
+    a negative unless the global batch is one pair (`N == 1`), which the shapes tell without a host sync."""
+    negative_image, text_has_negative = sample_hard_negatives(sim_t2i, local_rows)
+    negative_text, image_has_negative = sample_hard_negatives(sim_i2t, local_rows)
+    if sim_i2t.shape[1] > 1:
+        text_has_negative = image_has_negative = None
+    return itm_batch(
+        local_rows, (negative_image, text_has_negative), (negative_text, image_has_negative), append_negative_images
+    )
 
 
 def itm_loss(logits_itm: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:

@@ -437,8 +437,9 @@ class Blip2QFormerImage:
         return (None, None, None) if key_value is None else (None, *key_value)
 
     def cross_attention_mask(self, query_length: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """The additive cross-attention mask `[B, 1, Q, P]` (per row), or None when no patch is masked."""
-        if self.attention_mask is None or bool(self.attention_mask.all()):
+        """The additive cross-attention mask `[B, 1, Q, P]` (per row), or None when no patch mask was given (a mask
+        is applied as given, even one that masks nothing: testing its values would sync with the host)."""
+        if self.attention_mask is None:
             return None
         mask = self.attention_mask
         if self.rows is not None:  # the layers index the keys per row: index their mask once, here
@@ -1168,7 +1169,9 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
     ) -> torch.Tensor | None:
         """The additive self-attention mask `[B, 1, Q + T, past + Q + T]` for `query_length` queries followed by
         `text_length` text tokens, after `past_length` cached positions; `padding_mask [B, past + Q + T]` is 1 for real
-        tokens. Returns None when nothing is masked (lets sdpa take its fastest path)."""
+        tokens. Returns None when nothing is masked (lets sdpa take its fastest path), which is decided from the
+        lengths alone: a `padding_mask` is always applied, even one without padding, since testing its values would
+        sync with the host (on a GPU, every Q-Former pass of a training step would wait for the device)."""
         if mask_type not in ("bidirectional", "unimodal", "multimodal_causal"):
             raise ValueError(
                 f"self_attention_mask={mask_type!r}: expected 'bidirectional', 'unimodal' or 'multimodal_causal'"
@@ -1187,11 +1190,15 @@ class Blip2QFormerModel(Blip2PreTrainedModel):
             allowed = is_query[:, None] == is_query[None, :]
         else:  # a query row sees the queries; a text row sees the queries and itself and the text before it
             allowed = is_query[None, :] | (~is_query[:, None] & (index[None, :] <= index[:, None]))
+        if mask_type == "unimodal":
+            masks_some = query_length > 0 and text_length > 0
+        else:  # multimodal_causal masks the text for the queries, and later text for each text token
+            masks_some = mask_type == "multimodal_causal" and text_length > 0 and (query_length > 0 or text_length > 1)
+        if padding_mask is None and not masks_some:
+            return None
         allowed = torch.cat([allowed.new_ones(length, past_length), allowed], dim=1)[None]
         if padding_mask is not None:
             allowed = allowed & padding_mask[:, None, :].bool()
-        if bool(allowed.all()):
-            return None
         return _additive_mask(allowed, dtype)
 
     def forward(
