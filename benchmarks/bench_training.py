@@ -3,6 +3,7 @@
     python benchmarks/bench_training.py           # tiny + ViT-g (39 layers) with Q-Former (12): ~4 min on 2 cores
     python benchmarks/bench_training.py --quick   # smoke run: tiny only, 2 repeats, a few seconds
     python benchmarks/bench_training.py --batch-size 8   # the ViT-g setting at batch 8 (default 2)
+    python benchmarks/bench_training.py --compare-optim  # fused vs unfused AdamW update, eager vs compiled Q-Former
 
 One training step is forward + backward + AdamW step (fused, as `Blip2TrainingArguments` defaults to) on the trainable
 parameters only, after `model.freeze_towers` (the ViT but its `post_layernorm`, and the LLM, get no gradients; the
@@ -29,6 +30,7 @@ timed: both sources start from tensors in memory. Results: a markdown table and 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -330,6 +332,180 @@ def bench_stage(name: str, stage: int, config: dict, batch_size: int, repeats: i
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# --compare-optim: the fused AdamW update against the unfused one, the compiled Q-Former against the eager one
+# ---------------------------------------------------------------------------------------------------------------------
+
+OPTIM_REPEATS = 5
+# The ViT's depth does not change what is trained (the Q-Former, its heads, the ViT's post_layernorm): one layer keeps
+# the model small, and the compile rows time steps from the cache, which skip the ViT anyway.
+COMPARE_SETTINGS = [("tiny", tiny_configs()[0], 8), ("vit-g", vit_g_configs(1, 12)[0], VIT_G_BATCH)]
+
+
+def adamw(model: torch.nn.Module, fused: bool) -> torch.optim.Optimizer:
+    """`make_optimizer`'s AdamW, fused or the unfused `foreach` one (torch's default where fused is not asked for)."""
+    optimizer = make_optimizer(model)
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = fused, not fused
+    return optimizer
+
+
+def compare_optimizers(name: str, config: dict, batch_size: int, repeats: int, device: torch.device) -> dict:
+    """One AdamW update of stage 1's trained parameters, fused against unfused: first both from the same weights and
+    gradients (the real ones of a step from the cache), which must agree within float tolerance, then timed
+    alternately (the weights drift, the work does not)."""
+    model = build_model(1, config, device)
+    batch = make_batch(1, config, batch_size)
+    cache = model.encode_image_frozen(batch["pixel_values"].to(device)).to("cpu", torch.float16)
+    model(**step_inputs(batch, cache, "cache", device)).loss.backward()
+    trained = [param for param in model.parameters() if param.requires_grad]
+    start = [param.detach().clone() for param in trained]
+    optimizers, after = {"fused": adamw(model, True), "unfused": adamw(model, False)}, {}
+    for kind, optimizer in optimizers.items():  # the first step also allocates each optimizer's moments
+        optimizer.step()
+        after[kind] = [param.detach().clone() for param in trained]
+        with torch.no_grad():
+            for param, original in zip(trained, start):
+                param.copy_(original)
+    difference = max((a - b).abs().max().item() for a, b in zip(after["fused"], after["unfused"]))
+    close = all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(after["fused"], after["unfused"]))
+    moved = max((a - b).abs().max().item() for a, b in zip(after["fused"], start))
+    del start, after
+    times: dict[str, list[float]] = {kind: [] for kind in optimizers}
+    order = list(optimizers)
+    for round_index in range(WARMUP + repeats):
+        for kind in order:
+            synchronize(device)
+            began = time.perf_counter()
+            optimizers[kind].step()
+            synchronize(device)
+            if round_index >= WARMUP:
+                times[kind].append(time.perf_counter() - began)
+        order.reverse()
+    medians = {kind: statistics.median(ts) for kind, ts in times.items()}
+    print(
+        f"[{name}] AdamW over {sum(p.numel() for p in trained) / 1e6:.1f}M parameters: fused {medians['fused']:.3f}s, "
+        f"unfused {medians['unfused']:.3f}s; first update max |fused - unfused| {difference:.2e} (the update moved "
+        f"weights by up to {moved:.2e}): {'equal within tolerance' if close else 'DIFFERENT'}",
+        flush=True,
+    )
+    return {
+        "setting": name,
+        "what": "AdamW update (s)",
+        "rows": {"unfused (foreach)": medians["unfused"], "fused": medians["fused"]},
+        "ratio": medians["unfused"] / medians["fused"],
+        "identical": close,
+        "max_abs_difference": difference,
+        "times_s": times,
+        "spread": max(statistics.median(ts) / min(ts) - 1 for ts in times.values()),
+        "trainable_parameters": sum(param.numel() for param in trained),
+    }
+
+
+def compare_compiled(name: str, config: dict, batch_size: int, repeats: int, device: torch.device) -> dict:
+    """A training step from the cache with the Q-Former eager and compiled (`torch_compile_qformer`: in place,
+    inductor), two copies of one model, fused AdamW each: the first eval-mode losses must agree within float
+    tolerance (compiled kernels may reorder sums); compilation happens in the untimed warm-up and is reported."""
+    eager = build_model(1, config, device)
+    compiled = copy.deepcopy(eager)
+    compiled.qformer.compile()
+    batch = make_batch(1, config, batch_size)
+    cache = eager.encode_image_frozen(batch["pixel_values"].to(device)).to("cpu", torch.float16)
+    inputs = step_inputs(batch, cache, "cache", device)
+    losses = {}
+    began = time.perf_counter()
+    for kind, model in (("eager", eager), ("compiled", compiled)):
+        model.eval()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            losses[kind] = model(**inputs).loss.item()
+        model.train()
+    models = {"eager": eager, "compiled": compiled}
+    optimizers = {kind: make_optimizer(model) for kind, model in models.items()}
+    times: dict[str, list[float]] = {kind: [] for kind in models}
+    compile_seconds, order = 0.0, list(models)
+    for round_index in range(WARMUP + repeats):
+        for kind in order:
+            synchronize(device)
+            step_began = time.perf_counter()
+            train_step(models[kind], optimizers[kind], step_inputs(batch, cache, "cache", device))
+            synchronize(device)
+            if round_index >= WARMUP:
+                times[kind].append(time.perf_counter() - step_began)
+            elif kind == "compiled":
+                compile_seconds = time.perf_counter() - step_began
+        order.reverse()
+    difference = abs(losses["compiled"] - losses["eager"])
+    close = difference <= 1e-4 * max(1.0, abs(losses["eager"]))
+    medians = {kind: statistics.median(ts) for kind, ts in times.items()}
+    print(
+        f"[{name}] step from the cache at batch {batch_size}: eager {medians['eager']:.3f}s, compiled Q-Former "
+        f"{medians['compiled']:.3f}s (its first step, compiling, {compile_seconds:.0f}s; all {time.perf_counter() - began:.0f}s);"
+        f" first loss {losses['eager']:.8f} vs {losses['compiled']:.8f}: {'equal within tolerance' if close else 'DIFFERENT'}",
+        flush=True,
+    )
+    return {
+        "setting": name,
+        "what": f"stage-1 step from the cache, batch {batch_size} (s)",
+        "rows": {"eager Q-Former": medians["eager"], "compiled Q-Former": medians["compiled"]},
+        "ratio": medians["eager"] / medians["compiled"],
+        "identical": close,
+        "max_abs_difference": difference,
+        "first_losses": losses,
+        "first_compiled_step_seconds": compile_seconds,
+        "times_s": times,
+        "spread": max(statistics.median(ts) / min(ts) - 1 for ts in times.values()),
+    }
+
+
+def comparison_table(results: list[dict]) -> str:
+    rows = ["| setting | what | baseline | faster path | ratio | checked equal |", "|---|---|---:|---:|---:|---|"]
+    for result in results:
+        (base_name, base), (fast_name, fast) = result["rows"].items()
+        rows.append(
+            f"| {result['setting']} | {result['what']} | {base_name} {base:.4g} | {fast_name} {fast:.4g} "
+            f"| {result['ratio']:.2f} | {'yes' if result['identical'] else 'NO'} (max diff {result['max_abs_difference']:.1e}) |"
+        )
+    return "\n".join(rows)
+
+
+def run_comparisons(args: argparse.Namespace, device: torch.device, environment: dict) -> int:
+    """`--compare-optim`: the optimizer rows, and with `--compile` the compiled-Q-Former rows; table, JSON, exit 1
+    when a faster path's result is not equal to the baseline's within tolerance."""
+    started = time.perf_counter()
+    settings = COMPARE_SETTINGS[:1] if args.quick else COMPARE_SETTINGS
+    repeats = 2 if args.quick else OPTIM_REPEATS
+    results = []
+    for name, config, batch_size in settings:
+        batch_size = args.batch_size if args.batch_size is not None and name == "vit-g" else batch_size
+        results.append(compare_optimizers(name, config, batch_size, repeats, device))
+        if args.compile:
+            results.append(compare_compiled(name, config, batch_size, repeats, device))
+    environment["load_average_1min_after"] = os.getloadavg()[0]
+    print()
+    print(comparison_table(results))
+    print(
+        f"\nratio > 1.0: the faster path is faster (baseline time / its time). Device {environment['device']}, torch "
+        f"{environment['torch']}, {environment['threads']} threads, total {time.perf_counter() - started:.0f}s, 1-min "
+        f"load average {environment['load_average_1min_before']:.2f} before / "
+        f"{environment['load_average_1min_after']:.2f} after."
+    )
+    out = args.out if args.out != OUT_DEFAULT else OUT_DEFAULT.with_name("training_optim.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"environment": environment, "quick": args.quick, "results": results}, indent=2) + "\n")
+    print(f"wrote {out}")
+    for result in results:
+        if result["spread"] > 0.2:
+            print(
+                f"WARNING: [{result['setting']}] {result['what']}: the median is {100 * result['spread']:.0f}% above "
+                "the fastest run: another process was probably using the CPU. Rerun on an idle machine."
+            )
+    if not all(result["identical"] for result in results):
+        print("FAIL: a faster path's result differs from the baseline's beyond float tolerance", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -368,11 +544,23 @@ def main() -> int:
         default=None,
         help=f"batch of the vit-g setting (default {VIT_G_BATCH}); the tiny setting keeps its own",
     )
+    parser.add_argument(
+        "--compare-optim",
+        action="store_true",
+        help="instead of images vs cache: the fused vs unfused AdamW update of stage 1 (tiny and ViT-g's Q-Former)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="with --compare-optim: also a stage-1 step with the Q-Former compiled (torch_compile_qformer) vs eager",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=OUT_DEFAULT, help=f"JSON results (default {OUT_DEFAULT})")
     args = parser.parse_args()
     if args.batch_size is not None and (args.quick or args.batch_size < 1):
         parser.error("--batch-size sets the vit-g setting's batch (>= 1), which --quick does not run")
+    if args.compile and not args.compare_optim:
+        parser.error("--compile adds rows to --compare-optim")
 
     transformers.logging.set_verbosity_error()
     device = torch.device(args.device)
@@ -390,6 +578,8 @@ def main() -> int:
         "load_average_1min_before": os.getloadavg()[0],  # other processes on the CPU make every number noisy
     }
     print("environment: " + ", ".join(f"{k} {v}" for k, v in environment.items()), flush=True)
+    if args.compare_optim:
+        return run_comparisons(args, device, environment)
 
     start = time.perf_counter()
     settings = (

@@ -207,3 +207,57 @@ def test_bf16_frozen_towers_train_the_fp32_qformer():
     loss.backward()
     assert loss.dtype == torch.float32 and abs(loss.item() - expected.item()) < 0.05
     assert model.qformer.encoder.layer[0].attention.attention.query.weight.grad.dtype == torch.float32
+
+
+def test_torch_compile_qformer_compiles_the_qformer_in_place(tmp_path):
+    trainer = stage1_trainer(tmp_path, torch_compile_qformer=True)
+    model = trainer.model
+    assert model.qformer._compiled_call_impl is not None  # compiled at its first call
+    assert model.vision_model._compiled_call_impl is None and not trainer.args.torch_compile
+    # in place: the parameter names, which checkpoints and resume check, are the plain model's
+    assert not any("_orig_mod" in name for name in model.state_dict())
+    with pytest.raises(ValueError, match="torch_compile_qformer=True compiles the Q-Former alone"):
+        Blip2TrainingArguments(output_dir=str(tmp_path), torch_compile_qformer=True, torch_compile=True)
+
+
+def compiled_and_eager_step(compile_qformer) -> tuple[dict, dict]:
+    """(loss components, trained gradients) of one train-mode stage-1 step without dropout, eager and with the
+    Q-Former compiled by `compile_qformer(qformer)`, the ITM draws seeded alike."""
+    results = []
+    for compiled in (False, True):
+        model = stage1_model().train()
+        for module in model.modules():  # dropout draws differ under compilation: none, to compare the steps
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            if hasattr(module, "attention_dropout"):
+                module.attention_dropout = 0.0
+        model.freeze_towers()
+        if compiled:
+            compile_qformer(model.qformer)
+        torch.manual_seed(0)
+        output = model(**batch(4))
+        output.loss.backward()
+        losses_ = {name: output[name].detach() for name in ("loss", "loss_itc", "loss_itm", "loss_itg")}
+        grads = {name: param.grad for name, param in model.named_parameters() if param.grad is not None}
+        results.append((losses_, grads))
+    return results[0], results[1]
+
+
+def assert_same_step(eager: tuple[dict, dict], compiled: tuple[dict, dict]) -> None:
+    for name, value in eager[0].items():
+        torch.testing.assert_close(compiled[0][name], value, rtol=1e-5, atol=1e-5, msg=name)
+    assert set(compiled[1]) == set(eager[1])
+    for name, grad in eager[1].items():
+        torch.testing.assert_close(compiled[1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_compiled_qformer_traced_step_equals_eager():
+    """What Dynamo traces of the Q-Former (its graphs and graph breaks, through autograd) runs the eager step's math:
+    the `aot_eager` backend, which compiles in seconds, unlike inductor's C++ code generation (the slow test)."""
+    assert_same_step(*compiled_and_eager_step(lambda qformer: qformer.compile(backend="aot_eager")))
+
+
+@pytest.mark.slow
+def test_compiled_qformer_inductor_step_equals_eager():
+    """`torch_compile_qformer`'s own compilation (inductor, C++ kernels on the CPU): slow, minutes on 2 cores."""
+    assert_same_step(*compiled_and_eager_step(lambda qformer: qformer.compile()))
