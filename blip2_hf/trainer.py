@@ -12,8 +12,10 @@ What BLIP-2 needs beyond the stock Trainer, and nothing else:
   since the last checkpoint;
 - the run's unreadable-image counts (`BadImageTracker`), carried from the data-loader workers in each batch, saved in
   each checkpoint (`bad_images.json`) and restored on resume.
-The optimizer (AdamW, betas from `TrainingArguments`, no weight decay on biases and norms) and the schedule (linear
-warmup, then cosine to `min_lr`: `lr_scheduler_type="cosine_with_min_lr"`) are the Trainer's own.
+The optimizer (AdamW, betas from `TrainingArguments`, no weight decay on biases and norms; fused, the default, where
+torch has the kernel for every trained parameter, else the unfused one) and the schedule (linear warmup, then cosine
+to `min_lr`: `lr_scheduler_type="cosine_with_min_lr"`) are the Trainer's own. `torch_compile_qformer` compiles the
+Q-Former alone.
 
 Divergence never ends in a NaN model: an optimizer step whose loss or gradients are not finite on any process is
 skipped on all of them (no update) with a warning naming it; `max_nonfinite_steps` consecutive ones stop the run with
