@@ -16,6 +16,9 @@ ITC and ITM take their negatives from each step's global batch (`per_device_trai
 accumulation adds none): a global batch of one pair is refused before training starts. A run whose loss or gradients
 turn NaN/inf skips those steps; `max_nonfinite_steps` of them in a row stop it with exit status 1, and no non-finite
 weights are written.
+On GPUs: the frozen towers in half precision (`--frozen_precision auto`: fp16, bf16 for Flan-T5; or `bf16`), the
+Q-Former in mixed precision (`--bf16 true`), fused AdamW (the default `optim`), and, opt-in, `--torch_compile_qformer
+true` to compile the Q-Former alone (the first steps pay the compilation).
 """
 
 from __future__ import annotations

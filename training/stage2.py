@@ -12,6 +12,9 @@ LoRA adapters (peft) to the LLM and, with `lora_qformer`, to the Q-Former; they 
 `PeftModel.from_pretrained(Blip2ForConditionalGeneration.from_pretrained(out), out)` reloads them.
 A run whose loss or gradients turn NaN/inf skips those steps; `max_nonfinite_steps` of them in a row stop it with exit
 status 1, and no non-finite weights are written.
+On GPUs: the frozen towers in half precision (`--frozen_precision auto`: fp16, bf16 for Flan-T5; or `bf16`), the
+Q-Former in mixed precision (`--bf16 true`), fused AdamW (the default `optim`), and, opt-in, `--torch_compile_qformer
+true` to compile the Q-Former alone (the first steps pay the compilation).
 """
 
 from __future__ import annotations
