@@ -33,39 +33,23 @@ if TYPE_CHECKING:
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 # Worker processes at most: decoding and resizing a photo takes a few ms, so a few workers keep a GPU fed; more only
-# take cores from the main process's generation.
+# take cores from the main process.
 MAX_DEFAULT_WORKERS = 8
+# On CPU the model's own threads use every core, and a busy worker process stalls their barriers (measured on 2 cores:
+# 8 tiny-model images took 4x longer with 1 worker): workers only from this many cores up.
+MIN_CPU_CORES_FOR_WORKERS = 8
 
 
-def default_num_workers() -> int:
-    """DataLoader workers by default: half the cores this process may use (at least 1, at most 8), the other half
-    left to generation."""
+def default_num_workers(device: torch.device | str = "cuda") -> int:
+    """
+    DataLoader workers by default. On a GPU: half the cores this process may use (1 to 8), the other half left to
+    the main process. On CPU, where the model's threads compete with the workers for the cores: 0 below 8 cores,
+    else a quarter of them (at most 8).
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(MAX_DEFAULT_WORKERS, cores // 2))
-
-
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """
-    The weights' dtype for `--dtype name` on `device`: "auto" is bfloat16 on a GPU that supports it (float16 on one
-    that does not) and float32 on CPU.
-
-    Raises:
-        ValueError: float16 on CPU (many CPU kernels lack it, and those that have it are slower than float32).
-    """
-    import torch
-
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}.")
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if name == "float16" and device.type == "cpu":
-        raise ValueError("--dtype float16 needs a GPU (--device cuda); on CPU use float32 or bfloat16.")
-    return getattr(torch, name)
+    if str(device).startswith("cuda"):
+        return max(1, min(MAX_DEFAULT_WORKERS, cores // 2))
+    return 0 if cores < MIN_CPU_CORES_FOR_WORKERS else min(MAX_DEFAULT_WORKERS, cores // 4)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -352,8 +352,9 @@ def _add_streaming_arguments(parser: argparse.ArgumentParser, what: str) -> None
         type=_non_negative_int,
         metavar="N",
         default=None,
-        help="DataLoader worker processes that read and preprocess images while the model generates (default: half "
-        "the CPU cores, 1 to 8; 0: in the main process).",
+        help="DataLoader worker processes that read and preprocess images while the model generates (0: in the main "
+        "process). Default: on a GPU half the CPU cores (1 to 8); on CPU 0 below 8 cores (the model's threads use "
+        "them all), else a quarter of them.",
     )
     parser.add_argument(
         "--dtype",
@@ -519,7 +520,7 @@ def run_caption(args: argparse.Namespace) -> int:
                 _print_line(record["image"], _one_line(record["caption"]))
         sys.stdout.flush()  # each batch's lines as soon as they exist (long runs, pipes)
 
-    workers = default_num_workers() if args.num_workers is None else args.num_workers
+    workers = default_num_workers(model.device) if args.num_workers is None else args.num_workers
     batches = caption_images(model, processor, paths, args.prompt, args.batch_size, workers,
                              num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)  # fmt: skip
     failed = _stream(args, len(paths), "image", batches, handle)
@@ -651,7 +652,7 @@ def run_ask(args: argparse.Namespace) -> int:
                 _print_line(record["image"], _one_line(record["answer"]))
         sys.stdout.flush()
 
-    workers = default_num_workers() if args.num_workers is None else args.num_workers
+    workers = default_num_workers(model.device) if args.num_workers is None else args.num_workers
     # min_new_tokens=1 is LAVIS's `min_len=1`: an end-of-answer ("\n" or EOS) cannot come first, so a model unsure
     # of the answer still gives one instead of an empty line
     batches = answer_questions(model, processor, questions, args.prompt_template, args.batch_size, workers,
