@@ -52,6 +52,30 @@ def default_num_workers(device: torch.device | str = "cuda") -> int:
     return 0 if cores < MIN_CPU_CORES_FOR_WORKERS else min(MAX_DEFAULT_WORKERS, cores // 4)
 
 
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """
+    The weights' dtype for `--dtype name` on `device`: "auto" is bfloat16 on a GPU that supports it (float16 on one
+    that does not) and float32 on CPU.
+
+    Raises:
+        ValueError: float16 on CPU (many CPU kernels lack it, and those that have it are slower than float32).
+    """
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}.")
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name == "float16" and device.type == "cpu":
+        raise ValueError("--dtype float16 needs a GPU (--device cuda); on CPU use float32 or bfloat16.")
+    return getattr(torch, name)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------------------------------------------------
