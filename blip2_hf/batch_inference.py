@@ -90,7 +90,9 @@ def _images_under(folder: Path) -> list[Path]:
     return sorted((path for path in folder.rglob("*") if _is_image_file(path)), key=lambda path: path.as_posix())
 
 
-def expand_image_sources(sources: Sequence[str | os.PathLike], unique: bool = False) -> list[Path]:
+def expand_image_sources(
+    sources: Sequence[str | os.PathLike], unique: bool = False, problems: list[str] | None = None
+) -> list[Path]:
     """
     Image files from command-line arguments, in argument order: a folder gives the images under it (recursively,
     `IMAGE_EXTENSIONS` of any case, sorted); a pattern with `*`, `?` or `[` that is not itself a file gives its sorted
@@ -100,9 +102,11 @@ def expand_image_sources(sources: Sequence[str | os.PathLike], unique: bool = Fa
     Args:
         sources: the arguments.
         unique: drop a file met again (same absolute path) after its first occurrence.
+        problems: if given, a folder with no image files or a pattern matching none is described here (and skipped)
+            instead of raising.
 
     Raises:
-        ValueError: a folder with no image files, or a pattern matching none (named).
+        ValueError: a folder with no image files, or a pattern matching none (named); not with `problems`.
     """
     paths: list[Path] = []
     for source in sources:
@@ -110,7 +114,7 @@ def expand_image_sources(sources: Sequence[str | os.PathLike], unique: bool = Fa
         if path.is_dir():
             found = _images_under(path)
             if not found:
-                raise ValueError(f"{source}: the folder holds no image files ({', '.join(IMAGE_EXTENSIONS)}).")
+                _problem(f"{source}: the folder holds no image files ({', '.join(IMAGE_EXTENSIONS)}).", problems)
         elif not path.exists() and glob.has_magic(str(source)):
             found = []
             for match in sorted(glob.glob(str(source), recursive=True)):
@@ -118,7 +122,7 @@ def expand_image_sources(sources: Sequence[str | os.PathLike], unique: bool = Fa
                 found.extend(_images_under(match_path) if match_path.is_dir() else [match_path])
             found = [match for match in found if match.suffix.lower() in IMAGE_EXTENSIONS]
             if not found:
-                raise ValueError(f"{source}: the pattern matches no image files ({', '.join(IMAGE_EXTENSIONS)}).")
+                _problem(f"{source}: the pattern matches no image files ({', '.join(IMAGE_EXTENSIONS)}).", problems)
         else:
             found = [path]
         paths.extend(found)
@@ -126,6 +130,12 @@ def expand_image_sources(sources: Sequence[str | os.PathLike], unique: bool = Fa
         seen: set[str] = set()
         paths = [path for path in paths if not (image_key(path) in seen or seen.add(image_key(path)))]
     return paths
+
+
+def _problem(message: str, problems: list[str] | None) -> None:
+    if problems is None:
+        raise ValueError(message)
+    problems.append(message)
 
 
 def image_key(path: str | os.PathLike) -> str:

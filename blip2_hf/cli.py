@@ -487,6 +487,22 @@ def _finish(args: argparse.Namespace, results: Any, failed: int, total: int, wha
     return 1 if failed or results.errors else 0
 
 
+def _expand(args: argparse.Namespace) -> list[Path] | None:
+    """`args.images` expanded (`expand_image_sources`); an empty folder or a pattern matching nothing is named on
+    stderr and counted in `args.empty_sources` (exit code 1 at the end); None (after an error) if nothing is left."""
+    from .batch_inference import expand_image_sources
+
+    problems: list[str] = []
+    paths = expand_image_sources(args.images, unique=args.output is not None, problems=problems)
+    for problem in problems:
+        print(f"blip2-hf {args.command}: {problem}", file=sys.stderr)
+    args.empty_sources = len(problems)
+    if not paths:
+        print(f"blip2-hf {args.command}: error: no image files to read.", file=sys.stderr)
+        return None
+    return paths
+
+
 def _skipping(args: argparse.Namespace, skipped: int, what: str) -> None:
     if skipped:
         print(f"blip2-hf {args.command}: skipping {skipped} {what} already in {args.output}.", file=sys.stderr)
@@ -494,12 +510,10 @@ def _skipping(args: argparse.Namespace, skipped: int, what: str) -> None:
 
 def run_caption(args: argparse.Namespace) -> int:
     """Caption `args.images` to stdout or `--output`; 1 if any image could not be read, 2 if nothing could run."""
-    from .batch_inference import caption_images, caption_key, default_num_workers, expand_image_sources, image_key
+    from .batch_inference import caption_images, caption_key, default_num_workers, image_key
 
-    try:
-        paths = expand_image_sources(args.images, unique=args.output is not None)
-    except ValueError as err:
-        print(f"blip2-hf caption: error: {err}", file=sys.stderr)
+    paths = _expand(args)
+    if paths is None:
         return 2
     results = _open_results(args, caption_key, ("image",))
     loaded = _load_generation_model(args) if results is not False else None
@@ -524,7 +538,7 @@ def run_caption(args: argparse.Namespace) -> int:
     batches = caption_images(model, processor, paths, args.prompt, args.batch_size, workers,
                              num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)  # fmt: skip
     failed = _stream(args, len(paths), "image", batches, handle)
-    return _finish(args, results, failed, len(paths), "images")
+    return max(_finish(args, results, failed, len(paths), "images"), 1 if args.empty_sources else 0)
 
 
 def _print_line(path: Path | str, text: str) -> None:
@@ -596,7 +610,7 @@ def add_ask_command(subparsers: argparse._SubParsersAction) -> None:
 
 def _ask_questions(args: argparse.Namespace) -> list | None:
     """The `Question`s to answer: the --questions file's, or each IMAGE with QUESTION; None after an error."""
-    from .batch_inference import Question, expand_image_sources, read_questions
+    from .batch_inference import Question, read_questions
 
     try:
         if args.questions is not None:
@@ -605,8 +619,8 @@ def _ask_questions(args: argparse.Namespace) -> list | None:
             return read_questions(args.questions, args.image_root)
         if not args.images:
             raise ValueError("give IMAGE [IMAGE ...] QUESTION, or --questions FILE.")
-        paths = expand_image_sources(args.images, unique=args.output is not None)
-        return [Question(str(path), path, args.question) for path in paths]
+        paths = _expand(args)
+        return None if paths is None else [Question(str(path), path, args.question) for path in paths]
     except (OSError, ValueError) as err:
         print(f"blip2-hf ask: error: {err}", file=sys.stderr)
         return None
@@ -659,7 +673,8 @@ def run_ask(args: argparse.Namespace) -> int:
                                num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, min_new_tokens=1)  # fmt: skip
     failed = _stream(args, len(questions), "question", batches, handle)
     what = "questions (their images)" if args.questions is not None else "images"
-    return _finish(args, results, failed, len(questions), what)
+    code = _finish(args, results, failed, len(questions), what)
+    return max(code, 1 if getattr(args, "empty_sources", 0) else 0)
 
 
 def add_retrieve_command(subparsers: argparse._SubParsersAction) -> None:

@@ -195,7 +195,15 @@ def test_corrupt_images_are_recorded_once_and_retried_on_request(world, capsys, 
 def test_caption_input_and_output_errors(world, capsys, tmp_path):
     model = ["--model", world / "model"]
     code, out, err = run(capsys, "caption", f"{world}/photos/*.gif", *model)
-    assert code == 2 and out == "" and "*.gif: the pattern matches no image files" in err
+    assert (
+        code == 2 and out == "" and "*.gif: the pattern matches no image files" in err and "no image files to" in err
+    )
+    # Among other inputs, an empty folder is named and the others still captioned (exit code 1, as unreadable files).
+    (tmp_path / "empty").mkdir()
+    image = world / "photos" / "b.png"
+    code, out, err = run(capsys, "caption", tmp_path / "empty", image, *model, *FAST)
+    assert code == 1 and f"{tmp_path / 'empty'}: the folder holds no image files" in err
+    assert out.startswith(f"{image}\t")
     not_ours = tmp_path / "other.jsonl"
     not_ours.write_text('{"image": "a.png", "caption": "x"}\nhello\n')
     code, out, err = run(capsys, "caption", world / "photos", "--output", not_ours, *model)
