@@ -187,7 +187,11 @@ def bench_setting(name: str, args: argparse.Namespace, device: torch.device) -> 
             side: runner(models, paths, batch, workers, generate_kwargs) for side, (runner, workers) in runners.items()
         }
         identical = captions["ours"] == captions["pipeline"]
-        print(f"[{name}] captions identical: {identical} (e.g. {captions['ours'][0]!r})", flush=True)
+        distinct = len(set(captions["ours"]))  # the check means little if every image got the same caption
+        print(
+            f"[{name}] captions identical: {identical} ({distinct} distinct of {count}, e.g. {captions['ours'][0]!r})",
+            flush=True,
+        )
         if not identical:
             for index, (ours, theirs) in enumerate(zip(captions["ours"], captions["pipeline"])):
                 if ours != theirs:
@@ -219,6 +223,7 @@ def bench_setting(name: str, args: argparse.Namespace, device: torch.device) -> 
         "workers": {"ours": args.workers, "pipeline": args.peer_workers},
         "config": config,
         "captions_identical": True,
+        "distinct_captions": distinct,
         "images_per_s": throughput,
         "ratio": throughput["ours"] / throughput["pipeline"],
         "peak_memory_mib": {side: peak / 2**20 for side, peak in peaks.items()},
