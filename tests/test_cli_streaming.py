@@ -309,3 +309,20 @@ def test_ask_argument_errors(world, capsys, tmp_path):
     assert code == 2 and "--questions FILE" in err
     code, _, err = run(capsys, "ask", "--questions", tmp_path / "nope.jsonl", "--model", world / "model")
     assert code == 2 and "nope.jsonl" in err
+
+
+@pytest.mark.slow
+def test_caption_benchmark_quick_run(tmp_path):
+    """benchmarks/bench_caption.py --quick runs end to end and its caption-identity check against transformers'
+    pipeline holds (timings are not asserted)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "caption.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_caption.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "| tiny-opt" in proc.stdout and "captions identical: True" in proc.stdout
+    result = json.loads(out.read_text())["results"][0]
+    assert result["captions_identical"] and result["distinct_captions"] > 1
