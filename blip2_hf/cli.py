@@ -4,8 +4,9 @@
     blip2-hf push FOLDER REPO_ID [--results results.json ...] [--private] [--license mit] [--dataset ID ...]
     blip2-hf push LORA_FOLDER REPO_ID (--merge-lora | --base-model BASE_REPO_ID [--push-base])
     blip2-hf card FOLDER REPO_ID [--results results.json ...] [--output README.md]
-    blip2-hf caption IMAGE [IMAGE ...] [--model M] [--prompt TEXT] [--num-beams 3] [--max-new-tokens 30]
+    blip2-hf caption IMAGE_DIR_OR_GLOB [...] [--output captions.jsonl] [--model M] [--prompt TEXT] [--num-beams 3]
     blip2-hf ask IMAGE [IMAGE ...] QUESTION [--model M] [--prompt-template "Question: {} Short answer:"]
+    blip2-hf ask --questions FILE [--output answers.jsonl] [--model M]
     blip2-hf retrieve --images DIR --text TEXT [--model M] [--top-k 5] [--rerank-k 16]
 
 `push` / `card`: the token comes from `HF_TOKEN` or `hf auth login`, never from the command line (where shell history
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 # Only light modules at the top: the parsers (and `--help`) must not wait for torch and transformers.
+from .batch_inference import DTYPES, IMAGE_EXTENSIONS, resolve_dtype
 from .constants import DEFAULT_LICENSE, DEFAULT_TEMPLATE, HUB_TIMEOUT, VQA_PROMPT
 from .demo import CAPTION_MODEL_SUBDIR, RETRIEVAL_MODEL_SUBDIR, demo_dir
 
@@ -193,7 +195,6 @@ def run_card(args: argparse.Namespace) -> int:
 # Shown when there is no default model: a Hub checkpoint each command can load instead.
 CAPTION_MODEL_EXAMPLE = "Salesforce/blip2-opt-2.7b"
 RETRIEVAL_MODEL_EXAMPLE = "Salesforce/blip2-itm-vit-g"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 # LAVIS's Q-Former text length for retrieval (`compute_sim_matrix`, `max_length=35`), as evaluation/retrieval.py.
 RETRIEVAL_TEXT_MAX_LENGTH = 35
 
@@ -329,36 +330,65 @@ def _one_line(text: str) -> str:
     return " ".join(text.replace("\t", " ").splitlines())
 
 
-def _generate_texts(
-    model: PreTrainedModel,
-    processor: Blip2Processor,
-    images: list[Image.Image],
-    prompts: list[str],
-    device: torch.device,
-    **generate_kwargs: Any,
-) -> list[str]:
-    """Generate for each image after its prompt (`prompts[i]`; "" = caption from the image alone) and return the new
-    text only, stripped."""
-    # Always through the processor, even without a prompt: "" tokenizes to `[<image> x Q, BOS]` (T5: `</s>`), what
-    # the model builds for image-only input, and the input length is then known for cutting the prompt off below.
-    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt").to(device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.vision_model.dtype)
-    ids = model.generate(**inputs, **generate_kwargs)
-    if model.config.use_decoder_only_language_model:  # decoder-only LLMs return the input ids, then the new tokens
-        ids = ids[:, inputs["input_ids"].shape[1] :]
-    return [text.strip() for text in processor.batch_decode(ids, skip_special_tokens=True)]
+def _add_streaming_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """`--output`, `--retry-errors`, `--num-workers`, `--dtype`: shared by `caption` and `ask`."""
+    parser.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        default=None,
+        metavar="FILE.jsonl",
+        help=f"Append one JSON line per {what} to FILE as each batch finishes. A rerun with the same FILE skips what it "
+        "holds (a line cut by a kill is dropped and redone), so an interrupted run resumes. Unreadable images are "
+        'recorded as {"image": ..., "error": ...} lines and not retried unless --retry-errors.',
+    )
+    parser.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="With --output: remove the error lines from FILE and try those images again.",
+    )
+    parser.add_argument(
+        "--num-workers",
+        type=_non_negative_int,
+        metavar="N",
+        default=None,
+        help="DataLoader worker processes that read and preprocess images while the model generates (0: in the main "
+        "process). Default: on a GPU half the CPU cores (1 to 8); on CPU 0 below 8 cores (the model's threads use "
+        "them all), else a quarter of them.",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="Model weights' dtype; auto: bfloat16 on a GPU (float16 if it lacks bf16), float32 on CPU. float16 "
+        "needs a GPU (default: auto).",
+    )
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
 
 
 def add_caption_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "caption",
-        help="Caption images with a BLIP-2 model (one `PATH<TAB>caption` line per image).",
-        description="Caption each IMAGE (optionally continuing --prompt) by beam search (--num-beams) with a "
-        "Blip2ForConditionalGeneration and print `PATH<TAB>caption` lines, in order: the generated text only, never "
-        "the prompt. Unreadable images are named on stderr and skipped (exit code 1 at the end). Other generation "
-        "settings come from the checkpoint's generation_config.",
+        help="Caption images, folders or glob patterns with a BLIP-2 model (`PATH<TAB>caption` lines, or JSON Lines "
+        "with --output).",
+        description="Caption each image (optionally continuing --prompt) by beam search (--num-beams) with a "
+        "Blip2ForConditionalGeneration: the generated text only, never the prompt. A folder gives its images "
+        f"recursively ({', '.join(ext[1:] for ext in IMAGE_EXTENSIONS)}, any case, sorted); a quoted pattern "
+        "('photos/**/*.jpg') its sorted matches. Images stream through DataLoader workers (--num-workers) in batches "
+        "(--batch-size). Without --output, `PATH<TAB>caption` lines on stdout, in order; with --output FILE.jsonl, "
+        '{"image": PATH, "caption": TEXT} lines appended per batch, resumable. Unreadable images are named on stderr '
+        "(exit code 1 at the end). Other generation settings come from the checkpoint's generation_config.",
     )
-    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="Image files.")
+    parser.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="Image files, folders (recursive) or glob patterns (quoted)."
+    )
     parser.add_argument(
         "--prompt", default="", metavar="TEXT", help="Text the caption continues, e.g. 'a photo of' (default: none)."
     )
@@ -369,80 +399,193 @@ def add_caption_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--batch-size", type=_positive_int, metavar="N", default=16, help="Images per generate call (default: 16)."
     )
+    _add_streaming_arguments(parser, "image")
     _add_model_arguments(parser, f"<demo dir>/{CAPTION_MODEL_SUBDIR}", CAPTION_MODEL_EXAMPLE)
     parser.set_defaults(func=run_caption)
 
 
-def _generate_over_images(
-    args: argparse.Namespace, prompt: str, print_line: Callable[[Path, str], None], **generate_kwargs: Any
-) -> int:
-    """Load the generation model, then for each of `args.images` (in batches of `args.batch_size`) generate after
-    `prompt` and hand `(path, generated text)` to `print_line`, under a progress bar on stderr.
-    Returns the exit code: 0 done, 1 if some images could not be read (each named on stderr), 2 if no model."""
-    import torch
-
+def _load_generation_model(args: argparse.Namespace) -> tuple[PreTrainedModel, Blip2Processor] | None:
+    """`--model` on `--device` in `--dtype`, eval mode; None after an error on stderr."""
     from . import Blip2ForConditionalGeneration
 
     loaded = _load_model(args, Blip2ForConditionalGeneration, CAPTION_MODEL_SUBDIR, CAPTION_MODEL_EXAMPLE)
     if loaded is None:
-        return 2
+        return None
     model, processor, device = loaded
+    try:
+        dtype = resolve_dtype(args.dtype, device)
+    except ValueError as err:
+        print(f"blip2-hf {args.command}: error: {err}", file=sys.stderr)
+        return None
+    return model.to(dtype), processor
+
+
+def _open_results(args: argparse.Namespace, key_of: Callable, required: tuple[str, ...]) -> Any:
+    """The `--output` `ResultsFile` (after saying on stderr what a rerun found there); None if no --output; False after
+    an error on stderr (not a results file)."""
+    from .batch_inference import ResultsFile
+
+    if args.output is None:
+        return None
+    try:
+        results = ResultsFile(args.output, key_of, required, retry_errors=args.retry_errors)
+    except (ValueError, UnicodeDecodeError) as err:
+        print(f"blip2-hf {args.command}: error: {err}", file=sys.stderr)
+        return False
+    if results.dropped_partial:
+        print(
+            f"blip2-hf {args.command}: {args.output}: dropped its last line, cut by a kill; redoing it.",
+            file=sys.stderr,
+        )
+    if results.retried:
+        print(
+            f"blip2-hf {args.command}: {args.output}: removed {results.retried} error lines to retry them.",
+            file=sys.stderr,
+        )
+    return results
+
+
+def _stream(args: argparse.Namespace, total: int, unit: str, batches: Iterator[list[dict]], handle: Callable) -> int:
+    """Run `batches` under a progress bar (`unit`s/s), handing each batch's records to `handle`; returns how many
+    records were errors (each named on stderr)."""
+    import torch
+
     failed = 0
-    batch: list[tuple[Path, Image.Image]] = []
-    bar = _progress(total=len(args.images), unit="image", desc=args.command)
+    named: set[str] = set()  # an unreadable image with several questions is named once
+    with torch.inference_mode(), _progress(total=total, unit=unit, desc=args.command) as bar:
+        for records in batches:
+            for record in records:
+                if "error" in record:
+                    failed += 1
+                    if record["image"] in named:
+                        continue
+                    named.add(record["image"])
+                    bar.write(
+                        f"blip2-hf {args.command}: cannot read {record['image']}: {record['error']}", file=sys.stderr
+                    )
+            handle(records)
+            bar.update(len(records))
+    return failed
 
-    def flush() -> None:
-        if not batch:
+
+def _finish(args: argparse.Namespace, results: Any, failed: int, total: int, what: str) -> int:
+    """The closing summary on stderr and the exit code: 1 if this run had errors or, with --output, the file holds
+    error lines (from this run or an earlier one), else 0."""
+    if results is None:
+        if failed:
+            print(f"blip2-hf {args.command}: {failed} of {total} {what} could not be read.", file=sys.stderr)
+        return 1 if failed else 0
+    results.close()
+    print(f"blip2-hf {args.command}: {args.output}: {total - failed} written, {failed} errors this run; "
+          f"{len(results.done)} done in all.", file=sys.stderr)  # fmt: skip
+    if results.errors:
+        print(
+            f"blip2-hf {args.command}: {args.output} holds {len(results.errors)} error lines (unreadable images, "
+            "named above or in the file); --retry-errors tries them again.",
+            file=sys.stderr,
+        )
+    return 1 if failed or results.errors else 0
+
+
+def _expand(args: argparse.Namespace) -> list[Path] | None:
+    """`args.images` expanded (`expand_image_sources`); an empty folder or a pattern matching nothing is named on
+    stderr and counted in `args.empty_sources` (exit code 1 at the end); None (after an error) if nothing is left."""
+    from .batch_inference import expand_image_sources
+
+    problems: list[str] = []
+    paths = expand_image_sources(args.images, unique=args.output is not None, problems=problems)
+    for problem in problems:
+        print(f"blip2-hf {args.command}: {problem}", file=sys.stderr)
+    args.empty_sources = len(problems)
+    if not paths:
+        print(f"blip2-hf {args.command}: error: no image files to read.", file=sys.stderr)
+        return None
+    return paths
+
+
+def _skipping(args: argparse.Namespace, skipped: int, what: str) -> None:
+    if skipped:
+        print(f"blip2-hf {args.command}: skipping {skipped} {what} already in {args.output}.", file=sys.stderr)
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    """Caption `args.images` to stdout or `--output`; 1 if any image could not be read, 2 if nothing could run."""
+    from .batch_inference import caption_images, caption_key, default_num_workers, image_key
+
+    paths = _expand(args)
+    if paths is None:
+        return 2
+    results = _open_results(args, caption_key, ("image",))
+    loaded = _load_generation_model(args) if results is not False else None
+    if loaded is None:
+        return 2
+    model, processor = loaded
+    if results is not None:
+        todo = [path for path in paths if image_key(path) not in results.done]
+        _skipping(args, len(paths) - len(todo), "images")
+        paths = todo
+
+    def handle(records: list[dict]) -> None:
+        if results is not None:
+            results.append(records)
             return
-        images = [image for _, image in batch]
-        texts = _generate_texts(model, processor, images, [prompt] * len(images), device, **generate_kwargs)
-        for (path, _), text in zip(batch, texts):
-            print_line(path, _one_line(text))
+        for record in records:
+            if "caption" in record:
+                _print_line(record["image"], _one_line(record["caption"]))
         sys.stdout.flush()  # each batch's lines as soon as they exist (long runs, pipes)
-        bar.update(len(batch))
-        batch.clear()
 
-    with torch.inference_mode(), bar:
-        for path in args.images:
-            image = _read_image(path, args.command)
-            if image is None:
-                failed += 1
-                bar.update(1)
-                continue
-            batch.append((path, image))
-            if len(batch) == args.batch_size:
-                flush()
-        flush()
-    if failed:
-        print(f"blip2-hf {args.command}: {failed} of {len(args.images)} images could not be read.", file=sys.stderr)
-    return 1 if failed else 0
+    workers = default_num_workers(model.device) if args.num_workers is None else args.num_workers
+    batches = caption_images(model, processor, paths, args.prompt, args.batch_size, workers,
+                             num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)  # fmt: skip
+    failed = _stream(args, len(paths), "image", batches, handle)
+    return max(_finish(args, results, failed, len(paths), "images"), 1 if args.empty_sources else 0)
 
 
-def _print_line(path: Path, text: str) -> None:
+def _print_line(path: Path | str, text: str) -> None:
     """`PATH<TAB>text` on stdout, clear of a progress bar on stderr (tqdm redraws it below)."""
     from tqdm.auto import tqdm
 
     tqdm.write(f"{path}\t{text}", file=sys.stdout)
 
 
-def run_caption(args: argparse.Namespace) -> int:
-    """Print `PATH<TAB>caption` per readable image; 1 if any image could not be read, 2 if no model."""
-    return _generate_over_images(
-        args, args.prompt, _print_line, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens
-    )
+class _ImagesThenQuestion(argparse.Action):
+    """`ask IMAGE [IMAGE ...] QUESTION`: the positionals, split into `images` (all but the last) and `question`."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option=None
+    ) -> None:
+        values = list(values or [])
+        namespace.images = [Path(value) for value in values[:-1]]
+        namespace.question = values[-1] if values else None
 
 
 def add_ask_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "ask",
-        help="Answer a question about images (zero-shot VQA, as BLIP-2 is evaluated).",
+        help="Answer questions about images (zero-shot VQA, as BLIP-2 is evaluated).",
+        usage="blip2-hf ask IMAGE [IMAGE ...] QUESTION [options]\n       blip2-hf ask --questions FILE [--output "
+        "FILE.jsonl] [options]",
         description="Zero-shot VQA as LAVIS's `predict_answers`: the question goes into --prompt-template, the model "
         "generates by beam search, and the answer (the generated text only) is printed: alone for one IMAGE, as "
-        "`PATH<TAB>answer` lines (in order) for several. Unreadable images are named on stderr and skipped (exit "
-        "code 1 at the end).",
+        "`PATH<TAB>answer` lines (in order) for several. With --questions FILE (JSON Lines or a JSON list of "
+        '{"image": PATH, "question": TEXT, "question_id": optional}), the questions are grouped by image (each image '
+        "read once, in order of first appearance) and answered as JSON lines, on stdout or appended to --output "
+        "(resumable; keyed by question_id, else by image and question). Unreadable images are named on stderr and "
+        "skipped (exit code 1 at the end).",
     )
-    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="Image file(s).")
-    parser.add_argument("question", metavar="QUESTION", help="The question, e.g. 'what color is the circle?'.")
+    parser.add_argument(
+        "positionals", nargs="*", action=_ImagesThenQuestion, metavar="IMAGE... QUESTION",
+        help="Image file(s) (or folders, glob patterns), then the question, e.g. 'what color is the circle?'.",
+    )  # fmt: skip
+    parser.set_defaults(images=[], question=None)
+    parser.add_argument("--questions", type=Path, default=None, metavar="FILE", help="A questions file (see above).")
+    parser.add_argument(
+        "--image-root",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="Where the questions file's relative image paths start (default: the questions file's folder).",
+    )
     parser.add_argument(
         "--prompt-template",
         default=VQA_PROMPT,
@@ -454,35 +597,84 @@ def add_ask_command(subparsers: argparse._SubParsersAction) -> None:
         "--max-new-tokens", type=_positive_int, metavar="N", default=10, help="Answer length limit (default: 10)."
     )
     parser.add_argument(
-        "--batch-size", type=_positive_int, metavar="N", default=16, help="Images per generate call (default: 16)."
+        "--batch-size",
+        type=_positive_int,
+        metavar="N",
+        default=16,
+        help="Questions per generate call, whole images' questions together (default: 16).",
     )
+    _add_streaming_arguments(parser, "question")
     _add_model_arguments(parser, f"<demo dir>/{CAPTION_MODEL_SUBDIR}", CAPTION_MODEL_EXAMPLE)
     parser.set_defaults(func=run_ask)
 
 
+def _ask_questions(args: argparse.Namespace) -> list | None:
+    """The `Question`s to answer: the --questions file's, or each IMAGE with QUESTION; None after an error."""
+    from .batch_inference import Question, read_questions
+
+    try:
+        if args.questions is not None:
+            if args.question is not None:
+                raise ValueError("give either IMAGE... QUESTION or --questions FILE, not both.")
+            return read_questions(args.questions, args.image_root)
+        if not args.images:
+            raise ValueError("give IMAGE [IMAGE ...] QUESTION, or --questions FILE.")
+        paths = _expand(args)
+        return None if paths is None else [Question(str(path), path, args.question) for path in paths]
+    except (OSError, ValueError) as err:
+        print(f"blip2-hf ask: error: {err}", file=sys.stderr)
+        return None
+
+
 def run_ask(args: argparse.Namespace) -> int:
-    """Print the answer(s); 1 if an image cannot be read, 2 if no model or an unusable template."""
+    """Print or write the answers; 1 if an image cannot be read, 2 if nothing could run."""
+    import json
+
+    from .batch_inference import answer_key, answer_questions, default_num_workers
+
     try:  # LAVIS formats its prompt with `str.format`; a template without {} would silently drop the question
         if "{}" not in args.prompt_template:
             raise ValueError("it has no {}")
-        prompt = args.prompt_template.format(args.question)
+        args.prompt_template.format("")
     except (IndexError, KeyError, ValueError) as err:
         print(f"blip2-hf ask: error: unusable --prompt-template {args.prompt_template!r}: {err}", file=sys.stderr)
         return 2
+    questions = _ask_questions(args)
+    results = _open_results(args, answer_key, ("image", "question")) if questions is not None else False
+    loaded = _load_generation_model(args) if results is not False else None
+    if loaded is None:
+        return 2
+    model, processor = loaded
+    if results is not None:
+        todo = [question for question in questions if question.key() not in results.done]
+        _skipping(args, len(questions) - len(todo), "questions")
+        questions = todo
+    from tqdm.auto import tqdm
 
-    def print_answer(path: Path, answer: str) -> None:
-        if len(args.images) == 1:
-            from tqdm.auto import tqdm
+    single = len(questions) == 1
 
-            tqdm.write(answer, file=sys.stdout)
-        else:
-            _print_line(path, answer)
+    def handle(records: list[dict]) -> None:
+        if results is not None:
+            results.append(records)
+            return
+        for record in records:
+            if args.questions is not None:
+                tqdm.write(json.dumps(record, ensure_ascii=False), file=sys.stdout)
+            elif "answer" in record and single:  # one image: the answer alone, as before JSON lines existed
+                tqdm.write(_one_line(record["answer"]), file=sys.stdout)
+            elif "answer" in record:
+                _print_line(record["image"], _one_line(record["answer"]))
+        sys.stdout.flush()
 
+    workers = default_num_workers(model.device) if args.num_workers is None else args.num_workers
     # min_new_tokens=1 is LAVIS's `min_len=1`: an end-of-answer ("\n" or EOS) cannot come first, so a model unsure
     # of the answer still gives one instead of an empty line
-    return _generate_over_images(
-        args, prompt, print_answer, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, min_new_tokens=1
-    )
+    batches = answer_questions(model, processor, questions, args.prompt_template, args.batch_size, workers,
+                               num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, min_new_tokens=1)  # fmt: skip
+    failed = _stream(args, len(questions), "question", batches, handle)
+    what = "questions (their images)" if args.questions is not None else "images"
+    code = _finish(args, results, failed, len(questions), what)
+    return max(code, 1 if getattr(args, "empty_sources", 0) else 0)
 
 
 def add_retrieve_command(subparsers: argparse._SubParsersAction) -> None:

@@ -144,7 +144,7 @@ def test_cli_names_missing_files_and_folders(tmp_path, checkpoint, files, capsys
     out, err = capsys.readouterr()
     assert code == 1
     assert f"cannot read {missing}: FileNotFoundError: Image file '{missing}' does not exist." in err
-    assert f"cannot read {tmp_path}: IsADirectoryError: Image path '{tmp_path}' is a folder" in err
+    assert f"{tmp_path}: the folder holds no image files" in err  # a folder is read for its images (none here)
     assert out.startswith(f"{folder / 'rgba.png'}\t")  # the readable image is still captioned
 
 
