@@ -233,7 +233,7 @@ def _default_image_chunk_size(model: torch.nn.Module, image_embeds: torch.Tensor
 def _pair_order(
     image_ids: torch.Tensor, text_lengths: torch.Tensor, image_chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """How `_itm_match_logits` visits the pairs: `(distinct images [N_u] sorted, each pair's index among them [N],
+    """How `itm_match_logits` visits the pairs: `(distinct images [N_u] sorted, each pair's index among them [N],
     the visiting order of the pairs [N], the pair count of each chunk of `image_chunk_size` distinct images)`.
     Pairs go chunk by chunk, and within a chunk by text length, so that a batch pads its texts little."""
     images, local = image_ids.unique(return_inverse=True)
@@ -243,25 +243,36 @@ def _pair_order(
     return images, local, order, counts
 
 
-def _itm_match_logits(
+def itm_match_logits(
     model: torch.nn.Module,
     image_embeds: torch.Tensor,
     text_index: TextIndex,
     image_ids: torch.Tensor,
     text_ids: torch.Tensor,
-    batch_size: int,
-    image_chunk_size: int | None,
-    device: torch.device,
-    progress: bool,
+    batch_size: int = 128,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    image_chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """ITM "match" logits `[N_pairs]` (fp32, on `image_ids`' device) of the pairs `(image_ids[n], text_ids[n])`,
-    `batch_size` pairs per Q-Former pass.
+    """ITM "match" logits `[N_pairs]` (fp32, on `image_ids`' device) of the pairs `(image_ids[n], text_ids[n])`:
+    images `image_embeds [N_img, 1 + P, Dv]` (an `ImageIndex`'s, or a slice of them), texts of `text_index`,
+    `batch_size` pairs per Q-Former pass on `device` (the model's by default).
 
     Each distinct image's cross-attention keys and values are projected once (`Blip2QFormerModel.project_image`),
-    `image_chunk_size` images at a time, and every pair on that image reads them through `Blip2QFormerImage.rows`:
-    the projection, a third of a ViT-g ITM pass, is paid per image instead of per pair. A chunk's pairs run sorted by
-    text length, so that each batch is cut to its longest text."""
+    `image_chunk_size` images at a time (default: as many as fit in 512 MiB of fp32), and every pair on that image
+    reads them through `Blip2QFormerImage.rows`: the projection, a third of a ViT-g ITM pass, is paid per image
+    instead of per pair. A chunk's pairs run sorted by text length, so that each batch is cut to its longest text.
+    """
+    if batch_size < 1 or (image_chunk_size is not None and image_chunk_size < 1):
+        raise ValueError(f"batch_size and image_chunk_size must be positive, got {batch_size} and {image_chunk_size}.")
+    if image_ids.shape != text_ids.shape or image_ids.dim() != 1:
+        raise ValueError(
+            f"image_ids and text_ids must be [N_pairs], got {tuple(image_ids.shape)} and {tuple(text_ids.shape)}."
+        )
+    device = _model_device(model, device)
     logits = torch.empty(len(image_ids), dtype=torch.float32, device=image_ids.device)
+    if len(image_ids) == 0:  # e.g. a process whose image slice holds no candidate pair
+        return logits
     if image_chunk_size is None:
         image_chunk_size = _default_image_chunk_size(model, image_embeds)
     text_ids = text_ids.to(text_index.input_ids.device)
@@ -351,16 +362,16 @@ def itm_rerank(
     # Every distinct pair once.
     keys = torch.cat([i2t_images * num_texts + i2t_texts, t2i_images * num_texts + t2i_texts])
     pairs, where = keys.unique(return_inverse=True)
-    logits = _itm_match_logits(
+    logits = itm_match_logits(
         model,
         image_index.image_embeds,
         text_index,
         pairs // num_texts,
         pairs % num_texts,
         batch_size,
-        image_chunk_size,
         device,
         progress,
+        image_chunk_size,
     )[where]
 
     score_i2t = torch.full((num_images, num_texts), NO_MATCH_SCORE, dtype=torch.float32, device=itc.device)

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 import blip2_hf
-from blip2_hf.retrieval import NO_MATCH_SCORE, TextIndex, encode_images, encode_texts, itc_similarity, itm_rerank
+from blip2_hf.retrieval import (
+    NO_MATCH_SCORE,
+    TextIndex,
+    encode_images,
+    encode_texts,
+    itc_similarity,
+    itm_match_logits,
+    itm_rerank,
+)
 from blip2_hf.testing_utils import IMAGE_TOKEN, perturb_, tiny_config_dict
 
 NUM_IMAGES, NUM_TEXTS = 7, 11
@@ -140,6 +148,22 @@ def test_batches_are_cut_to_their_longest_text(gallery, monkeypatch):
     assert widths == sorted(LENGTHS)
 
 
-def test_bad_image_chunk_size(gallery):
+def test_itm_match_logits_of_any_pairs(gallery):
+    """Pairs in any order, repeated, on a slice of the images (as a process of `evaluation/retrieval.py` has them)."""
+    model, images, texts = gallery["model"], gallery["images"], gallery["texts"]
+    image_ids = torch.tensor([4, 0, 4, 2, 0, 3, 1, 4])
+    text_ids = torch.tensor([10, 3, 10, 0, 7, 5, 1, 2])
+    logits = itm_match_logits(model, images.image_embeds[2:], texts, image_ids, text_ids, batch_size=3, progress=False)
+    torch.testing.assert_close(logits, gallery["itm"][image_ids + 2, text_ids], atol=ATOL, rtol=0)
+    empty = torch.empty(0, dtype=torch.long)
+    assert itm_match_logits(model, images.image_embeds, texts, empty, empty, progress=False).shape == (0,)
+
+
+def test_bad_arguments(gallery):
     with pytest.raises(ValueError, match="image_chunk_size must be positive"):
         itm_rerank(gallery["model"], gallery["images"], gallery["texts"], gallery["itc"], image_chunk_size=0)
+    with pytest.raises(ValueError, match=r"must be \[N_pairs\]"):
+        itm_match_logits(
+            gallery["model"], gallery["images"].image_embeds, gallery["texts"], torch.zeros(3, dtype=torch.long),
+            torch.zeros(2, dtype=torch.long),
+        )  # fmt: skip
