@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 NO_MATCH_SCORE = -100.0  # LAVIS's score for every pair outside the top-k of its row
 _ITC_CHUNK_ELEMENTS = 1 << 25  # [chunk, Q, N_txt] elements per ITC matmul (128 MiB in fp32)
-# Projected cross-attention keys + values held at once by `itm_rerank`: 512 MiB in fp32, 54 images at ViT-g width
+# Projected cross-attention keys + values held at once by `itm_match_logits`: 512 MiB in fp32, 56 images at ViT-g width
 # (257 patches) with BLIP-2's Q-Former (6 cross-attention layers of 768), so that a 5k-image gallery never holds its
 # 47 GB of projections; each image is still projected once.
 _KV_CHUNK_ELEMENTS = 1 << 27
@@ -334,7 +334,7 @@ def itm_rerank(
         device: where the ITM passes run (the model's device by default).
         progress: show a tqdm bar.
         image_chunk_size: images whose projected keys and values are held on `device` at once (default: as many as
-            fit in 512 MiB of fp32, 54 at ViT-g width); peak memory is that plus one batch's pass.
+            fit in 512 MiB of fp32, 56 at ViT-g width); peak memory is that plus one batch's pass.
 
     Returns:
         `score_i2t [N_img, N_txt]` and `score_t2i [N_txt, N_img]`, fp32, on `itc`'s device.
