@@ -4,6 +4,12 @@ its scores against a plain loop of `model.image_text_matching`, one (image, text
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -167,3 +173,42 @@ def test_bad_arguments(gallery):
             gallery["model"], gallery["images"].image_embeds, gallery["texts"], torch.zeros(3, dtype=torch.long),
             torch.zeros(2, dtype=torch.long),
         )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# benchmarks/bench_retrieval.py: its LAVIS baseline is right, and the script runs
+# ---------------------------------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("bench_retrieval", ROOT / "benchmarks" / "bench_retrieval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_benchmark_lavis_baseline_equals_plain_per_pair_scores(gallery, k, monkeypatch):
+    """The baseline the benchmark times is LAVIS's scoring, also when its calls group several queries."""
+    bench = load_benchmark()
+    monkeypatch.setattr(bench, "LAVIS_CALL_PAIRS", 8)  # 4 queries per call at k=2, 1 at k=5: both paths
+    scores = bench.lavis_rerank(gallery["model"], gallery["images"], gallery["texts"], gallery["itc"], k)
+    for got, want in zip(scores, plain_scores(gallery, k), strict=True):
+        assert_same_scores_and_rankings(got, want)
+
+
+@pytest.mark.slow
+def test_retrieval_benchmark_quick_run(tmp_path):
+    out = tmp_path / "retrieval.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_retrieval.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "| seconds |" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["check"]["identical"] and result["distinct_pairs"] <= result["lavis_pairs"]
