@@ -273,6 +273,9 @@ def itm_match_logits(
     logits = torch.empty(len(image_ids), dtype=torch.float32, device=image_ids.device)
     if len(image_ids) == 0:  # e.g. a process whose image slice holds no candidate pair
         return logits
+    for name, ids, bound in (("image_ids", image_ids, len(image_embeds)), ("text_ids", text_ids, len(text_index[0]))):
+        if int(ids.min()) < 0 or int(ids.max()) >= bound:
+            raise ValueError(f"{name} must lie in [0, {bound}), got [{int(ids.min())}, {int(ids.max())}].")
     if image_chunk_size is None:
         image_chunk_size = _default_image_chunk_size(model, image_embeds)
     text_ids = text_ids.to(text_index.input_ids.device)

@@ -173,6 +173,11 @@ def test_bad_arguments(gallery):
             gallery["model"], gallery["images"].image_embeds, gallery["texts"], torch.zeros(3, dtype=torch.long),
             torch.zeros(2, dtype=torch.long),
         )  # fmt: skip
+    with pytest.raises(ValueError, match=r"image_ids must lie in \[0, 5\)"):
+        itm_match_logits(
+            gallery["model"], gallery["images"].image_embeds[2:], gallery["texts"], torch.tensor([0, 5]),
+            torch.tensor([0, 1]),
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
