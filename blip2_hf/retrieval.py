@@ -24,6 +24,10 @@ from tqdm.auto import tqdm
 
 NO_MATCH_SCORE = -100.0  # LAVIS's score for every pair outside the top-k of its row
 _ITC_CHUNK_ELEMENTS = 1 << 25  # [chunk, Q, N_txt] elements per ITC matmul (128 MiB in fp32)
+# Projected cross-attention keys + values held at once by `itm_match_logits`: 512 MiB in fp32, 56 images at ViT-g width
+# (257 patches) with BLIP-2's Q-Former (6 cross-attention layers of 768), so that a 5k-image gallery never holds its
+# 47 GB of projections; each image is still projected once.
+_KV_CHUNK_ELEMENTS = 1 << 27
 _RANK_CHUNK_ROWS = 256  # score rows ranked at once by `recall_at_k`
 
 
@@ -211,36 +215,94 @@ def itc_similarity(image_feats: torch.Tensor, text_feats: torch.Tensor, chunk_si
     return sims
 
 
-def _itm_match_logits(
+def _text_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
+    """`[N]` columns up to each row's last attended token (at least 1): what a batch of these rows must keep."""
+    positions = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)
+    return torch.where(attention_mask.bool(), positions, 0).amax(1).clamp(min=1)
+
+
+def _default_image_chunk_size(model: torch.nn.Module, image_embeds: torch.Tensor) -> int:
+    """Images whose projected cross-attention keys and values (`2 x [P, D]` per cross-attention layer each) fit in
+    `_KV_CHUNK_ELEMENTS`."""
+    qformer = model.qformer
+    cross_layers = sum(bool(layer.has_cross_attention) for layer in qformer.encoder.layer)
+    per_image = 2 * max(1, cross_layers) * image_embeds.shape[1] * qformer.config.hidden_size
+    return max(1, _KV_CHUNK_ELEMENTS // per_image)
+
+
+def _pair_order(
+    image_ids: torch.Tensor, text_lengths: torch.Tensor, image_chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """How `itm_match_logits` visits the pairs: `(distinct images [N_u] sorted, each pair's index among them [N],
+    the visiting order of the pairs [N], the pair count of each chunk of `image_chunk_size` distinct images)`.
+    Pairs go chunk by chunk, and within a chunk by text length, so that a batch pads its texts little."""
+    images, local = image_ids.unique(return_inverse=True)
+    chunk = local // image_chunk_size
+    order = torch.argsort(chunk * (int(text_lengths.max()) + 1) + text_lengths, stable=True)
+    counts = torch.bincount(chunk, minlength=(len(images) + image_chunk_size - 1) // image_chunk_size)
+    return images, local, order, counts
+
+
+def itm_match_logits(
     model: torch.nn.Module,
     image_embeds: torch.Tensor,
     text_index: TextIndex,
     image_ids: torch.Tensor,
     text_ids: torch.Tensor,
-    batch_size: int,
-    device: torch.device,
-    progress: bool,
+    batch_size: int = 128,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    image_chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """ITM "match" logits `[N_pairs]` (fp32, on `image_ids`' device) of the pairs `(image_ids[n], text_ids[n])`,
-    `batch_size` pairs per Q-Former pass."""
+    """ITM "match" logits `[N_pairs]` (fp32, on `image_ids`' device) of the pairs `(image_ids[n], text_ids[n])`:
+    images `image_embeds [N_img, 1 + P, Dv]` (an `ImageIndex`'s, or a slice of them), texts of `text_index`,
+    `batch_size` pairs per Q-Former pass on `device` (the model's by default).
+
+    Each distinct image's cross-attention keys and values are projected once (`Blip2QFormerModel.project_image`),
+    `image_chunk_size` images at a time (default: as many as fit in 512 MiB of fp32), and every pair on that image
+    reads them through `Blip2QFormerImage.rows`: the projection, a third of a ViT-g ITM pass, is paid per image
+    instead of per pair. A chunk's pairs run sorted by text length, so that each batch is cut to its longest text.
+    """
+    if batch_size < 1 or (image_chunk_size is not None and image_chunk_size < 1):
+        raise ValueError(f"batch_size and image_chunk_size must be positive, got {batch_size} and {image_chunk_size}.")
+    if image_ids.shape != text_ids.shape or image_ids.dim() != 1:
+        raise ValueError(
+            f"image_ids and text_ids must be [N_pairs], got {tuple(image_ids.shape)} and {tuple(text_ids.shape)}."
+        )
+    device = _model_device(model, device)
     logits = torch.empty(len(image_ids), dtype=torch.float32, device=image_ids.device)
-    with _eval_mode(model):
-        for start in tqdm(
-            range(0, len(image_ids), batch_size), desc="ITM re-ranking", unit="batch", disable=not progress
-        ):
-            pairs = slice(start, start + batch_size)
-            # Each image crosses to `device` once per batch (pairs are grouped by image), then is repeated there.
-            images, repeat = image_ids[pairs].unique(return_inverse=True)
-            images = image_embeds[images.to(image_embeds.device)].to(device)[repeat.to(device)]
-            texts = text_ids[pairs].to(text_index.input_ids.device)
-            input_ids, attention_mask = text_index.input_ids[texts], text_index.attention_mask[texts]
-            # Drop the columns that are padding in every row of this batch (globally padded texts are long).
-            used = attention_mask.any(0).nonzero()
-            length = int(used.max()) + 1 if len(used) else attention_mask.shape[1]
-            input_ids, attention_mask = input_ids[:, :length].to(device), attention_mask[:, :length].to(device)
+    if len(image_ids) == 0:  # e.g. a process whose image slice holds no candidate pair
+        return logits
+    for name, ids, bound in (("image_ids", image_ids, len(image_embeds)), ("text_ids", text_ids, len(text_index[0]))):
+        if int(ids.min()) < 0 or int(ids.max()) >= bound:
+            raise ValueError(f"{name} must lie in [0, {bound}), got [{int(ids.min())}, {int(ids.max())}].")
+    if image_chunk_size is None:
+        image_chunk_size = _default_image_chunk_size(model, image_embeds)
+    text_ids = text_ids.to(text_index.input_ids.device)
+    text_lengths = _text_lengths(text_index.attention_mask)
+    images, local, order, counts = _pair_order(
+        image_ids, text_lengths[text_ids].to(image_ids.device), image_chunk_size
+    )
+    bar = tqdm(total=len(image_ids), desc="ITM re-ranking", unit="pair", disable=not progress)
+    start = 0
+    with _eval_mode(model), bar:
+        for chunk, count in enumerate(counts.tolist()):
+            first = chunk * image_chunk_size
+            chunk_images = images[first : first + image_chunk_size].to(image_embeds.device)
             with torch.inference_mode():
-                itm_logits, _ = model.image_text_matching(images, input_ids, attention_mask)
-            logits[pairs] = itm_logits[:, 1].float().to(logits.device)
+                projected = model.qformer.project_image(image_embeds[chunk_images].to(device))
+            for batch_start in range(start, start + count, batch_size):
+                pairs = order[batch_start : min(batch_start + batch_size, start + count)]
+                texts = text_ids[pairs.to(text_ids.device)]
+                length = int(text_lengths[texts].max())
+                input_ids = text_index.input_ids[texts, :length].to(device)
+                attention_mask = text_index.attention_mask[texts, :length].to(device)
+                with torch.inference_mode():
+                    image = projected.select((local[pairs] - first).to(device))
+                    itm_logits, _ = model.image_text_matching(image, input_ids, attention_mask)
+                logits[pairs] = itm_logits[:, 1].float().to(logits.device)
+                bar.update(len(pairs))
+            start += count
     return logits
 
 
@@ -253,12 +315,17 @@ def itm_rerank(
     batch_size: int = 128,
     device: torch.device | str | None = None,
     progress: bool = True,
+    image_chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-rank the ITC candidates with the ITM head, as LAVIS's `compute_sim_matrix`.
 
     For each image, its top-`k` texts by ITC get `score = itm_logits[:, 1] + itc` (the raw ITM "match" logit, no
     softmax, plus the ITC cosine); its other texts get -100. The same for each text over images. `k` is capped at
     the number of candidates. A pair in both an image's and a text's top-`k` is run through ITM once.
+
+    The pairs of both directions run together in batches of any images and texts: each image's cross-attention keys
+    and values are projected once for the whole re-ranking and shared by all of its pairs (LAVIS repeats the image
+    `k` times per query and projects every copy), and each batch is cut to its longest text.
 
     Args:
         model: a `Blip2ForImageTextRetrieval`.
@@ -269,6 +336,8 @@ def itm_rerank(
         batch_size: (image, text) pairs per ITM pass.
         device: where the ITM passes run (the model's device by default).
         progress: show a tqdm bar.
+        image_chunk_size: images whose projected keys and values are held on `device` at once (default: as many as
+            fit in 512 MiB of fp32, 56 at ViT-g width); peak memory is that plus one batch's pass.
 
     Returns:
         `score_i2t [N_img, N_txt]` and `score_t2i [N_txt, N_img]`, fp32, on `itc`'s device.
@@ -281,8 +350,10 @@ def itm_rerank(
             f"itc is {num_images} x {num_texts} but the indexes hold {image_index.image_embeds.shape[0]} images and "
             f"{text_index.input_ids.shape[0]} texts."
         )
-    if k < 1 or batch_size < 1:
-        raise ValueError(f"k and batch_size must be positive, got {k} and {batch_size}.")
+    if k < 1 or batch_size < 1 or (image_chunk_size is not None and image_chunk_size < 1):
+        raise ValueError(
+            f"k, batch_size and image_chunk_size must be positive, got {k}, {batch_size} and {image_chunk_size}."
+        )
     device = _model_device(model, device)
     k_i2t, k_t2i = min(k, num_texts), min(k, num_images)
     sim_i2t, top_texts = itc.topk(k_i2t, dim=1)  # [N_img, k]
@@ -291,10 +362,10 @@ def itm_rerank(
     i2t_images, i2t_texts = arange[:num_images].repeat_interleave(k_i2t), top_texts.flatten()
     t2i_images, t2i_texts = top_images.flatten(), arange[:num_texts].repeat_interleave(k_t2i)
 
-    # Every distinct pair once, sorted by image (so that a batch holds few distinct images).
+    # Every distinct pair once.
     keys = torch.cat([i2t_images * num_texts + i2t_texts, t2i_images * num_texts + t2i_texts])
     pairs, where = keys.unique(return_inverse=True)
-    logits = _itm_match_logits(
+    logits = itm_match_logits(
         model,
         image_index.image_embeds,
         text_index,
@@ -303,6 +374,7 @@ def itm_rerank(
         batch_size,
         device,
         progress,
+        image_chunk_size,
     )[where]
 
     score_i2t = torch.full((num_images, num_texts), NO_MATCH_SCORE, dtype=torch.float32, device=itc.device)

@@ -61,13 +61,20 @@ from common import (
     skipped_list,
     write_outputs,
 )
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from blip2_hf import Blip2ForImageTextRetrieval
 from blip2_hf.data import load_image, pre_caption
 from blip2_hf.metrics import retrieval_recall
-from blip2_hf.retrieval import NO_MATCH_SCORE, ImageIndex, TextIndex, encode_images, encode_texts, itc_similarity
+from blip2_hf.retrieval import (
+    NO_MATCH_SCORE,
+    ImageIndex,
+    TextIndex,
+    encode_images,
+    encode_texts,
+    itc_similarity,
+    itm_match_logits,
+)
 
 TOP_SAVED = 10  # ranked candidates per query kept in predictions.json
 
@@ -240,27 +247,13 @@ def candidate_pairs(top_texts: torch.Tensor, top_images: torch.Tensor) -> tuple[
     return i2t, t2i
 
 
-@torch.inference_mode()
 def itm_logits(model, images: ImageIndex, first_image: int, texts: TextIndex, pairs: torch.Tensor, args, main: bool):
     """ITM match logits (fp32, CPU) of `pairs [2, n]` (global image, text indices), all of whose images are in this
-    process's slice starting at `first_image`; pairs come sorted by image, so a batch holds few distinct images."""
-    logits = torch.empty(pairs.shape[1])
-    for start in tqdm(
-        range(0, pairs.shape[1], args.itm_batch_size), desc="ITM re-ranking", unit="batch", disable=not main
-    ):
-        image_ids, text_ids = pairs[:, start : start + args.itm_batch_size]
-        attention_mask = texts.attention_mask[text_ids]
-        length = int(attention_mask.sum(1).max())  # right padding: later columns are padding in every row
-        # Each image crosses to the device once per batch, then is repeated there.
-        unique_images, repeat = (image_ids - first_image).unique(return_inverse=True)
-        image_embeds = images.image_embeds[unique_images].to(model.device)[repeat.to(model.device)]
-        output, _ = model.image_text_matching(
-            image_embeds,
-            texts.input_ids[text_ids, :length].to(model.device),
-            attention_mask[:, :length].to(model.device),
-        )
-        logits[start : start + len(image_ids)] = output[:, 1].float().cpu()
-    return logits
+    process's slice starting at `first_image`: `itm_match_logits` projects each image's keys/values once."""
+    image_ids, text_ids = pairs
+    return itm_match_logits(
+        model, images.image_embeds, texts, image_ids - first_image, text_ids, args.itm_batch_size, progress=main
+    )
 
 
 def rerank(model, accelerator: Accelerator, images: ImageIndex, first_image: int, texts: TextIndex, itc, args):
