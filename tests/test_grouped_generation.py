@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -219,3 +220,17 @@ def test_vqa_script_grouped_by_image_equals_one_question_per_row(tiny, tmp_path)
         ids = ids[:, inputs["input_ids"].shape[1] :]
     expected = [text.strip() for text in processor.batch_decode(ids, skip_special_tokens=True)]
     assert [p["answer"] for p in predictions] == expected
+
+
+@pytest.mark.slow
+def test_vqa_benchmark_quick_run(tmp_path):
+    """benchmarks/bench_vqa.py in smoke mode: its identity check passes (exit 0) and it writes its table and JSON."""
+    out = tmp_path / "vqa.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vqa.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "| tiny-opt" in proc.stdout and "answer tokens identical: True" in proc.stdout
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["tokens_identical"] and set(result["memory"]) == {"transformers", "blip2_hf"}
