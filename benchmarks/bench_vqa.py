@@ -21,7 +21,7 @@ after a warm-up):
 All answer greedily with `max_new_tokens` = `min_new_tokens` (EOS cannot stop a row early). The answer tokens must be
 identical for all three before any ratio is printed (exit status 1 if not). Peak memory: on CPU the peak resident set
 (`getrusage` max RSS) of a fresh subprocess that loads one model and answers the questions once, and the largest
-increase of its RSS over the loaded model's while answering (sampled every 2 ms); on GPU `max_memory_allocated`
+increase of its RSS over the loaded model's (weights paged in) while answering (sampled every 2 ms); on GPU `max_memory_allocated`
 while answering. A markdown table is printed and everything written to bench_out/vqa.json.
 """
 
@@ -162,6 +162,9 @@ def memory_child(kind: str, folder: str, index: int) -> None:
     name, config, num_images, batch_size, new_tokens, _, ids = SETTINGS[index]
     inputs = make_inputs(config, num_images, ids)
     model = load(kind, folder, "cpu")
+    with torch.no_grad():  # page in the weights (safetensors maps them lazily), so that answering adds none of them
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.sum()
     loaded = rss_bytes()
     peak, done = [loaded], threading.Event()
 

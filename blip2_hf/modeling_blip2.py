@@ -1938,8 +1938,9 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
         (image tokens, BOS and the prompt's words before the question, the same ids for all rows of an image) now sits
         in the same columns for every row. Then
         1. the prefix is run once per distinct image and its keys/values copied to the image's rows (saves
-           `prefix x (B - N)` token passes: at 5 questions per image and OPT's 32 image tokens + BOS + "Question:",
-           about 3/4 of the prompt's work);
+           `prefix x (B - N)` token passes: 2 images x 5 questions with OPT's 32 image tokens + BOS + "Question:" run
+           170 prompt tokens instead of 450, and the prefill's CPU time fell by a third at OPT-2.7b width, smaller
+           matrix products running less efficiently);
         2. with beams (or several returned sequences) generate would expand the rows before its prefill and run every
            prompt once per beam: the prompt's rest but its last token is run once per row here, the cache expanded
            after (saves `(beams - 1) / beams` of the prefill). Without beams this step would only split generate's own
