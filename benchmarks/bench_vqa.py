@@ -1,7 +1,7 @@
 """VQA with several questions per image: blip2_hf's grouped path against transformers' BLIP-2 answering one question
 per row, same weights, same run.
 
-    python benchmarks/bench_vqa.py                 # full run (tiny + ViT-g / OPT-2.7b widths, depth cut), a few minutes
+    python benchmarks/bench_vqa.py                 # full run (tiny + ViT-g / OPT-2.7b widths, depth cut): ~2.5 min
     python benchmarks/bench_vqa.py --quick         # smoke run: tiny only, 1 repeat
     python benchmarks/bench_vqa.py --device cuda   # the same on a GPU
 
@@ -61,7 +61,7 @@ SETTINGS = [
         2,
         10,
         8,
-        2,
+        3,
         # OPT's ids of "Question", ":", " Short", " answer"; question words drawn from ordinary tokens
         dict(low=100, high=50000, question=[45641, 35], answer=[7447, 1948, 35]),
     ),
