@@ -17,6 +17,7 @@ from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPI
 
 from .configuration_blip2 import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
 from .constants import VQA_PROMPT
+from .inference import answer_questions
 from .modeling_blip2 import (
     Blip2ForConditionalGeneration,
     Blip2ForImageTextRetrieval,
@@ -67,5 +68,6 @@ __all__ = [
     "Blip2ImageProcessor",
     "Blip2ImageToTextPipeline",
     "VQA_PROMPT",
+    "answer_questions",
     "load_image",
 ]

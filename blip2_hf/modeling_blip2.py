@@ -25,7 +25,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -1842,13 +1842,23 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
         frozen_image_states: torch.Tensor | None = None,
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.LongTensor | None = None,
+        image_rows: torch.LongTensor | Sequence[int] | None = None,
+        share_prefix: bool = True,
         **generate_kwargs,
     ) -> torch.LongTensor:
         """
         Args:
-            pixel_values: `[B, 3, H, W]`.
+            pixel_values: `[B, 3, H, W]` (or `[N, 3, H, W]` with `image_rows`).
+            frozen_image_states: `[B, 1 + P, Dv]` the frozen encoder's output (`encode_image_frozen`), instead of
+                pixel_values (or `[N, 1 + P, Dv]` with `image_rows`).
             input_ids / attention_mask: `[B, L]` prompt from the processor (left-padded for batches); None for
                 captioning from the image alone.
+            image_rows: `[B]` for several prompts per image: the images (`pixel_values` / `frozen_image_states`) are
+                then N distinct ones, encoded once each, and row `b` of `input_ids` is about image `image_rows[b]`
+                (values in `0..N-1`). The output is the same as with each row's image repeated in its row.
+            share_prefix: with `image_rows` and a decoder-only LLM, compute the LLM keys/values of the prompt part
+                that an image's rows share (and, with beams, a row's prompt for all its beams) once; the same tokens
+                as without (False runs the plain path, e.g. to check that).
             generate_kwargs: any `GenerationConfig` field or `generate` argument (`max_new_tokens`, `num_beams`,
                 `generation_config`, ...).
             qformer_input_ids / qformer_attention_mask: accepted from a processor with a Q-Former tokenizer and
@@ -1864,21 +1874,189 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
             pixel_values, frozen_image_states, interpolate_pos_encoding, False, False
         )
         language_model_inputs = self._soft_prompt_features(vision_outputs, False, False).pooler_output
-        batch_size = language_model_inputs.shape[0]
+        if image_rows is not None:
+            text = input_ids if input_ids is not None else inputs_embeds
+            image_rows = _checked_image_rows(image_rows, language_model_inputs.shape[0], text)
+            rows_soft_prompt = language_model_inputs[image_rows.to(language_model_inputs.device)]
+        else:
+            rows_soft_prompt = language_model_inputs
+        batch_size = rows_soft_prompt.shape[0]
         if inputs_embeds is None:
             if input_ids is None:
-                input_ids = self._image_only_input_ids(batch_size, language_model_inputs.device)
+                input_ids = self._image_only_input_ids(batch_size, rows_soft_prompt.device)
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if attention_mask is None:
             attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
-        inputs_embeds = self._merge_image_features(language_model_inputs, input_ids, inputs_embeds)
+        inputs_embeds = self._merge_image_features(rows_soft_prompt, input_ids, inputs_embeds)
         inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
         if self.config.use_decoder_only_language_model and input_ids is not None:
             inputs["input_ids"] = input_ids  # so that the output starts with the prompt, as decoder-only LLMs do
         # Our generation_config (not the inner LLM's) is the base; keyword arguments override its fields.
         generation_config = copy.deepcopy(generate_kwargs.pop("generation_config", None) or self.generation_config)
         model_kwargs = generation_config.update(**generate_kwargs)
+        # Automatic (share_prefix=False only to check it): both shortcuts paid at ViT-g / OPT-2.7b widths (4 of 32 OPT
+        # layers, 2 images x 5 questions, CPU time of generate): greedy 8 tokens 12.2 s -> 11.2 s (the image's prefix;
+        # decoding dominates at 10 rows), 5 beams 25.6 s -> 13.4 s (each prompt once, not once per beam). Their cost is
+        # one or two extra forward calls on few tokens, which tiny models notice (ms) and large ones do not.
+        if image_rows is not None and share_prefix and self._can_share_prefix(inputs, generation_config, model_kwargs):
+            return self._generate_sharing_prefix(inputs, image_rows, generation_config, model_kwargs)
         return self.language_model.generate(**inputs, generation_config=generation_config, **model_kwargs)
+
+    def _can_share_prefix(self, inputs: dict[str, torch.Tensor], generation_config: Any, model_kwargs: dict) -> bool:
+        """Whether `_generate_sharing_prefix` gives the plain path's tokens: a decoder-only LLM whose default cache is
+        a plain `DynamicCache` (no sliding window / linear layers, whose batch cannot simply be indexed), attention
+        that takes any 2D mask (eager / SDPA), left-padded rows, and no caller-side cache, assistant or n-gram rule."""
+        if not self.config.use_decoder_only_language_model or "input_ids" not in inputs:
+            return False
+        attention_implementation = getattr(self.language_model.config, "_attn_implementation", None)
+        if attention_implementation not in (None, "eager", "sdpa"):
+            return False
+        if generation_config.use_cache is False or generation_config.cache_implementation is not None:
+            return False
+        if getattr(generation_config, "prefill_chunk_size", None) is not None:
+            return False
+        # n-grams are read across the whole row, whose padding the shortcut moves; prompt lookup drafts from it
+        if generation_config.no_repeat_ngram_size or generation_config.prompt_lookup_num_tokens:
+            return False
+        if any(model_kwargs.get(key) is not None for key in ("cache", "past_key_values", "assistant_model")):
+            return False
+        if getattr(self.language_model, "_supports_default_dynamic_cache", lambda: False)() is False:
+            return False
+        probe = DynamicCache(config=self.language_model.config)
+        if not probe.layers or any(type(layer) is not DynamicLayer for layer in probe.layers):
+            return False
+        mask = inputs["attention_mask"]
+        lengths = mask.sum(1, keepdim=True)
+        left_padded = torch.arange(mask.shape[1], device=mask.device)[None] >= mask.shape[1] - lengths
+        return bool((mask.bool() == left_padded).all()) and bool((lengths >= 2).all())
+
+    def _generate_sharing_prefix(
+        self,
+        inputs: dict[str, torch.Tensor],
+        image_rows: torch.LongTensor,
+        generation_config: Any,
+        model_kwargs: dict,
+    ) -> Any:
+        """`language_model.generate` on a cache pre-filled where rows share work, for the same tokens as the plain
+        path (decoder-only LLMs; `_can_share_prefix` says when).
+
+        Rows `[pad_b, prefix, rest_b]` (left padding) are reordered to `[prefix, pad_b, rest_b]`: the positions are
+        computed from the attention mask, so every token keeps its position and sees the same tokens, while the prefix
+        (image tokens, BOS and the prompt's words before the question, the same ids for all rows of an image) now sits
+        in the same columns for every row. Then
+        1. the prefix is run once per distinct image and its keys/values copied to the image's rows (saves
+           `prefix x (B - N)` token passes: 2 images x 5 questions with OPT's 32 image tokens + BOS + "Question:" run
+           170 prompt tokens instead of 450, and the prefill's CPU time fell by a third at OPT-2.7b width, smaller
+           matrix products running less efficiently);
+        2. with beams (or several returned sequences) generate would expand the rows before its prefill and run every
+           prompt once per beam: the prompt's rest but its last token is run once per row here, the cache expanded
+           after (saves `(beams - 1) / beams` of the prefill). Without beams this step would only split generate's own
+           prefill in two, so it is skipped;
+        3. generate runs what is left (the rest of the prompt, or its last token) and decodes.
+        The returned ids are the caller's `input_ids` (the original order) followed by the new tokens.
+        """
+        input_ids, mask, embeds = inputs["input_ids"], inputs["attention_mask"], inputs["inputs_embeds"]
+        length = input_ids.shape[1]
+        order, prefix_length, leaders, group = _prefix_layout(input_ids, mask, image_rows)
+        ids_r = input_ids.gather(1, order)
+        mask_r = mask.gather(1, order)
+        embeds_r = embeds.gather(1, order[..., None].expand(-1, -1, embeds.shape[-1]).to(embeds.device))
+        positions = (mask_r.long().cumsum(1) - 1).masked_fill(mask_r == 0, 0)  # as generate computes them
+        cache = DynamicCache(config=self.language_model.config)
+        decoder = self.language_model.base_model
+        if prefix_length > 0:
+            leaders = leaders.to(embeds.device)
+            decoder(
+                inputs_embeds=embeds_r[leaders, :prefix_length],
+                position_ids=positions[leaders, :prefix_length].to(embeds.device),
+                cache=cache,
+                use_cache=True,
+            )
+            cache.batch_select_indices(group.to(embeds.device))
+        expand = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+        if expand > 1:
+            if length - 1 > prefix_length:
+                decoder(
+                    inputs_embeds=embeds_r[:, prefix_length : length - 1],
+                    attention_mask=mask_r[:, : length - 1],
+                    position_ids=positions[:, prefix_length : length - 1],
+                    cache=cache,
+                    use_cache=True,
+                )
+            cache.batch_repeat_interleave(expand)
+        output = self.language_model.generate(
+            input_ids=ids_r,
+            inputs_embeds=embeds_r,
+            attention_mask=mask_r,
+            cache=cache,
+            generation_config=generation_config,
+            **model_kwargs,
+        )
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
+        sequences = torch.cat([prompt.to(sequences.device), sequences[:, length:]], dim=1)
+        if isinstance(output, torch.Tensor):
+            return sequences
+        output.sequences = sequences
+        return output
+
+
+def _checked_image_rows(
+    image_rows: torch.LongTensor | Sequence[int], num_images: int, text: torch.Tensor | None
+) -> torch.LongTensor:
+    """`image_rows` as a `[B]` long tensor, checked: one entry per prompt row, each an index of the N images."""
+    rows = torch.as_tensor(image_rows)
+    if rows.ndim != 1 or (rows.numel() and rows.dtype.is_floating_point) or rows.dtype == torch.bool:
+        raise ValueError(
+            f"image_rows must be a 1-D tensor of image indices, shape [B]; got {tuple(rows.shape)} {rows.dtype}."
+        )
+    rows = rows.long()
+    if text is not None and rows.shape[0] != text.shape[0]:
+        raise ValueError(
+            f"image_rows must have one entry per row of input_ids (shape [{text.shape[0]}]); got shape "
+            f"[{rows.shape[0]}]."
+        )
+    bad = (rows < 0) | (rows >= num_images)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"image_rows[{row}] = {int(rows[row])} is out of range: pixel_values / frozen_image_states hold "
+            f"{num_images} images, so image_rows must be in 0..{num_images - 1}."
+        )
+    return rows
+
+
+def _prefix_layout(
+    input_ids: torch.LongTensor, attention_mask: torch.Tensor, image_rows: torch.LongTensor
+) -> tuple[torch.LongTensor, int, torch.LongTensor, torch.LongTensor]:
+    """How `_generate_sharing_prefix` lays out left-padded rows `[B, L]`:
+    - `order [B, L]`: column indices turning row `[pad_b, prefix, rest_b]` into `[prefix, pad_b, rest_b]`;
+    - `prefix_length`: how many leading tokens every row has in common with the other rows of its image (at most its
+      length - 1: generate needs a token to start from); 0 when no image has two rows (nothing to share);
+    - `leaders [G]`: one row per distinct image; `group [B]`: each row's index into `leaders`."""
+    batch, length = input_ids.shape
+    lengths = attention_mask.sum(1).to(input_ids.device)
+    pads = length - lengths
+    columns = torch.arange(length, device=input_ids.device)
+    aligned = input_ids.gather(1, (columns[None] + pads[:, None]) % length)  # row b's tokens first, then its pads
+    images, group = torch.unique(image_rows.to(input_ids.device), return_inverse=True)
+    leaders = torch.full((images.shape[0],), batch, dtype=torch.long, device=input_ids.device)
+    leaders = leaders.scatter_reduce(0, group, torch.arange(batch, device=input_ids.device), "amin")
+    if images.shape[0] == batch:
+        prefix_length = 0
+    else:
+        leader_rows = leaders[group]
+        common = torch.minimum(lengths, lengths[leader_rows])
+        same = (aligned == aligned[leader_rows]) & (columns[None] < common[:, None])
+        shared = same.long().cumprod(1).sum(1)
+        prefix_length = int(torch.minimum(shared, lengths - 1).min())
+    in_prefix = columns[None] < prefix_length
+    order = torch.where(
+        in_prefix,
+        columns[None] + pads[:, None],  # the prefix, from behind the pads
+        torch.where(columns[None] < prefix_length + pads[:, None], columns[None] - prefix_length, columns[None]),
+    )
+    return order, prefix_length, leaders, group
 
 
 # ---------------------------------------------------------------------------------------------------------------------

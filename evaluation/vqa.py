@@ -17,9 +17,13 @@ Question files (`--format auto` tells them apart):
   `--image_dir`.
 
 Each question is cleaned as LAVIS's `blip_question` processor does, put into `--prompt` at `{}`, and answered by beam
-search (5 beams, 1 to 10 new tokens, length penalty -1). The answer is the decoded new tokens, stripped. Metric:
-`blip2_hf.metrics.vqa_accuracy` in the dataset's mode (`vqa`: the official VQAv2 accuracy; `okvqa`; `gqa`: exact
-match after VQA normalization).
+search (5 beams, 1 to 10 new tokens, length penalty -1). The answer is the decoded new tokens, stripped. Questions are
+answered grouped by image: each batch holds whole images' questions (about `--batch_size` questions), each image is
+decoded and encoded once for all of its questions (`generate(image_rows=...)`, see `blip2_hf.inference`), and with
+several processes each image's questions stay in one process. The answers are the tokens one question per row gives.
+
+Metric: `blip2_hf.metrics.vqa_accuracy` in the dataset's mode (`vqa`: the official VQAv2 accuracy; `okvqa`; `gqa`:
+exact match after VQA normalization).
 
 Results are labelled `custom` (with the question file's name) unless `--benchmark vqav2|okvqa|gqa` is given and the
 file is that benchmark's official one, whole (see `common.check_benchmark`): only then do `results.json` and the model
@@ -57,7 +61,6 @@ from common import (
     interpolate_pos_encoding,
     load_model,
     load_processor,
-    loader,
     markdown_table,
     model_name,
     predict_resumable,
@@ -67,10 +70,12 @@ from common import (
     skipped_list,
     write_outputs,
 )
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from blip2_hf import VQA_PROMPT, Blip2ForConditionalGeneration
 from blip2_hf.data import load_image
+from blip2_hf.inference import batches_by_image, decode_answers, grouped_inputs
 from blip2_hf.metrics import vqa_accuracy
 
 METRIC_MODES = {"vqav2": "vqa", "okvqa": "okvqa", "gqa": "gqa"}
@@ -263,36 +268,58 @@ def load_questions(args: argparse.Namespace) -> tuple[list[dict], str, str]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def by_image(rows: list[dict]) -> list[list[dict]]:
+    """`rows` grouped by image, the images in order of their first question, each image's questions in file order."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["image"], []).append(row)
+    return list(groups.values())
+
+
 class Collate:
-    """Loads a batch's images and builds `[pad..., <image> x Q, BOS, prompt]` rows, padded on the left."""
+    """Loads a batch's images, once each, and builds the `generate(image_rows=...)` inputs of their questions
+    (`blip2_hf.inference.grouped_inputs`: `[pad..., <image> x Q, BOS, prompt]` rows, padded on the left)."""
 
     def __init__(self, processor, prompt: str, max_words: int):
         self.processor, self.prompt, self.max_words = processor, prompt, max_words
 
-    def __call__(self, rows: list[dict]) -> tuple[list[dict], Any]:
-        texts = [self.prompt.replace("{}", pre_question(row["question"], self.max_words)) for row in rows]
-        images = [load_image(row["image"]) for row in rows]
-        inputs = self.processor(images=images, text=texts, padding=True, padding_side="left", return_tensors="pt")
-        return rows, inputs
+    def __call__(self, groups: list[list[dict]]) -> tuple[list[dict], Any]:
+        texts = [
+            [self.prompt.replace("{}", pre_question(row["question"], self.max_words)) for row in g] for g in groups
+        ]
+        images = [load_image(group[0]["image"]) for group in groups]
+        inputs = grouped_inputs(self.processor, images, texts)
+        return [row for group in groups for row in group], inputs
 
 
 @torch.no_grad()
 def answer(
     model, processor, rows: list[dict], args: argparse.Namespace, prompt: str, main: bool
 ) -> Iterator[list[dict]]:
-    """The predictions `{question_id, answer, question, image}` of `rows`, one list per batch as it is answered."""
+    """The predictions `{question_id, answer, question, image}` of `rows`, one list per batch as it is answered.
+
+    Each batch holds whole images' questions (about `--batch_size` questions; an image with more is a batch of its
+    own), so that every image is decoded and encoded once (`generate(image_rows=...)`); the answers are the tokens one
+    question per row would give."""
     gen_kwargs = generation_kwargs(args)
     interpolate = interpolate_pos_encoding(args, model.config)
-    batches = loader(rows, Collate(processor, prompt, args.max_words), args)
-    for batch_rows, inputs in tqdm(batches, desc="Answering", unit="batch", disable=not main):
+    groups = by_image(rows)
+    batches = [[groups[i] for i in batch] for batch in batches_by_image([len(g) for g in groups], args.batch_size)]
+    # batch_size=None: each item already is a batch (the images of one generate call)
+    loader = DataLoader(
+        batches,
+        batch_size=None,
+        shuffle=False,
+        num_workers=args.num_workers,
+        collate_fn=Collate(processor, prompt, args.max_words),
+    )
+    for batch_rows, inputs in tqdm(loader, desc="Answering", unit="batch", disable=not main):
         inputs = inputs.to(model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.vision_model.dtype)
         output = model.generate(**inputs, interpolate_pos_encoding=interpolate, **gen_kwargs)
-        if model.config.use_decoder_only_language_model:
-            output = output[:, inputs["input_ids"].shape[1] :]  # decoder-only: prompt + new tokens
-        texts = processor.batch_decode(output, skip_special_tokens=True)
+        texts = decode_answers(model, processor, output, inputs["input_ids"].shape[1])
         yield [
-            dict(question_id=row["question_id"], answer=text.strip(), question=row["question"], image=row["image"])
+            dict(question_id=row["question_id"], answer=text, question=row["question"], image=row["image"])
             for row, text in zip(batch_rows, texts)
         ]
 
@@ -325,7 +352,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     num_questions = len(rows)
     rows, bad = drop_bad_images(accelerator, rows, args)  # every image decoded before the model: nothing fails late
     has_answers = all(row["answers"] for row in rows)
-    local_rows = shard(accelerator, rows)
+    # sharded by image, so that each image is encoded by one process, once
+    local_rows = [row for group in shard(accelerator, by_image(rows)) for row in group]
     log = PredictionLog(args.output_dir, "question_id", args, accelerator) if args.output_dir else None
 
     processor = load_processor(args)
@@ -344,7 +372,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     if not accelerator.is_main_process:
         finish(accelerator)
         return None
-    assert [p["question_id"] for p in predictions] == [row["question_id"] for row in rows], "gathered out of order"
+    # the processes answered images, not file order: back to the file's order
+    by_id = {prediction["question_id"]: prediction for prediction in predictions}
+    assert len(by_id) == len(predictions) == len(rows), "a question was answered twice or not at all"
+    predictions = [by_id[row["question_id"]] for row in rows]
 
     metric_mode = args.metric_mode or METRIC_MODES[dataset]
     metrics = None

@@ -175,9 +175,10 @@ def test_interrupted_vqa_resumes_from_its_predictions(world, tmp_path, monkeypat
     assert not (out / "results.json").exists()
     partial = out / "predictions.partial.0.jsonl"
     lines = partial.read_text().splitlines()
-    assert len(lines) == 1 + 4 and [json.loads(line)["question_id"] for line in lines[1:]] == [100, 101, 102, 103]
+    # batches hold whole images (grouped by image): [0.jpg: 100 104] [1.jpg: 101 105] [2.jpg: 102 106] [3.jpg: 103]
+    assert len(lines) == 1 + 4 and [json.loads(line)["question_id"] for line in lines[1:]] == [100, 104, 101, 105]
     with partial.open("a") as file:
-        file.write('{"question_id": 104, "answ')  # the kill cut this line
+        file.write('{"question_id": 102, "answ')  # the kill cut this line
 
     AcceleratorState._reset_state(reset_partial_state=True)
     with pytest.raises(SystemExit, match=r"other settings \(--prompt None there, 'Q: \{\} A:' now\)"):
@@ -188,7 +189,7 @@ def test_interrupted_vqa_resumes_from_its_predictions(world, tmp_path, monkeypat
     capsys.readouterr()
     resumed = vqa.main([*common, "--output_dir", str(out)])
     assert "Resuming: 4 predictions read from" in capsys.readouterr().out
-    assert counter.calls == 2  # questions 104-106 only: 2 batches of 2
+    assert counter.calls == 2  # questions 102, 106 (2.jpg) and 103 (3.jpg) only: 2 batches
     assert comparable(resumed) == comparable(reference)
     assert comparable(json.loads((out / "results.json").read_text())) == comparable(
         json.loads((tmp_path / "reference" / "results.json").read_text())
