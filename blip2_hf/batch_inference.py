@@ -299,20 +299,25 @@ def generate_texts(
     processor: Blip2Processor,
     pixel_values: torch.Tensor,
     prompts: list[str],
+    image_rows: torch.LongTensor | None = None,
     **generate_kwargs: Any,
 ) -> list[str]:
     """
     Generate after each row's prompt and return the new text only, stripped.
 
     Args:
-        pixel_values: `(B, 3, H, W)`, row `b` the image of `prompts[b]` (any device and dtype: moved to the model's).
+        pixel_values: `(B, 3, H, W)`, row `b` the image of `prompts[b]` (any device and dtype: moved to the model's);
+            with `image_rows`, `(N, 3, H, W)` distinct images, each encoded once.
         prompts: `B` prompts; "" captions from the image alone.
+        image_rows: `(B,)` the image of each prompt (`generate(image_rows=...)`), or None: one image per row.
     """
     # Always through the processor, even without a prompt: "" tokenizes to `[<image> x Q, BOS]` (T5: `</s>`), what
     # the model builds for image-only input, and the input length is then known for cutting the prompt off below.
     # Left padding, as evaluation/vqa.py: a decoder-only LLM continues from each row's last token.
     inputs = processor(text=prompts, padding=True, padding_side="left", return_tensors="pt").to(model.device)
     inputs["pixel_values"] = pixel_values.to(model.device, model.vision_model.dtype, non_blocking=True)
+    if image_rows is not None:
+        inputs["image_rows"] = image_rows.to(model.device)
     ids = model.generate(**inputs, **generate_kwargs)
     if model.config.use_decoder_only_language_model:  # decoder-only LLMs return the input ids, then the new tokens
         ids = ids[:, inputs["input_ids"].shape[1] :]
@@ -399,11 +404,13 @@ def answer_questions(
         if asked:
             import torch
 
-            # Row b holds its image's pixels: one image per row (generate's `image_rows` would share them).
+            # Each image encoded once for all its questions (and, for decoder-only LLMs, the prompt part they share)
             counts = torch.tensor([len(per_image[index]) for index in batch["ok"]])
-            pixel_values = batch["pixel_values"].repeat_interleave(counts, dim=0)
+            image_rows = torch.repeat_interleave(torch.arange(len(counts)), counts)
             prompts = [prompt_template.format(question.question) for question in asked]
-            answers = generate_texts(model, processor, pixel_values, prompts, **generate_kwargs)
+            answers = generate_texts(
+                model, processor, batch["pixel_values"], prompts, image_rows=image_rows, **generate_kwargs
+            )
         answer_of = {question.key(): answer for question, answer in zip(asked, answers)}
         records = []
         for index in batch["indices"]:

@@ -1856,9 +1856,9 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
             image_rows: `[B]` for several prompts per image: the images (`pixel_values` / `frozen_image_states`) are
                 then N distinct ones, encoded once each, and row `b` of `input_ids` is about image `image_rows[b]`
                 (values in `0..N-1`). The output is the same as with each row's image repeated in its row.
-            share_prefix: with `image_rows` and a decoder-only LLM, compute the LLM keys/values of the prompt part
-                that an image's rows share (and, with beams, a row's prompt for all its beams) once; the same tokens
-                as without (False runs the plain path, e.g. to check that).
+            share_prefix: with a decoder-only LLM, compute the LLM keys/values of the prompt part that an image's
+                rows share (with `image_rows`) and, with beams, a row's prompt for all its beams (with or without
+                `image_rows`) once; the same tokens as without (False runs the plain path, e.g. to check that).
             generate_kwargs: any `GenerationConfig` field or `generate` argument (`max_new_tokens`, `num_beams`,
                 `generation_config`, ...).
             qformer_input_ids / qformer_attention_mask: accepted from a processor with a Q-Former tokenizer and
@@ -1898,7 +1898,16 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
         # layers, 2 images x 5 questions, CPU time of generate): greedy 8 tokens 12.2 s -> 11.2 s (the image's prefix;
         # decoding dominates at 10 rows), 5 beams 25.6 s -> 13.4 s (each prompt once, not once per beam). Their cost is
         # one or two extra forward calls on few tokens, which tiny models notice (ms) and large ones do not.
-        if image_rows is not None and share_prefix and self._can_share_prefix(inputs, generation_config, model_kwargs):
+        # Without `image_rows` only the beams share work (captioning: the image tokens and BOS, once per image
+        # instead of once per beam).
+        expands = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1) > 1
+        if (
+            share_prefix
+            and (image_rows is not None or expands)
+            and self._can_share_prefix(inputs, generation_config, model_kwargs)
+        ):
+            if image_rows is None:
+                image_rows = torch.arange(batch_size, device=inputs_embeds.device)
             return self._generate_sharing_prefix(inputs, image_rows, generation_config, model_kwargs)
         return self.language_model.generate(**inputs, generation_config=generation_config, **model_kwargs)
 

@@ -33,14 +33,26 @@ def world(tmp_path_factory) -> Path:
     return root
 
 
+class RowCounts(list):
+    def __init__(self):
+        super().__init__()
+        self.images: list[int] = []
+
+    def clear(self) -> None:
+        super().clear()
+        self.images.clear()
+
+
 @pytest.fixture
 def generated_rows(monkeypatch) -> list[int]:
-    """Counts the rows each `generate` call gets (the model's work), in-process."""
-    rows: list[int] = []
+    """Counts the rows each `generate` call gets (the model's work), in-process; `rows.images` the images each call
+    encodes."""
+    rows = RowCounts()
     original = blip2_hf.Blip2ForConditionalGeneration.generate
 
     def counting(self, *args, **kwargs):
         rows.append(int(kwargs["input_ids"].shape[0]))
+        rows.images.append(int(kwargs["pixel_values"].shape[0]))
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(blip2_hf.Blip2ForConditionalGeneration, "generate", counting)
@@ -240,6 +252,7 @@ def test_questions_file_round_trip_and_resume(world, capsys, tmp_path, generated
     code, out, err = run(capsys, "ask", "--questions", questions, "--output", output, "--batch-size", 3, *model)
     assert code == 1 and out == "" and "missing.png" in err  # named once, recorded per question
     assert generated_rows == [3, 2]  # b.png's three questions, then a.jpg's two: each image's questions together
+    assert generated_rows.images == [1, 1]  # each image encoded once for all its questions (`image_rows`)
     by_id = {record["question_id"]: record for record in lines(output)}
     assert sorted(by_id, key=str) == sorted((q["question_id"] for q in QUESTIONS), key=str)
     assert by_id[4]["error"].startswith("FileNotFoundError") and "answer" not in by_id[4]

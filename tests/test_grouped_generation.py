@@ -79,7 +79,7 @@ def test_grouped_answers_equal_one_question_per_row(tiny, search, monkeypatch):
     model, processor, _ = tiny
     spy = Spy(monkeypatch)
     images = draw_images(3, size=(40, 30))
-    expected = per_row(model, processor, images, **SEARCHES[search])
+    expected = per_row(model, processor, images, share_prefix=False, **SEARCHES[search])
     assert torch.equal(grouped(model, processor, images, **SEARCHES[search]), expected)
     if model.config.use_decoder_only_language_model:
         # the shortcut ran, sharing `<image> x 4, BOS, "Question", ":"` (the tiny tokenizer: 2 tokens) per image
@@ -117,6 +117,27 @@ def test_beams_of_rows_with_distinct_images_share_their_prompt(tiny, monkeypatch
     plain = model.generate(**inputs, share_prefix=False, **SEARCHES["beams"])
     assert torch.equal(model.generate(**inputs, **SEARCHES["beams"]), plain)
     assert spy.prefix_lengths == ([0] if model.config.use_decoder_only_language_model else [])
+
+
+@pytest.mark.parametrize("prompt", ["", "a photo of"])
+def test_captioning_beams_share_the_prompt_without_image_rows(tiny, monkeypatch, prompt):
+    """Plain captioning (one image per row, no `image_rows`): the beams of a row share its prompt's prefill, for the
+    plain path's tokens (and the per-row copy of the image, as every caller builds it, still works)."""
+    model, processor, _ = tiny
+    spy = Spy(monkeypatch)
+    images = draw_images(3, size=(40, 30), seed=3)
+    inputs = processor(images=images, text=[prompt] * 3, padding=True, padding_side="left", return_tensors="pt")
+    plain = model.generate(**inputs, share_prefix=False, **SEARCHES["beams"])
+    assert torch.equal(model.generate(**inputs, **SEARCHES["beams"]), plain)
+    image_only = model.generate(pixel_values=inputs["pixel_values"], share_prefix=False, **SEARCHES["beams"])
+    assert torch.equal(model.generate(pixel_values=inputs["pixel_values"], **SEARCHES["beams"]), image_only)
+    if model.config.use_decoder_only_language_model:
+        assert spy.calls == 2 and spy.prefix_lengths == [0, 0]  # no rows to share across, only the beams
+        greedy = model.generate(**inputs, **SEARCHES["greedy"])
+        assert spy.calls == 2  # without beams there is nothing to share: the plain path
+        assert torch.equal(greedy, model.generate(**inputs, share_prefix=False, **SEARCHES["greedy"]))
+    else:
+        assert spy.calls == 0
 
 
 def test_answer_questions_packs_whole_images(tiny):
