@@ -2248,11 +2248,12 @@ class Blip2Stage1FeaturesMixin:
 
     def image_text_matching(
         self,
-        image_embeds: torch.Tensor,
+        image_embeds: torch.Tensor | Blip2QFormerImage,
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Blip2QFormerModelOutput]:
-        """ITM logits `[B, 2]` for pairs (image_embeds[i], text[i]), from image embeddings `[B, 1 + P, Dv]`."""
+        """ITM logits `[B, 2]` for pairs (image_embeds[i], text[i]), from image embeddings `[B, 1 + P, Dv]`, or a
+        `Blip2QFormerImage` of B rows (images projected once by `qformer.project_image`, rows picked by `select`)."""
         input_ids, attention_mask = self._strip_image_tokens(input_ids, attention_mask)
         return self._matching_pass(image_embeds, input_ids, attention_mask)
 

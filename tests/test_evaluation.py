@@ -564,8 +564,8 @@ def run_script(script: str, args: list[str], processes: int, cwd: Path) -> None:
 
 @pytest.mark.slow
 def test_vqa_two_processes_match_one(world, tmp_path):
-    """7 questions, batches of 2: one process answers [0 1] [2 3] [4 5] [6]; two processes [0 1] [2 3] and
-    [4 5] [6], the same batches, so the same answers in the same order."""
+    """7 questions over the test images, batches of about 2 questions of whole images: two processes split the
+    images between them (each image's questions stay together) and give the one process's answers, in file order."""
     questions = write_official_vqa(tmp_path, 7)
     args = ["--model", str(world / "t5"), "--questions", str(questions), "--image_dir", str(world / "images")]
     args += ["--batch_size", "2", *FAST]
