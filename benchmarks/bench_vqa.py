@@ -4,6 +4,7 @@ per row, same weights, same run.
     python benchmarks/bench_vqa.py                 # full run (tiny + ViT-g / OPT-2.7b widths, depth cut): ~2.5 min
     python benchmarks/bench_vqa.py --quick         # smoke run: tiny only, 1 repeat
     python benchmarks/bench_vqa.py --device cuda   # the same on a GPU
+    python benchmarks/bench_vqa.py --num_beams 5 --out bench_out/vqa_beams5.json   # LAVIS's VQA search (5 beams)
 
 Each setting asks 5 questions of different lengths about each image (VQAv2 asks about 5.4), as token ids laid out as
 the processor writes them: `[pad..., <image> x 32, BOS, "Question:", question, "Short answer:"]`, left-padded.
@@ -18,7 +19,8 @@ after a warm-up):
   computed once (`share_prefix`, automatic);
 - blip2_hf without the prefix sharing (`share_prefix=False`): what the shared prefix itself adds.
 
-All answer greedily with `max_new_tokens` = `min_new_tokens` (EOS cannot stop a row early). The answer tokens must be
+All answer greedily (or with `--num_beams` beams, as LAVIS's VQA protocol: 5) with `max_new_tokens` =
+`min_new_tokens` (EOS cannot stop a row early). The answer tokens must be
 identical for all three before any ratio is printed (exit status 1 if not). Peak memory: on CPU the peak resident set
 (`getrusage` max RSS) of a fresh subprocess that loads one model and answers the questions once, and the largest
 increase of its RSS over the loaded model's (weights paged in) while answering (sampled every 2 ms); on GPU `max_memory_allocated`
@@ -48,6 +50,7 @@ from blip2_hf.testing_utils import perturb_, salesforce_config_dict, tiny_config
 
 OUT_DEFAULT = Path(__file__).resolve().parents[1] / "bench_out" / "vqa.json"
 QUESTIONS_PER_IMAGE = 5
+NUM_BEAMS = 1  # --num_beams
 WARMUP = 1
 MODELS = ("transformers", "blip2_hf", "blip2_hf_no_prefix_sharing")
 
@@ -109,7 +112,7 @@ def answer_all(
 ) -> list[torch.Tensor]:
     """Every question answered, batch by batch, the way `kind` runs: the new tokens of each batch."""
     pixel_values, input_ids, image_rows = inputs
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=NUM_BEAMS)
     outputs = []
     with torch.inference_mode():
         if kind == "transformers":  # a user's batch: `batch_size` rows, each with its image
@@ -130,7 +133,7 @@ def answer_all(
                 input_ids=ids,
                 attention_mask=mask,
                 image_rows=(image_rows[rows] - images[0]).to(device),
-                share_prefix=kind == "blip2_hf",
+                share_prefix=None if kind == "blip2_hf" else False,  # None: the default, automatic by LLM size
                 **kwargs,
             )
             outputs.append(out[:, ids.shape[1] :].cpu())
@@ -194,7 +197,7 @@ def peak_memory(index: int, folder: str, models: dict, inputs: tuple, device: st
             peak = torch.cuda.max_memory_allocated()
             memory[kind] = {"max_allocated_mb": peak / 2**20, "answering_increase_mb": (peak - before) / 2**20}
             continue
-        command = [sys.executable, __file__, "--memory_child", kind, folder, str(index)]
+        command = [sys.executable, __file__, "--memory_child", kind, folder, str(index), "--num_beams", str(NUM_BEAMS)]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"[{name}] memory subprocess for {kind} failed:\n{result.stderr[-3000:]}")
@@ -245,6 +248,7 @@ def bench_setting(index: int, repeats: int, device: str) -> dict:
         "questions": num_questions,
         "batch_size_rows": batch_size,
         "new_tokens": new_tokens,
+        "num_beams": NUM_BEAMS,
         "repeats": repeats,
         "config": config,
         "tokens_identical": identical,
@@ -274,7 +278,7 @@ def markdown_table(results: list[dict], device: str) -> str:
         q, m = r["questions_per_s"], r["memory"]
         setting = (
             f"{r['setting']} ({r['images']} images x {QUESTIONS_PER_IMAGE} questions, batch {r['batch_size_rows']} "
-            f"rows, {r['new_tokens']} tokens)"
+            f"rows, {r['new_tokens']} tokens, {'greedy' if r['num_beams'] == 1 else str(r['num_beams']) + ' beams'})"
         )
         rows.append(
             f"| {setting} | {q['transformers']:.2f} | {q['blip2_hf_no_prefix_sharing']:.2f} | {q['blip2_hf']:.2f} "
@@ -290,8 +294,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny setting only, 1 repeat")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", type=Path, default=OUT_DEFAULT, help=f"JSON results (default {OUT_DEFAULT})")
+    parser.add_argument("--num_beams", type=int, default=1, help="beam width (default 1: greedy)")
     parser.add_argument("--memory_child", nargs=3, metavar=("MODEL", "FOLDER", "SETTING"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global NUM_BEAMS
+    NUM_BEAMS = args.num_beams
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     if args.memory_child:

@@ -1843,7 +1843,7 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.LongTensor | None = None,
         image_rows: torch.LongTensor | Sequence[int] | None = None,
-        share_prefix: bool = True,
+        share_prefix: bool | None = None,
         **generate_kwargs,
     ) -> torch.LongTensor:
         """
@@ -1858,7 +1858,8 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
                 (values in `0..N-1`). The output is the same as with each row's image repeated in its row.
             share_prefix: with a decoder-only LLM, compute the LLM keys/values of the prompt part that an image's
                 rows share (with `image_rows`) and, with beams, a row's prompt for all its beams (with or without
-                `image_rows`) once; the same tokens as without (False runs the plain path, e.g. to check that).
+                `image_rows`) once; the same tokens as without. None (default): where it pays, for LLMs of at least
+                `SHARE_PREFIX_MIN_LLM_PARAMETERS`; True / False: always / never (False runs the plain path).
             generate_kwargs: any `GenerationConfig` field or `generate` argument (`max_new_tokens`, `num_beams`,
                 `generation_config`, ...).
             qformer_input_ids / qformer_attention_mask: accepted from a processor with a Q-Former tokenizer and
@@ -1894,12 +1895,14 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
         # Our generation_config (not the inner LLM's) is the base; keyword arguments override its fields.
         generation_config = copy.deepcopy(generate_kwargs.pop("generation_config", None) or self.generation_config)
         model_kwargs = generation_config.update(**generate_kwargs)
-        # Automatic (share_prefix=False only to check it): both shortcuts paid at ViT-g / OPT-2.7b widths (4 of 32 OPT
-        # layers, 2 images x 5 questions, CPU time of generate): greedy 8 tokens 12.2 s -> 11.2 s (the image's prefix;
-        # decoding dominates at 10 rows), 5 beams 25.6 s -> 13.4 s (each prompt once, not once per beam). Their cost is
-        # one or two extra forward calls on few tokens, which tiny models notice (ms) and large ones do not.
-        # Without `image_rows` only the beams share work (captioning: the image tokens and BOS, once per image
-        # instead of once per beam).
+        # Both shortcuts pay at ViT-g / OPT-2.7b widths (4 of 32 OPT layers, 2 images x 5 questions, CPU time of
+        # generate): greedy 8 tokens 12.2 s -> 11.2 s (the image's prefix; decoding dominates at 10 rows), 5 beams
+        # 25.6 s -> 13.4 s (each prompt once, not once per beam). Their cost is one or two extra forward calls and
+        # cache copies, a fixed few ms that a small LLM's whole prefill does not outweigh (benchmarks/README.md):
+        # hence automatic by the LLM's size. Without `image_rows` only the beams share work (captioning: the image
+        # tokens and BOS, once per image instead of once per beam).
+        if share_prefix is None:
+            share_prefix = self._language_model_parameters() >= SHARE_PREFIX_MIN_LLM_PARAMETERS
         expands = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1) > 1
         if (
             share_prefix
@@ -1910,6 +1913,12 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
                 image_rows = torch.arange(batch_size, device=inputs_embeds.device)
             return self._generate_sharing_prefix(inputs, image_rows, generation_config, model_kwargs)
         return self.language_model.generate(**inputs, generation_config=generation_config, **model_kwargs)
+
+    def _language_model_parameters(self) -> int:
+        """The LLM's parameter count (embeddings included), counted once."""
+        if getattr(self, "_llm_parameter_count", None) is None:
+            self._llm_parameter_count = sum(parameter.numel() for parameter in self.language_model.parameters())
+        return self._llm_parameter_count
 
     def _can_share_prefix(self, inputs: dict[str, torch.Tensor], generation_config: Any, model_kwargs: dict) -> bool:
         """Whether `_generate_sharing_prefix` gives the plain path's tokens: a decoder-only LLM whose default cache is
@@ -2008,6 +2017,12 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
             return sequences
         output.sequences = sequences
         return output
+
+
+# `generate(share_prefix=None)` shares prompt prefills from this LLM size on. 2 images x 5 questions on 2 CPU threads,
+# plain path's time / the shortcut's, greedy and 5 beams: the tests' tiny OPT (~50k parameters) 0.91 / 0.40 (3 beams),
+# 7.5M 1.02 / 1.02, 69M 1.11 / 1.63, 125M 1.20 / 1.95 (benchmarks/bench_prefix_sharing.py).
+SHARE_PREFIX_MIN_LLM_PARAMETERS = 5_000_000
 
 
 def _checked_image_rows(

@@ -55,9 +55,12 @@ def grouped(model, processor, images, **kwargs) -> torch.LongTensor:
 
 
 class Spy:
-    """Counts `_generate_sharing_prefix` calls and records the prefix length `_prefix_layout` chose."""
+    """Counts `_generate_sharing_prefix` calls and records the prefix length `_prefix_layout` chose. The tiny LLMs
+    count as large here (`SHARE_PREFIX_MIN_LLM_PARAMETERS` 0): the default `share_prefix=None` then shares, as for a
+    real LLM."""
 
     def __init__(self, monkeypatch):
+        monkeypatch.setattr(modeling, "SHARE_PREFIX_MIN_LLM_PARAMETERS", 0)
         self.calls, self.prefix_lengths = 0, []
         shortcut, layout = modeling.Blip2ForConditionalGeneration._generate_sharing_prefix, modeling._prefix_layout
 
@@ -97,7 +100,7 @@ def test_prefix_shortcut_equals_the_plain_path(tiny, search):
     if search == "dict output":
         kwargs.update(return_dict_in_generate=True, output_scores=True)
     images = draw_images(3, size=(40, 30), seed=1)
-    shared = grouped(model, processor, images, **kwargs)
+    shared = grouped(model, processor, images, share_prefix=True, **kwargs)
     plain = grouped(model, processor, images, share_prefix=False, **kwargs)
     if search == "dict output":
         assert torch.equal(shared.sequences, plain.sequences)
@@ -138,6 +141,31 @@ def test_captioning_beams_share_the_prompt_without_image_rows(tiny, monkeypatch,
         assert torch.equal(greedy, model.generate(**inputs, share_prefix=False, **SEARCHES["greedy"]))
     else:
         assert spy.calls == 0
+
+
+def test_prefix_sharing_is_automatic_by_the_llm_size(tiny, monkeypatch):
+    """Default `share_prefix=None`: plain path for an LLM below `SHARE_PREFIX_MIN_LLM_PARAMETERS` (the extra calls
+    cost more than its prefill), the shortcut from that size on; True forces it."""
+    model, processor, _ = tiny
+    if not model.config.use_decoder_only_language_model:
+        pytest.skip("T5 never takes the shortcut")
+    calls = []
+    shortcut = modeling.Blip2ForConditionalGeneration._generate_sharing_prefix
+    monkeypatch.setattr(
+        modeling.Blip2ForConditionalGeneration,
+        "_generate_sharing_prefix",
+        lambda *args, **kwargs: calls.append(1) or shortcut(*args, **kwargs),
+    )
+    images = draw_images(3, size=(40, 30), seed=4)
+    size = model._language_model_parameters()
+    assert size == sum(p.numel() for p in model.language_model.parameters()) < modeling.SHARE_PREFIX_MIN_LLM_PARAMETERS
+    plain = grouped(model, processor, images, **SEARCHES["beams"])
+    assert calls == []
+    assert torch.equal(grouped(model, processor, images, share_prefix=True, **SEARCHES["beams"]), plain)
+    assert calls == [1]
+    monkeypatch.setattr(modeling, "SHARE_PREFIX_MIN_LLM_PARAMETERS", size)
+    assert torch.equal(grouped(model, processor, images, **SEARCHES["beams"]), plain)
+    assert calls == [1, 1]
 
 
 def test_answer_questions_packs_whole_images(tiny):
