@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -42,6 +41,10 @@ import transformers
 from PIL import Image, ImageFilter
 
 import blip2_hf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import environment as machine_environment  # noqa: E402
+
 from blip2_hf.batch_inference import caption_images, default_num_workers
 from blip2_hf.testing_utils import draw_images, make_opt_tokenizer, perturb_, salesforce_config_dict, tiny_config_dict
 
@@ -263,18 +266,7 @@ def main() -> int:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    environment = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "blip2_hf": blip2_hf.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "cpu_cores": os.cpu_count(),
-        "machine": platform.machine(),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "load_average_1min_before": os.getloadavg()[0],
-    }
-    print("environment: " + ", ".join(f"{k} {v}" for k, v in environment.items()), flush=True)
+    environment = machine_environment(device, cpu_cores=os.cpu_count())
     start = time.perf_counter()
     names = ["tiny-opt"] if args.quick else list(SETTINGS)
     results = [bench_setting(name, args, device) for name in names]

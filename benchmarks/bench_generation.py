@@ -19,9 +19,7 @@ Results are printed as a markdown table and written as JSON to bench_out/generat
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,6 +30,11 @@ import torch
 import transformers
 
 import blip2_hf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import environment as machine_environment  # noqa: E402
+from bench_common import write_json  # noqa: E402
+
 from blip2_hf.testing_utils import perturb_, salesforce_config_dict, tiny_config_dict
 
 OUT_DEFAULT = Path(__file__).resolve().parents[1] / "bench_out" / "generation.json"
@@ -161,17 +164,7 @@ def main() -> int:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    environment = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "blip2_hf": blip2_hf.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "device": "cpu",
-        "load_average_1min_before": os.getloadavg()[0],  # other processes on the CPU make every number noisy
-    }
-    print("environment: " + ", ".join(f"{k} {v}" for k, v in environment.items()), flush=True)
+    environment = machine_environment("cpu")
 
     start = time.perf_counter()
     settings = SETTINGS[:1] if args.quick else SETTINGS
@@ -189,10 +182,7 @@ def main() -> int:
         f"{environment['load_average_1min_before']:.2f} before / {environment['load_average_1min_after']:.2f} after."
     )
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"environment": environment, "quick": args.quick, "total_seconds": total, "results": results}
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, {"environment": environment, "quick": args.quick, "total_seconds": total, "results": results})
     for result in results:
         if result["spread"] > 0.2:
             print(

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -48,6 +47,10 @@ import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
 import blip2_hf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import environment as machine_environment  # noqa: E402
+
 from blip2_hf.retrieval import NO_MATCH_SCORE, ImageIndex, TextIndex, encode_texts, itc_similarity, itm_rerank
 from blip2_hf.testing_utils import perturb_, salesforce_config_dict, tiny_config_dict
 
@@ -339,20 +342,12 @@ def main() -> int:
         parser.error(f"--images, --captions-per-image, --k and --repeats must be at least 1, got {gallery}")
 
     transformers.logging.set_verbosity_error()
-    environment = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "blip2_hf": blip2_hf.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "memory_measured_with": "torch.cuda.max_memory_allocated"
+    environment = machine_environment(
+        device,
+        memory_measured_with="torch.cuda.max_memory_allocated"
         if device.type == "cuda"
         else "torch.profiler allocation timeline",
-        "load_average_1min_before": os.getloadavg()[0],  # other processes on the CPU make every number noisy
-    }
-    print("environment: " + ", ".join(f"{k} {v}" for k, v in environment.items()), flush=True)
+    )
     start = time.perf_counter()
     result = bench(args.quick, gallery, device)
     total = time.perf_counter() - start

@@ -33,7 +33,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -44,6 +43,10 @@ import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
 import blip2_hf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import environment as machine_environment  # noqa: E402
+
 from blip2_hf.modeling_blip2 import frozen_tower_dtype
 from blip2_hf.testing_utils import perturb_, salesforce_config_dict, tiny_config_dict
 
@@ -564,20 +567,12 @@ def main() -> int:
 
     transformers.logging.set_verbosity_error()
     device = torch.device(args.device)
-    environment = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "blip2_hf": blip2_hf.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "memory_measured_with": "torch.cuda.max_memory_allocated"
+    environment = machine_environment(
+        device,
+        memory_measured_with="torch.cuda.max_memory_allocated"
         if device.type == "cuda"
         else "torch.profiler allocation timeline",
-        "load_average_1min_before": os.getloadavg()[0],  # other processes on the CPU make every number noisy
-    }
-    print("environment: " + ", ".join(f"{k} {v}" for k, v in environment.items()), flush=True)
+    )
     if args.compare_optim:
         return run_comparisons(args, device, environment)
 

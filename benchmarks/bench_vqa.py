@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -46,6 +45,11 @@ import torch
 import transformers
 
 import blip2_hf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import environment as machine_environment  # noqa: E402
+from bench_common import write_json  # noqa: E402
+
 from blip2_hf.testing_utils import perturb_, salesforce_config_dict, tiny_config_dict
 
 OUT_DEFAULT = Path(__file__).resolve().parents[1] / "bench_out" / "vqa.json"
@@ -306,17 +310,7 @@ def main() -> int:
         memory_child(kind, folder, int(index))
         return 0
 
-    environment = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "blip2_hf": blip2_hf.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "load_average_1min_before": os.getloadavg()[0],  # other processes on the CPU make every number noisy
-    }
-    print("environment: " + ", ".join(f"{k} {v}" for k, v in environment.items()), flush=True)
+    environment = machine_environment(args.device)
     start = time.perf_counter()
     results = []
     for index in range(1 if args.quick else len(SETTINGS)):
@@ -332,10 +326,7 @@ def main() -> int:
         f"{environment['transformers']}, {environment['threads']} threads, total {total:.0f}s, 1-min load average "
         f"{environment['load_average_1min_before']:.2f} before / {environment['load_average_1min_after']:.2f} after."
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"environment": environment, "quick": args.quick, "total_seconds": total, "results": results}
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, {"environment": environment, "quick": args.quick, "total_seconds": total, "results": results})
     for result in results:
         if result["spread"] > 0.2:
             print(
