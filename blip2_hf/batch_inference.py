@@ -318,10 +318,10 @@ def generate_texts(
     inputs["pixel_values"] = pixel_values.to(model.device, model.vision_model.dtype, non_blocking=True)
     if image_rows is not None:
         inputs["image_rows"] = image_rows.to(model.device)
+    from .inference import decode_answers
+
     ids = model.generate(**inputs, **generate_kwargs)
-    if model.config.use_decoder_only_language_model:  # decoder-only LLMs return the input ids, then the new tokens
-        ids = ids[:, inputs["input_ids"].shape[1] :]
-    return [text.strip() for text in processor.batch_decode(ids, skip_special_tokens=True)]
+    return decode_answers(model, processor, ids, inputs["input_ids"].shape[1])
 
 
 def caption_images(
@@ -371,18 +371,13 @@ def group_by_image(
             index_of[question.path] = len(per_image)
             per_image.append([])
         per_image[index_of[question.path]].append(question)
-    batches: list[list[int]] = []
-    count = 0
-    for index, asked in enumerate(per_image):
-        if not batches or count + len(asked) > batch_size:
-            batches.append([])
-            count = 0
-        batches[-1].append(index)
-        count += len(asked)
+    from .inference import batches_by_image  # imports torch: not at this module's load (the CLI's --help)
+
+    batches = list(batches_by_image([len(asked) for asked in per_image], batch_size))
     return list(index_of), per_image, batches
 
 
-def answer_questions(
+def answer_question_records(
     model: PreTrainedModel,
     processor: Blip2Processor,
     questions: Sequence[Question],

@@ -630,7 +630,7 @@ def run_ask(args: argparse.Namespace) -> int:
     """Print or write the answers; 1 if an image cannot be read, 2 if nothing could run."""
     import json
 
-    from .batch_inference import answer_key, answer_questions, default_num_workers
+    from .batch_inference import answer_key, answer_question_records, default_num_workers
 
     try:  # LAVIS formats its prompt with `str.format`; a template without {} would silently drop the question
         if "{}" not in args.prompt_template:
@@ -669,7 +669,7 @@ def run_ask(args: argparse.Namespace) -> int:
     workers = default_num_workers(model.device) if args.num_workers is None else args.num_workers
     # min_new_tokens=1 is LAVIS's `min_len=1`: an end-of-answer ("\n" or EOS) cannot come first, so a model unsure
     # of the answer still gives one instead of an empty line
-    batches = answer_questions(model, processor, questions, args.prompt_template, args.batch_size, workers,
+    batches = answer_question_records(model, processor, questions, args.prompt_template, args.batch_size, workers,
                                num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, min_new_tokens=1)  # fmt: skip
     failed = _stream(args, len(questions), "question", batches, handle)
     what = "questions (their images)" if args.questions is not None else "images"
