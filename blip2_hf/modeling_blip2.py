@@ -2006,6 +2006,8 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
         for name, sub_config in (("vision_config", vision_config), ("qformer_config", qformer_config)):
             sub_config.pop("_name_or_path", None)  # where stage 1 loaded its encoder from is not this model's
             sub_config.update(config_overrides.pop(name, {}))
+        for name in ("vision_feature_layer", "vision_feature_select_strategy"):  # what stage 1 trained on
+            config_overrides.setdefault(name, getattr(stage1_config, name))
         config = Blip2Config(
             vision_config=vision_config,
             qformer_config=qformer_config,
