@@ -1711,7 +1711,7 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
                 out) or such a model. Every image-encoder, query and Q-Former tensor must be in it (a Trainer
                 checkpoint without the frozen ViT is an error, not a random encoder).
             language_model: the LLM's name or path (`AutoModelForCausalLM` or `AutoModelForSeq2SeqLM` by its model
-                type), or a loaded `PreTrainedModel`, used as is.
+                type; an encoder such as BERT is an error), or a loaded `PreTrainedModel`, used as is.
             processor: the stage-2 processor (a stage-1 one is used without its Q-Former tokenizer), or None: the
                 stage-1 folder's image processor and the LLM's tokenizer, writing `num_query_tokens` image tokens.
             config_overrides: `Blip2Config` fields, e.g. `num_query_tokens`; a dict for `qformer_config` or

@@ -6,10 +6,16 @@ prefix and a decoder suffix).
     accelerate launch training/stage2.py --config training/configs/stage2_opt2.7b.yaml
     python training/stage2.py --config training/configs/tiny/stage2_opt.yaml          # CPU, a minute
 
-The model is a stage-1 folder (`stage1_name_or_path`: vision encoder, query tokens, Q-Former) plus any LLM name or
-path (`language_model_name_or_path`), or a stage-2 folder to continue from (`model_name_or_path`). `lora_r > 0` adds
-LoRA adapters (peft) to the LLM and, with `lora_qformer`, to the Q-Former; they are saved next to the model and
-`PeftModel.from_pretrained(Blip2ForConditionalGeneration.from_pretrained(out), out)` reloads them.
+The model is a stage-1 folder (`stage1_name_or_path`: vision encoder, query tokens, Q-Former) plus any causal or
+encoder-decoder LLM name or path (`language_model_name_or_path`: OPT, Llama, Qwen2, Mistral, Gemma, T5, mT5, ...), or a
+stage-2 folder to continue from (`model_name_or_path`). `stage1_name_or_path` may also be a stage-2
+(`Blip2ForConditionalGeneration`) folder, ours or transformers' (a Salesforce/blip2-* checkpoint): its image side and
+Q-Former re-bootstrapped onto the new LLM, with a new `language_projection` and the processor built from its image
+processor and the new LLM's tokenizer. A tokenizer without a pad token (Llama, Mistral) needs `--pad_token`, e.g. its
+eos token; `--use_chat_template` puts `prompt` into the LLM's chat template as a user turn (the labels stay on the
+caption). `lora_r > 0` adds LoRA adapters (peft) to the LLM (its family's query/value projections,
+`--lora_target_modules all-linear` or a list) and, with `lora_qformer`, to the Q-Former; they are saved next to the
+model and `PeftModel.from_pretrained(Blip2ForConditionalGeneration.from_pretrained(out), out)` reloads them.
 A run whose loss or gradients turn NaN/inf skips those steps; `max_nonfinite_steps` of them in a row stop it with exit
 status 1, and no non-finite weights are written.
 On GPUs: the frozen towers in half precision (`--frozen_precision auto`: fp16, bf16 for Flan-T5; or `bf16`), the
