@@ -193,14 +193,12 @@ def _encoder_parameter(vision: torch.nn.Module) -> torch.nn.Parameter:
 
 def vision_config_dict(model: torch.nn.Module) -> dict[str, Any]:
     """The architecture fields the model's image encoder config has (`VISION_FIELDS`) and which of the encoder's
-    outputs it feeds the Q-Former (`FEATURE_FIELDS`, from the model's `Blip2Config`; a bare vision model has no
-    Blip2Config: its feature fields are left out)."""
-    config = _vision_tower(model).config
-    record = {field: getattr(config, field) for field in VISION_FIELDS if hasattr(config, field)}
-    outer = getattr(model, "config", None)
-    for field in FEATURE_FIELDS:
-        if hasattr(outer, field):
-            record[field] = getattr(outer, field)
+    outputs it feeds the Q-Former (`FEATURE_FIELDS`: the vision model's `feature_layer` and `select_strategy`, set
+    from `Blip2Config.vision_feature_layer` / `vision_feature_select_strategy`)."""
+    vision = _vision_tower(model)
+    record = {field: getattr(vision.config, field) for field in VISION_FIELDS if hasattr(vision.config, field)}
+    record["vision_feature_layer"] = vision.feature_layer
+    record["vision_feature_select_strategy"] = vision.select_strategy
     return record
 
 
@@ -789,14 +787,11 @@ def check_cache_matches(model: torch.nn.Module, cache_dir: str | os.PathLike, ch
     weights (a sample of them, compared with a 1% tolerance so that fp16/bf16/fp32 copies of one checkpoint agree)."""
     index = read_cache_index(cache_dir)
     ours, theirs = vision_config_dict(model), dict(index["vision_config"])
-    for field, legacy in FEATURE_FIELDS.items():
-        if field in ours:  # a cache made before they were recorded holds EVA's last hidden state, every token
-            theirs.setdefault(field, legacy)
-    # a bare vision model has no Blip2Config to say which outputs it feeds on: only its encoder is compared
-    fields = [field for field in CHECKED_FIELDS if field in ours or field not in FEATURE_FIELDS]
+    for field, legacy in FEATURE_FIELDS.items():  # a cache from before they were recorded: EVA, last state, all tokens
+        theirs.setdefault(field, legacy)
     problems = [
         f"{field}: model {_shown(ours.get(field))} != cache {_shown(theirs.get(field))}"
-        for field in fields
+        for field in CHECKED_FIELDS
         if _shown(ours.get(field)) != _shown(theirs.get(field))
     ]
     if not problems and check_weights and index.get("vision_weights_sample") is not None:
