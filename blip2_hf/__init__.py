@@ -19,6 +19,7 @@ from .configuration_blip2 import Blip2Config, Blip2QFormerConfig, Blip2VisionCon
 from .constants import VQA_PROMPT
 from .inference import answer_questions
 from .modeling_blip2 import (
+    Blip2BackboneVisionModel,
     Blip2ForConditionalGeneration,
     Blip2ForImageTextRetrieval,
     Blip2ForPreTraining,
@@ -57,6 +58,7 @@ __all__ = [
     "Blip2VisionConfig",
     "Blip2PreTrainedModel",
     "Blip2VisionModel",
+    "Blip2BackboneVisionModel",
     "Blip2QFormerModel",
     "Blip2QFormerImage",
     "Blip2Model",

@@ -18,7 +18,9 @@ from transformers.activations import ACT2FN
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_MAPPING_NAMES,
     MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_MAPPING_NAMES,
 )
 
 # transformers' BLIP-2 model types. A config that carries one of them (a Salesforce/blip2-* `config.json`) is ours
@@ -214,6 +216,104 @@ class Blip2QFormerConfig(PreTrainedConfig):
             )
 
 
+@dataclasses.dataclass(frozen=True)
+class VisionFamily:
+    """What `Blip2Config` needs to know of a family of image encoders (keyed by its config's `model_type`).
+
+    Attributes:
+        feature_layer: the default `vision_feature_layer` (-1: the backbone's `last_hidden_state`; k: its
+            `hidden_states[k]`).
+        prefix_tokens: how many tokens come before the patch tokens (`[CLS]`, registers), as a function of the
+            config; None where unknown (then `vision_feature_select_strategy="patch"` is refused).
+        any_size: the encoder takes any image size (a convolutional network, no position embeddings).
+    """
+
+    feature_layer: int = -1
+    prefix_tokens: Any = None
+    any_size: bool = False
+
+
+def _one_cls(config: PreTrainedConfig) -> int:
+    return 1
+
+
+def _no_cls(config: PreTrainedConfig) -> int:
+    return 0
+
+
+# The families tested here, with their defaults. Every family defaults to `vision_feature_select_strategy="full"`
+# (all tokens: BLIP-2 feeds EVA's `[CLS]` to the Q-Former too; SigLIP and ConvNeXt have none, so "full" == "patch").
+# - EVA (ours): -1, since `Blip2VisionConfig` already stops one block before EVA-CLIP's last, as the paper does;
+# - CLIP and SigLIP: -2, the paper's "second last layer" (their last layer is trained for the contrastive head);
+# - DINOv2: -1, its final LayerNorm included (self-supervised features, used as is by every DINOv2 probe);
+# - ConvNeXt: -1, the last stage's feature map; its `h * w` positions are the tokens.
+# Any other vision model transformers has may be used too, with -1 and "full" (and its own `hidden_size`).
+VISION_FAMILIES: dict[str, VisionFamily] = {
+    Blip2VisionConfig.model_type: VisionFamily(-1, _one_cls),
+    "clip_vision_model": VisionFamily(-2, _one_cls),
+    "siglip_vision_model": VisionFamily(-2, _no_cls),
+    "dinov2": VisionFamily(-1, _one_cls),
+    "dinov2_with_registers": VisionFamily(-1, lambda config: 1 + config.num_register_tokens),
+    "convnext": VisionFamily(-1, _no_cls, any_size=True),
+}
+VISION_FEATURE_SELECT_STRATEGIES = ("full", "patch")
+
+
+def vision_family(vision_config: PreTrainedConfig) -> VisionFamily:
+    """The `VisionFamily` of a vision config (the generic one for families not in `VISION_FAMILIES`)."""
+    return VISION_FAMILIES.get(vision_config.model_type, VisionFamily())
+
+
+def is_vision_model_type(model_type: str | None) -> bool:
+    """Whether transformers' `AutoModel` builds an image encoder for `model_type`: an image backbone
+    (`AutoModelForImageClassification`'s bases: ConvNeXt, DINOv2, ViT, ...) or a `*_vision_model` tower of a
+    two-tower model (CLIP, SigLIP). A full two-tower config (`clip`) or a text model (`bert`) is not one."""
+    if model_type in (Blip2VisionConfig.model_type, "blip_2_vision_model"):
+        return True
+    return model_type in MODEL_FOR_IMAGE_MAPPING_NAMES or (
+        bool(model_type) and model_type.endswith("_vision_model") and model_type in MODEL_MAPPING_NAMES
+    )
+
+
+def vision_depth(vision_config: PreTrainedConfig) -> int | None:
+    """How many blocks (ConvNeXt: stages) the encoder has: its `hidden_states` hold `depth + 1` entries."""
+    for field in ("num_hidden_layers", "num_stages"):
+        if isinstance(getattr(vision_config, field, None), int):
+            return getattr(vision_config, field)
+    depths = getattr(vision_config, "depths", None)
+    return len(depths) if isinstance(depths, list | tuple) else None
+
+
+def vision_layer_widths(vision_config: PreTrainedConfig) -> list[int] | None:
+    """The width of each `hidden_states` entry (`depth + 1` of them), or None where the depth is unknown. A
+    pyramid (ConvNeXt: `hidden_sizes` per stage) starts with its stem, as wide as its first stage."""
+    depth = vision_depth(vision_config)
+    if depth is None:
+        return None
+    sizes = getattr(vision_config, "hidden_sizes", None)
+    if isinstance(sizes, list | tuple) and len(sizes) == depth:
+        return [sizes[0], *sizes]
+    return [vision_config.hidden_size] * (depth + 1)
+
+
+def _foreign_vision_config(vision_config: dict[str, Any]) -> PreTrainedConfig:
+    """A transformers vision config from its dict (`model_type` names the class)."""
+    values = dict(vision_config)
+    model_type = values.pop("model_type")
+    if not is_vision_model_type(model_type):
+        raise _not_a_vision_model(model_type, "dict")
+    return AutoConfig.for_model(model_type, **values)
+
+
+def _not_a_vision_model(model_type: Any, kind: str) -> ValueError:
+    return ValueError(
+        f"Blip2Config.vision_config = <{kind} with model_type={model_type!r}> is invalid: expected a Blip2VisionConfig "
+        "(EVA, the default) or the config of a transformers vision model (an image backbone such as 'convnext', "
+        "'dinov2', 'vit', or a two-tower model's image tower such as 'clip_vision_model', 'siglip_vision_model'; "
+        "not the full two-tower config, e.g. CLIPConfig: pass its .vision_config)."
+    )
+
+
 @strict
 class Blip2Config(PreTrainedConfig):
     r"""
@@ -221,8 +321,16 @@ class Blip2Config(PreTrainedConfig):
     every BLIP-2 class of this package.
 
     Args:
-        vision_config: a `Blip2VisionConfig` or its dict.
-        qformer_config: a `Blip2QFormerConfig` or its dict (`encoder_hidden_size` is set from the vision width).
+        vision_config: the frozen image encoder: a `Blip2VisionConfig` (EVA, the default: the Salesforce checkpoints)
+            or the config of any transformers vision model (`SiglipVisionConfig`, `CLIPVisionConfig`,
+            `Dinov2Config`, `ConvNextConfig`, ...), or either's dict with its `model_type`.
+        vision_feature_layer: which output of the image encoder feeds the Q-Former: -1 its `last_hidden_state`
+            (with the final norm where the encoder has one), any other `k` its `hidden_states[k]` (0: the
+            embeddings, -2: the second-to-last block). None: the family's default (`VISION_FAMILIES`: -2 for CLIP
+            and SigLIP, as the paper takes CLIP's second-last layer; -1 otherwise). Saved resolved.
+        vision_feature_select_strategy: "full" (every token: `[CLS]` and register tokens too, as BLIP-2 feeds EVA's)
+            or "patch" (patch tokens only). None: "full". Saved resolved.
+        qformer_config: a `Blip2QFormerConfig` or its dict (`encoder_hidden_size` is set from `vision_hidden_size`).
         text_config: any `AutoConfig` of a causal LM (OPT, Llama-family, Qwen2, ...) or of an encoder-decoder LM
             (T5 / Flan-T5), or its dict with a `model_type` (default: OPT).
         num_query_tokens: number of learned queries (32).
@@ -251,6 +359,8 @@ class Blip2Config(PreTrainedConfig):
     }
 
     vision_config: dict | PreTrainedConfig | None = None
+    vision_feature_layer: int | None = None
+    vision_feature_select_strategy: str | None = None
     qformer_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
     num_query_tokens: int = 32
@@ -277,14 +387,67 @@ class Blip2Config(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         _drop_foreign_model_type(kwargs)
         # A transformers `Blip2VisionConfig` / `Blip2QFormerConfig` object is re-read as ours (same fields).
-        for key, ours in (("vision_config", Blip2VisionConfig), ("qformer_config", Blip2QFormerConfig)):
-            sub = getattr(self, key)
-            if isinstance(sub, PreTrainedConfig) and not isinstance(sub, ours):
-                setattr(self, key, sub.to_dict())
+        if isinstance(self.qformer_config, PreTrainedConfig) and not isinstance(
+            self.qformer_config, Blip2QFormerConfig
+        ):
+            self.qformer_config = self.qformer_config.to_dict()
+        self.vision_config = self._resolve_vision_config(self.vision_config)
         super().__post_init__(**kwargs)
         self.is_encoder_decoder = self.text_config.is_encoder_decoder
-        self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
+        family = vision_family(self.vision_config)
+        if self.vision_feature_layer is None:
+            self.vision_feature_layer = family.feature_layer
+        if self.vision_feature_select_strategy is None:
+            self.vision_feature_select_strategy = "full"
+        self.qformer_config.encoder_hidden_size = self.vision_hidden_size
         self.use_decoder_only_language_model = self.text_config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    @staticmethod
+    def _resolve_vision_config(vision_config: Any) -> Any:
+        """Ours (`Blip2VisionConfig`, built by `sub_configs_defaults` from a dict or None) or a transformers vision
+        config object; anything else is a `ValueError` naming `Blip2Config.vision_config`."""
+        if isinstance(vision_config, PreTrainedConfig):
+            if isinstance(vision_config, Blip2VisionConfig):
+                return vision_config
+            if vision_config.model_type == "blip_2_vision_model":  # transformers' own: the same fields as ours
+                return vision_config.to_dict()
+            if not is_vision_model_type(vision_config.model_type):
+                raise _not_a_vision_model(vision_config.model_type, type(vision_config).__name__)
+            return vision_config
+        if isinstance(vision_config, dict):
+            model_type = vision_config.get("model_type")
+            if model_type in (None, Blip2VisionConfig.model_type, *TRANSFORMERS_MODEL_TYPES):
+                return vision_config
+            return _foreign_vision_config(vision_config)
+        if vision_config is not None:
+            raise _not_a_vision_model(None, type(vision_config).__name__)
+        return vision_config
+
+    @property
+    def vision_hidden_size(self) -> int:
+        """The width of the image features the Q-Former cross-attends to: the selected layer's (`hidden_size`;
+        ConvNeXt: the stage's `hidden_sizes` entry, `hidden_sizes[-1]` by default)."""
+        widths = vision_layer_widths(self.vision_config)
+        layer = self.vision_feature_layer if self.vision_feature_layer is not None else -1
+        if widths is not None and -len(widths) <= layer < len(widths):
+            return widths[layer]
+        sizes = getattr(self.vision_config, "hidden_sizes", None)
+        return sizes[-1] if isinstance(sizes, list | tuple) and sizes else self.vision_config.hidden_size
+
+    @property
+    def vision_image_size(self) -> tuple[int, int] | None:
+        """`(height, width)` of the images the encoder was built for (its position embeddings), or None when any size
+        works (a convolutional encoder such as ConvNeXt)."""
+        if vision_family(self.vision_config).any_size:
+            return None
+        size = self.vision_config.image_size
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    @property
+    def vision_num_prefix_tokens(self) -> int | None:
+        """How many non-patch tokens (`[CLS]`, registers) lead the encoder's output; None where unknown."""
+        prefix_tokens = vision_family(self.vision_config).prefix_tokens
+        return None if prefix_tokens is None else prefix_tokens(self.vision_config)
 
     def validate_architecture(self):
         super().validate_architecture()
@@ -308,6 +471,7 @@ class Blip2Config(PreTrainedConfig):
             self, "pretraining_objectives",
             "a non-empty list of distinct 'itc', 'itm', 'itg' (ITM needs ITC: its hard negatives come from ITC)",
         )  # fmt: skip
+        self._validate_vision_features()
         text_type = self.text_config.model_type
         _check(
             text_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -325,3 +489,30 @@ class Blip2Config(PreTrainedConfig):
                 "image_token_index",
                 f"an id inside the language model's vocabulary [0, text_config.vocab_size={vocab_size})",
             )
+
+    def _validate_vision_features(self) -> None:
+        _check(
+            self.vision_feature_select_strategy in VISION_FEATURE_SELECT_STRATEGIES,
+            self,
+            "vision_feature_select_strategy",
+            f"one of {list(VISION_FEATURE_SELECT_STRATEGIES)}",
+        )
+        vision_type = self.vision_config.model_type
+        _check(
+            self.vision_feature_select_strategy == "full" or self.vision_num_prefix_tokens is not None,
+            self, "vision_feature_select_strategy",
+            f"'full' for model_type={vision_type!r}: which of its tokens are patches is not known here",
+        )  # fmt: skip
+        layer, depth = self.vision_feature_layer, vision_depth(self.vision_config)
+        if depth is None:
+            _check(
+                layer == -1, self, "vision_feature_layer",
+                f"-1 (the last hidden state) for model_type={vision_type!r}, whose depth is not known here",
+            )  # fmt: skip
+            return
+        _check(
+            isinstance(layer, int) and not isinstance(layer, bool) and -(depth + 1) <= layer <= depth,
+            self, "vision_feature_layer",
+            f"-1 (the last hidden state) or an index into the {depth + 1} hidden states of the {depth}-block "
+            f"{vision_type!r} encoder, in [{-(depth + 1)}, {depth}]",
+        )  # fmt: skip

@@ -12,6 +12,7 @@ only torch, transformers and the configuration and packaging files beside it (`r
 from __future__ import annotations
 
 import copy
+import inspect
 import logging as python_logging
 import os
 import re
@@ -22,7 +23,14 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationMixin, PreTrainedModel
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -31,7 +39,13 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
-from .configuration_blip2 import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
+from .configuration_blip2 import (
+    Blip2Config,
+    Blip2QFormerConfig,
+    Blip2VisionConfig,
+    vision_family,
+    vision_layer_widths,
+)
 from .losses import (
     gather_no_grad,
     gather_with_grad,
@@ -875,9 +889,23 @@ class Blip2PreTrainedModel(PreTrainedModel):
                 param.data = param.data.float()
         super().post_init()
 
+    def _get_dtype_plan(self, dtype: torch.dtype) -> dict:
+        """transformers' plan of the tensors loaded in fp32 whatever `dtype` is asked, with this class's own
+        `_keep_in_fp32_modules_strict` entries anchored at the top of a weight's name: transformers matches them
+        anywhere, and a transformers image encoder has names of its own that contain them (DINOv2's
+        `backbone.embeddings.position_embeddings` and `cls_token`), which must stay in the frozen tower's dtype."""
+        plan = super()._get_dtype_plan(dtype)
+        for entry in type(self)._keep_in_fp32_modules_strict:
+            if entry in plan:
+                plan[rf"^{re.escape(entry)}(?:\.|$)"] = plan.pop(entry)
+        return plan
+
     def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)  # Linear / Embedding: normal(0, initializer_range); LayerNorm: 1, 0
-        std = self.config.initializer_range
+        # Linear / Embedding: normal(0, initializer_range); LayerNorm: 1, 0. A transformers image encoder
+        # (`Blip2BackboneVisionModel.backbone`) is a model of its own: transformers initializes it with its own
+        # `_init_weights`, never this one.
+        super()._init_weights(module)
+        std = getattr(self.config, "initializer_range", 0.02)
         if isinstance(module, Blip2VisionEmbeddings):
             init.trunc_normal_(module.position_embedding, mean=0.0, std=std)
             init.trunc_normal_(module.class_embedding, mean=0.0, std=std)
@@ -937,7 +965,8 @@ class Blip2FrozenTowersMixin:
 
     # Towers that training keeps frozen; `train()` leaves each in eval mode while none of its parameters trains
     # (LAVIS's `disabled_train`): the frozen ViT and LLM never run dropout or update statistics.
-    frozen_towers = ("vision_model.embeddings", "vision_model.encoder", "language_model")
+    # (`vision_model.backbone`: a transformers vision model as the image encoder, `Blip2BackboneVisionModel`)
+    frozen_towers = ("vision_model.embeddings", "vision_model.encoder", "vision_model.backbone", "language_model")
 
     def train(self, mode: bool = True) -> Blip2PreTrainedModel:
         super().train(mode)
@@ -960,7 +989,7 @@ class Blip2FrozenTowersMixin:
 
     def freeze_vision_encoder(self) -> None:
         """`freeze_towers` for the image encoder alone."""
-        self._freeze(self.frozen_towers[:2], None)
+        self._freeze([name for name in self.frozen_towers if name.startswith("vision_model.")], None)
 
     def _freeze(self, names: Sequence[str], dtype: torch.dtype | None) -> None:
         for name in names:
@@ -978,11 +1007,10 @@ class Blip2FrozenTowersMixin:
                 tower.eval()
 
     def encode_image_frozen(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """The frozen encoder's output `[B, 1 + P, Dv]` before the trainable `post_layernorm`, without autograd: what
-        a frozen-feature cache stores and what `forward(frozen_image_states=...)` takes."""
-        with torch.no_grad():
-            embeddings = self.vision_model.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-            return self.vision_model.encoder(embeddings).last_hidden_state
+        """The frozen encoder's selected features `[B, T, Dv]` (EVA: `[B, 1 + P, Dv]`) before the trainable
+        `post_layernorm`, without autograd: what a frozen-feature cache stores and what
+        `forward(frozen_image_states=...)` takes (`vision_model.encode_frozen`)."""
+        return self.vision_model.encode_frozen(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
 
     def _image_embeds(
         self, pixel_values: torch.Tensor | None, frozen_image_states: torch.Tensor | None
@@ -1002,23 +1030,74 @@ class Blip2FrozenTowersMixin:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def select_vision_features(
+    outputs: ModelOutput, feature_layer: int, num_prefix_tokens: int | None, strategy: str
+) -> torch.Tensor:
+    """The image features BLIP-2 takes from an encoder's output: `last_hidden_state` (`feature_layer=-1`) or
+    `hidden_states[feature_layer]`, a convolutional map `[B, C, h, w]` flattened row-major to `[B, h * w, C]`, and
+    for `strategy="patch"` without the `num_prefix_tokens` leading tokens (`[CLS]`, registers). -> `[B, T, Dv]`."""
+    states = outputs.last_hidden_state if feature_layer == -1 else outputs.hidden_states[feature_layer]
+    if states.dim() == 4:
+        states = states.flatten(2).transpose(1, 2)
+    if strategy == "patch" and num_prefix_tokens:
+        states = states[:, num_prefix_tokens:]
+    return states
+
+
+def _pooled(image_embeds: torch.Tensor, keeps_cls: bool) -> torch.Tensor:
+    """`[B, T, Dv]` -> `[B, Dv]`: the `[CLS]` position where the tokens have one, else their mean."""
+    return image_embeds[:, 0] if keeps_cls else image_embeds.mean(dim=1)
+
+
 class Blip2VisionModel(Blip2PreTrainedModel):
-    """The image encoder. `pixel_values [B, 3, H, W]` -> `last_hidden_state [B, 1 + P, Dv]` (after `post_layernorm`,
-    LAVIS's `ln_vision`), `pooler_output [B, Dv]` (the `[CLS]` position, normed once more, as transformers)."""
+    """The image encoder in the EVA layout. `pixel_values [B, 3, H, W]` -> `last_hidden_state [B, 1 + P, Dv]` (after
+    `post_layernorm`, LAVIS's `ln_vision`), `pooler_output [B, Dv]` (the `[CLS]` position, normed once more, as
+    transformers). `feature_layer` / `select_strategy` are `Blip2Config.vision_feature_layer` /
+    `vision_feature_select_strategy` (defaults: the last block's output, every token: BLIP-2's)."""
 
     config_class = Blip2VisionConfig
     input_modalities = ("image",)
     _keep_in_fp32_modules_strict = []
 
-    def __init__(self, config: Blip2VisionConfig):
+    def __init__(self, config: Blip2VisionConfig, feature_layer: int = -1, select_strategy: str = "full"):
         super().__init__(config)
         self.embeddings = Blip2VisionEmbeddings(config)
         self.encoder = Blip2Encoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.feature_layer = feature_layer
+        self.select_strategy = select_strategy
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings
+
+    def _encoder_outputs(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, BaseModelOutput]:
+        """`(selected features [B, T, Dv] before post_layernorm, the encoder's output)`."""
+        encoder_outputs = self.encoder(
+            self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding),
+            output_hidden_states=output_hidden_states or self.feature_layer != -1,
+            output_attentions=output_attentions,
+        )
+        return select_vision_features(encoder_outputs, self.feature_layer, 1, self.select_strategy), encoder_outputs
+
+    def encode_frozen(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """`[B, 3, H, W]` -> the frozen encoder's selected features `[B, T, Dv]` before `post_layernorm`, without
+        autograd (what a frozen-feature cache stores)."""
+        with torch.no_grad():
+            return self._encoder_outputs(pixel_values, interpolate_pos_encoding)[0]
+
+    def pool(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """`pooler_output [B, Dv]` of `last_hidden_state [B, T, Dv]`: the `[CLS]` position normed once more (as
+        transformers' BLIP-2), or the mean over the patch tokens when the strategy drops `[CLS]`."""
+        if self.select_strategy == "patch":
+            return _pooled(image_embeds, keeps_cls=False)
+        return self.post_layernorm(image_embeds[:, 0])
 
     def forward(
         self,
@@ -1032,20 +1111,208 @@ class Blip2VisionModel(Blip2PreTrainedModel):
         output_attentions, output_hidden_states, return_dict = self._output_flags(
             output_attentions, output_hidden_states, return_dict
         )
-        encoder_outputs = self.encoder(
-            self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding),
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
+        selected, encoder_outputs = self._encoder_outputs(
+            pixel_values, interpolate_pos_encoding, output_hidden_states, output_attentions
         )
         # a frozen encoder may run in half precision while `post_layernorm` trains in fp32
-        last_hidden_state = self.post_layernorm(encoder_outputs.last_hidden_state.to(self.post_layernorm.weight.dtype))
+        last_hidden_state = self.post_layernorm(selected.to(self.post_layernorm.weight.dtype))
         output = BaseModelOutputWithPooling(
             last_hidden_state=last_hidden_state,
-            pooler_output=self.post_layernorm(last_hidden_state[:, 0]),
-            hidden_states=encoder_outputs.hidden_states,
+            pooler_output=self.pool(last_hidden_state),
+            hidden_states=encoder_outputs.hidden_states if output_hidden_states else None,
             attentions=encoder_outputs.attentions,
         )
         return output if return_dict else output.to_tuple()
+
+
+def _backbone_from_config(config: PreTrainedConfig) -> PreTrainedModel:
+    """`AutoModel.from_config(config)`, in eager attention when the model has no other (ConvNeXt, a CNN, has no
+    attention at all): the composite model passes its own choice (sdpa) down to every sub-config."""
+    model_class = AutoModel._model_mapping[type(config)]
+    other_kernels = ("_supports_sdpa", "_supports_flash_attn", "_supports_flex_attn")
+    if not any(getattr(model_class, flag, False) for flag in other_kernels):
+        return AutoModel.from_config(config, attn_implementation="eager")
+    return AutoModel.from_config(config)
+
+
+class Blip2BackboneVisionModel(Blip2PreTrainedModel):
+    """Any transformers vision model as BLIP-2's frozen image encoder: `backbone` is what `AutoModel.from_config`
+    builds of `config` (`SiglipVisionModel`, `CLIPVisionModel`, `Dinov2Model`, `ConvNextModel`, ...; its weights
+    keep that model's own names under `vision_model.backbone.`), `post_layernorm` our trainable LayerNorm over the
+    selected features (LAVIS's `ln_vision`).
+
+    `pixel_values [B, 3, H, W]` -> `last_hidden_state [B, T, Dv]` (`post_layernorm` over the `feature_layer`'s
+    `select_strategy` tokens; a ConvNeXt map's `h * w` positions row-major), `pooler_output [B, Dv]` (the `[CLS]`
+    position where the tokens keep one, else their mean). Load the backbone's own checkpoint with `load_backbone`.
+    """
+
+    config_class = PreTrainedConfig
+    input_modalities = ("image",)
+    _keep_in_fp32_modules_strict = []
+
+    def __init__(self, config: PreTrainedConfig, feature_layer: int | None = None, select_strategy: str = "full"):
+        super().__init__(config)
+        family = vision_family(config)
+        self.backbone = _backbone_from_config(config)
+        self.feature_layer = family.feature_layer if feature_layer is None else feature_layer
+        self.select_strategy = select_strategy
+        self.num_prefix_tokens = None if family.prefix_tokens is None else family.prefix_tokens(config)
+        widths = vision_layer_widths(config)
+        width = widths[self.feature_layer] if widths is not None else config.hidden_size
+        self.post_layernorm = nn.LayerNorm(width, eps=getattr(config, "layer_norm_eps", 1e-5))
+        # CLIP and SigLIP take the switch (their position embeddings are for one size); DINOv2 always interpolates
+        # and ConvNeXt has none, so any size works there
+        self._takes_interpolate = "interpolate_pos_encoding" in inspect.signature(self.backbone.forward).parameters
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    def _backbone_outputs(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> ModelOutput:
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"pixel_values must have shape [batch, 3, height, width], got {tuple(pixel_values.shape)}"
+            )
+        kwargs = {}
+        if self._takes_interpolate:
+            self._check_image_size(pixel_values, interpolate_pos_encoding)
+            kwargs["interpolate_pos_encoding"] = interpolate_pos_encoding
+        elif interpolate_pos_encoding:
+            raise ValueError(
+                f"interpolate_pos_encoding=True, but {type(self.backbone).__name__} has no such option (it takes "
+                "images of any size as they are): leave it False."
+            )
+        if output_attentions:
+            kwargs["output_attentions"] = True
+        return self.backbone(
+            pixel_values=pixel_values.to(self.backbone.dtype),
+            output_hidden_states=output_hidden_states or self.feature_layer != -1,
+            return_dict=True,
+            **kwargs,
+        )
+
+    def _check_image_size(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> None:
+        size = self.config.image_size
+        expected = (size, size) if isinstance(size, int) else tuple(size)
+        if not interpolate_pos_encoding and tuple(pixel_values.shape[-2:]) != expected:
+            raise ValueError(
+                f"pixel_values are {pixel_values.shape[-2]}x{pixel_values.shape[-1]} but the "
+                f"{type(self.backbone).__name__} position embeddings are for {expected[0]}x{expected[1]} "
+                "(vision_config.image_size); resize the images or pass interpolate_pos_encoding=True."
+            )
+
+    def _select(self, outputs: ModelOutput) -> torch.Tensor:
+        return select_vision_features(outputs, self.feature_layer, self.num_prefix_tokens, self.select_strategy)
+
+    def encode_frozen(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """`[B, 3, H, W]` -> the frozen backbone's selected features `[B, T, Dv]` before `post_layernorm`, without
+        autograd (what a frozen-feature cache stores)."""
+        with torch.no_grad():
+            return self._select(self._backbone_outputs(pixel_values, interpolate_pos_encoding))
+
+    def pool(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """`pooler_output [B, Dv]` of `last_hidden_state [B, T, Dv]`: the `[CLS]` position where the selected tokens
+        start with one, else the mean over the tokens."""
+        return _pooled(image_embeds, keeps_cls=bool(self.num_prefix_tokens) and self.select_strategy == "full")
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        output_attentions, output_hidden_states, return_dict = self._output_flags(
+            output_attentions, output_hidden_states, return_dict
+        )
+        outputs = self._backbone_outputs(
+            pixel_values, interpolate_pos_encoding, output_hidden_states, output_attentions
+        )
+        last_hidden_state = self.post_layernorm(self._select(outputs).to(self.post_layernorm.weight.dtype))
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state,
+            pooler_output=self.pool(last_hidden_state),
+            hidden_states=outputs.hidden_states if output_hidden_states else None,
+            attentions=getattr(outputs, "attentions", None),
+        )
+        return output if return_dict else output.to_tuple()
+
+    def load_backbone(self, path_or_model: str | os.PathLike | nn.Module) -> None:
+        """Load the backbone's weights from its family's own checkpoint: a folder (`SiglipVisionModel` /
+        `AutoModel.save_pretrained`, or a larger model that holds this one: a two-tower `SiglipModel` / `CLIPModel`, a
+        `ConvNextForImageClassification`, whose other tower and heads are left out) or a loaded model of the
+        backbone's class (its state dict as is). Every backbone tensor is required: a missing one, one of another
+        shape, or an unexpected one inside the backbone's own modules (e.g. a deeper encoder's extra layers) is a
+        `ValueError` naming the source and keys."""
+        own = self.backbone.state_dict()
+        if isinstance(path_or_model, nn.Module):
+            name, state = type(path_or_model).__name__, path_or_model.state_dict()
+            missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+            mismatched = [
+                f"{key} {tuple(state[key].shape)} vs {tuple(own[key].shape)}"
+                for key in sorted(set(own) & set(state))
+                if state[key].shape != own[key].shape
+            ]
+        else:
+            name = str(path_or_model)
+            state, missing, unexpected, mismatched = self._read_backbone_folder(path_or_model)
+        problems = [_some(missing, "missing")] if missing else []
+        problems += [_some(unexpected, "unexpected")] if unexpected else []
+        problems += [_some(mismatched, "of another shape, checkpoint vs backbone")] if mismatched else []
+        if problems:
+            raise ValueError(
+                f"{name}: not the weights of this {type(self.backbone).__name__} "
+                f"({self.config.model_type}): {'; '.join(problems)}."
+            )
+        self.backbone.load_state_dict({key: state[key] for key in own}, strict=True)
+
+    def _read_backbone_folder(
+        self, folder: str | os.PathLike
+    ) -> tuple[dict[str, torch.Tensor], list[str], list[str], list[str]]:
+        """`(state dict in the backbone's names, missing, unexpected, mismatched)` of a checkpoint folder, read by the
+        backbone class's own `from_pretrained` (which maps a larger model's names onto it) into this architecture.
+        Unexpected tensors outside the backbone's top-level modules (another tower, a task head) are dropped."""
+        backbone_class = type(self.backbone)
+        report_filter = _WithoutLoadReport()
+        transformers_logger = logging.get_logger("transformers.modeling_utils")
+        transformers_logger.addFilter(report_filter)
+        try:
+            loaded, info = backbone_class.from_pretrained(
+                folder, config=self.backbone.config, ignore_mismatched_sizes=True, output_loading_info=True
+            )
+        finally:
+            transformers_logger.removeFilter(report_filter)
+        roots = {key.split(".")[0] for key in self.backbone.state_dict()}
+        prefix = f"{backbone_class.base_model_prefix}."
+        unexpected = sorted(key for key in info["unexpected_keys"] if key.removeprefix(prefix).split(".")[0] in roots)
+        dropped = len(info["unexpected_keys"]) - len(unexpected)
+        if dropped:
+            logger.info(
+                f"{folder}: {dropped} tensors outside the {backbone_class.__name__} (other towers, heads) left out"
+            )
+        mismatched = [f"{key} {tuple(ckpt)} vs {tuple(ours)}" for key, ckpt, ours in info["mismatched_keys"]]
+        return loaded.state_dict(), sorted(info["missing_keys"]), unexpected, mismatched
+
+
+def build_vision_model(config: Blip2Config) -> Blip2VisionModel | Blip2BackboneVisionModel:
+    """The image encoder of a BLIP-2 config: ours for a `Blip2VisionConfig` (EVA), a `Blip2BackboneVisionModel`
+    around transformers' own model for any other vision config; the features its config selects."""
+    vision_class = (
+        Blip2VisionModel if isinstance(config.vision_config, Blip2VisionConfig) else Blip2BackboneVisionModel
+    )
+    return vision_class._from_config(
+        config.vision_config,
+        feature_layer=config.vision_feature_layer,
+        select_strategy=config.vision_feature_select_strategy,
+    )
 
 
 class Blip2QFormerModel(Blip2PreTrainedModel):
@@ -1297,7 +1564,7 @@ class Blip2Model(Blip2FrozenTowersMixin, Blip2PreTrainedModel):
 
     def __init__(self, config: Blip2Config, language_model: PreTrainedModel | None = None):
         super().__init__(config)
-        self.vision_model = Blip2VisionModel._from_config(config.vision_config)
+        self.vision_model = build_vision_model(config)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
         self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
         self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
@@ -1447,7 +1714,7 @@ class Blip2Model(Blip2FrozenTowersMixin, Blip2PreTrainedModel):
             raise ValueError("Pass pixel_values or frozen_image_states, not both.")
         image_embeds = self._image_embeds(None, frozen_image_states)
         return BaseModelOutputWithPooling(
-            last_hidden_state=image_embeds, pooler_output=self.vision_model.post_layernorm(image_embeds[:, 0])
+            last_hidden_state=image_embeds, pooler_output=self.vision_model.pool(image_embeds)
         )
 
     def _soft_prompt_features(
@@ -1739,6 +2006,8 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
         for name, sub_config in (("vision_config", vision_config), ("qformer_config", qformer_config)):
             sub_config.pop("_name_or_path", None)  # where stage 1 loaded its encoder from is not this model's
             sub_config.update(config_overrides.pop(name, {}))
+        for name in ("vision_feature_layer", "vision_feature_select_strategy"):  # what stage 1 trained on
+            config_overrides.setdefault(name, getattr(stage1_config, name))
         config = Blip2Config(
             vision_config=vision_config,
             qformer_config=qformer_config,
@@ -2404,7 +2673,7 @@ class Blip2ForImageTextRetrieval(Blip2Stage1FeaturesMixin, Blip2FrozenTowersMixi
                 "qformer_config.use_qformer_text_input=True."
             )
         qformer_width = config.qformer_config.hidden_size
-        self.vision_model = Blip2VisionModel._from_config(config.vision_config)
+        self.vision_model = build_vision_model(config)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_width))
         self.embeddings = Blip2TextEmbeddings(config.qformer_config)
         self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
@@ -2603,7 +2872,7 @@ class Blip2ForPreTraining(Blip2Stage1FeaturesMixin, Blip2FrozenTowersMixin, Blip
                 "30522), which starts image-grounded text generation."
             )
         width = qformer_config.hidden_size
-        self.vision_model = Blip2VisionModel._from_config(config.vision_config)
+        self.vision_model = build_vision_model(config)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, width))
         self.embeddings = Blip2TextEmbeddings(qformer_config)
         self.qformer = Blip2QFormerModel._from_config(qformer_config)

@@ -344,3 +344,29 @@ def save_tiny_generation_checkpoint(folder, text: str = "opt", num_query_tokens:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return model
+
+
+TINY_VISION_FAMILIES = ("eva", "clip", "siglip", "dinov2", "convnext")
+
+
+def tiny_vision_config(family: str):
+    """A tiny random-weight vision config of `family` ("eva": ours, "clip", "siglip", "dinov2", "convnext"), each
+    32 wide (ConvNeXt: its last stage), 2 layers (ConvNeXt: 2 stages), for 32-px images with 16 patch tokens (patch
+    8; ConvNeXt: a patch-4 stem, then one 2x downsampling -> a 4x4 map). Returns the `PreTrainedConfig`."""
+    from transformers import CLIPVisionConfig, ConvNextConfig, Dinov2Config, SiglipVisionConfig
+
+    from .configuration_blip2 import Blip2VisionConfig
+
+    vit = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32)
+    if family == "eva":
+        return Blip2VisionConfig(**vit, patch_size=8)
+    if family == "clip":
+        return CLIPVisionConfig(**vit, patch_size=8, projection_dim=32)
+    if family == "siglip":
+        return SiglipVisionConfig(**vit, patch_size=8)
+    if family == "dinov2":
+        vit.pop("intermediate_size")  # DINOv2 sizes its MLP by `mlp_ratio`
+        return Dinov2Config(**vit, patch_size=8, mlp_ratio=2)
+    if family == "convnext":
+        return ConvNextConfig(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], patch_size=4, image_size=32)
+    raise ValueError(f"tiny_vision_config: family={family!r}: expected one of {TINY_VISION_FAMILIES}.")
