@@ -38,7 +38,6 @@ from transformers import (
     AutoTokenizer,
     HfArgumentParser,
     PreTrainedConfig,
-    PreTrainedModel,
     set_seed,
 )
 
@@ -198,7 +197,7 @@ def build_model(args: ModelArguments, config: Blip2Config) -> Blip2ForPreTrainin
     if path is None:
         logger.warning("No vision_model_name_or_path: the frozen image encoder keeps its random initialization.")
     elif foreign_vision_config(path) is not None:
-        model.vision_model.load_backbone(vision_backbone(path))
+        model.vision_model.load_backbone(path)  # a two-tower folder (CLIP, SigLIP): its vision tower
     else:
         # a full BLIP-2 folder has `vision_model.*` keys; a `Blip2VisionModel` folder has them without the prefix
         weights = read_safetensors_folder(path)
@@ -209,29 +208,6 @@ def build_model(args: ModelArguments, config: Blip2Config) -> Blip2ForPreTrainin
                 f"{path}: vision weights do not match the config: missing {missing}, unexpected {unexpected}"
             )
     return model
-
-
-def vision_backbone(path: str) -> str | PreTrainedModel:
-    """What `Blip2BackboneVisionModel.load_backbone` takes: the folder of a vision model itself, or, for a two-tower
-    model (CLIP, SigLIP), its vision tower loaded on its own from the folder (the other tower's tensors are the only
-    ones left over; a vision tensor missing is an error)."""
-    config = AutoConfig.from_pretrained(path)
-    if getattr(config, "vision_config", None) is None:
-        return path
-    from transformers import MODEL_MAPPING
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the other tower's tensors would fill a table of "UNEXPECTED" keys
-    try:
-        tower, info = MODEL_MAPPING[type(config.vision_config)].from_pretrained(path, output_loading_info=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    stray = sorted(key for key in info["unexpected_keys"] if key.startswith("vision_model."))
-    problems = sorted(info["missing_keys"]) + sorted(info["mismatched_keys"]) + stray
-    if problems:
-        raise ValueError(f"{path}: the {config.model_type} vision tower does not load: {problems[:5]}")
-    return tower
 
 
 def main(argv: list[str] | None = None) -> None:
