@@ -410,7 +410,8 @@ class Blip2Config(PreTrainedConfig):
         if isinstance(vision_config, PreTrainedConfig):
             if isinstance(vision_config, Blip2VisionConfig):
                 return vision_config
-            if vision_config.model_type == "blip_2_vision_model":  # transformers' own: the same fields as ours
+            # transformers' own, or ours from another copy of this file (remote code): the same fields
+            if vision_config.model_type in ("blip_2_vision_model", Blip2VisionConfig.model_type):
                 return vision_config.to_dict()
             if not is_vision_model_type(vision_config.model_type):
                 raise _not_a_vision_model(vision_config.model_type, type(vision_config).__name__)
