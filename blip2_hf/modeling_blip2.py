@@ -685,6 +685,34 @@ def read_safetensors_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor
     return state_dict
 
 
+def checkpoint_keys_as_model_keys(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` read from a saved folder, renamed as `model`'s own parameters are named. transformers 5 saves some
+    families under their legacy names and renames them while loading (DINOv2's `attention.attention.key` is the
+    module `attention.k_proj`), so a folder read tensor by tensor must be renamed the same way, with the renamings
+    transformers registers for `model` and each of its sub-models (scoped to their prefix). A tensor that needs more
+    than a renaming (a split or merge) is an error naming it."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without conversion mappings saves under the module names
+        return tensors
+    transforms = get_model_conversion_mapping(model)
+    if not transforms:
+        return tensors
+    renamings = [transform for transform in transforms if isinstance(transform, WeightRenaming)]
+    converters = [transform for transform in transforms if not isinstance(transform, WeightRenaming)]
+    renamed = {}
+    for key, tensor in tensors.items():
+        new_key, converter = rename_source_key(key, renamings, converters)
+        if converter is not None:
+            raise ValueError(
+                f"{key}: this tensor must be converted (pattern {converter!r}), not only renamed, to load into "
+                f"{type(model).__name__}; load the folder with from_pretrained instead."
+            )
+        renamed[new_key] = tensor
+    return renamed
+
+
 class CheckpointMismatchError(Exception):
     """A checkpoint whose tensors do not fit the class loading it: tensors missing (they would start random),
     unexpected (they would be dropped) or of another shape, beyond the differences `Blip2PreTrainedModel.from_pretrained`
@@ -1598,7 +1626,10 @@ class Blip2Model(Blip2FrozenTowersMixin, Blip2PreTrainedModel):
         Logs and returns `{"loaded": [...], "new": [...], "dropped": [...]}`; a tensor whose shape differs is an error
         naming it."""
         source = "a state dict" if isinstance(stage1_folder, dict) else stage1_folder
-        stage1 = stage1_folder if isinstance(stage1_folder, dict) else read_safetensors_folder(stage1_folder)
+        if isinstance(stage1_folder, dict):
+            stage1 = stage1_folder
+        else:
+            stage1 = checkpoint_keys_as_model_keys(self, read_safetensors_folder(stage1_folder))
         own = self.state_dict()
         loaded, dropped = [], []
         for key, tensor in stage1.items():

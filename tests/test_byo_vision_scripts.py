@@ -188,16 +188,9 @@ def stage2_and_caption(family: str, stage1_runs, tiny: Path) -> None:
     assert isinstance(processor.batch_decode(ids, skip_special_tokens=True)[0], str)
 
 
-# DINOv2's checkpoints name its attention tensors as before transformers 5 (`attention.attention.key`), its modules
-# `attention.k_proj`: `init_from_stage1` reads the stage-1 folder's raw tensor names and misses them.
-DINOV2_STAGE1_NAMES = "from_stage1 compares the stage-1 folder's saved tensor names with DINOv2's renamed modules"
-
-
-@pytest.mark.parametrize(
-    "family",
-    [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=DINOV2_STAGE1_NAMES)) if f == "dinov2" else f
-     for f in FAMILIES],
-)  # fmt: skip
+# DINOv2's folders name its attention tensors as before transformers 5 (`attention.attention.key`), its modules
+# `attention.k_proj`: stage 2 reads the stage-1 folder tensor by tensor and must rename them as from_pretrained does.
+@pytest.mark.parametrize("family", FAMILIES)
 def test_stage2_from_a_foreign_encoder_stage1_folder_captions(family, stage1_runs, tiny):
     stage2_and_caption(family, stage1_runs, tiny)
 
