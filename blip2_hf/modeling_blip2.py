@@ -2132,9 +2132,14 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
         if processor is not None:
             has_qformer_tokenizer = getattr(processor, "qformer_tokenizer", None) is not None
             return processor.without_qformer_tokenizer() if has_qformer_tokenizer else processor
+        import importlib
+
         from transformers import AutoTokenizer
 
-        from .processing_blip2 import Blip2Processor  # lazily: remote code (this file alone) passes a processor
+        # Imported by name, not by a `from .processing_blip2 import` statement: transformers' remote-code loader
+        # requires every module such a statement names to be in the folder, and a saved model ships without the
+        # processor's code (remote code passes a processor here).
+        Blip2Processor = importlib.import_module(f"{__package__}.processing_blip2").Blip2Processor
 
         if stage1_folder is None or not llm.name_or_path:
             raise ValueError(

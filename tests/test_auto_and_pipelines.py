@@ -155,3 +155,35 @@ def test_fresh_process_without_the_package(checkpoint):
     assert isinstance(result["caption_with_prompt"][0]["generated_text"], str)
     answer = result["answer"]
     assert len(answer) == 1 and answer[0]["generated_text"].startswith("Question: what is it? Answer:")
+
+
+MODEL_ONLY_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.modules["blip2_hf"] = None
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    print("RESULT", type(model).__module__, model.vision_model.embeddings.patch_embedding.weight.sum().item())
+    """
+)
+
+
+def test_model_saved_without_its_processor_loads_as_remote_code(tmp_path):
+    """`model.save_pretrained` alone (no processor beside it) ships code that loads where `blip2_hf` is not importable:
+    the model code names no module the folder lacks (transformers' loader checks every relative import)."""
+    model = save_tiny_generation_checkpoint(tmp_path / "full", "opt")
+    model.save_pretrained(tmp_path / "model_only")
+    assert not (tmp_path / "model_only" / "processing_blip2.py").exists()
+    proc = subprocess.run(
+        [sys.executable, "-c", MODEL_ONLY_SCRIPT, str(tmp_path / "model_only")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    module, weight_sum = proc.stdout.split("RESULT", 1)[1].split()
+    assert module.startswith("transformers_modules")
+    assert float(weight_sum) == pytest.approx(model.vision_model.embeddings.patch_embedding.weight.sum().item())
