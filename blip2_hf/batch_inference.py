@@ -384,10 +384,12 @@ def answer_question_records(
     prompt_template: str,
     batch_size: int = 16,
     num_workers: int = 0,
+    use_chat_template: bool = False,
     **generate_kwargs: Any,
 ) -> Iterator[list[dict[str, Any]]]:
     """
-    Answer `questions` (`prompt_template.format(question)` is the prompt) grouped by image (`group_by_image`): each
+    Answer `questions` (`prompt_template.format(question)` is the prompt, put into the LLM tokenizer's chat template
+    as a user turn with `use_chat_template`, see `Blip2Processor.chat_prompt`) grouped by image (`group_by_image`): each
     image decoded once, its questions in one batch. Yields each batch's records, `question.record()` plus `"answer"`,
     or plus `"error"` for every question of an unreadable image. Call under `torch.inference_mode()`.
     """
@@ -403,6 +405,8 @@ def answer_question_records(
             counts = torch.tensor([len(per_image[index]) for index in batch["ok"]])
             image_rows = torch.repeat_interleave(torch.arange(len(counts)), counts)
             prompts = [prompt_template.format(question.question) for question in asked]
+            if use_chat_template:
+                prompts = [processor.chat_prompt(prompt) for prompt in prompts]
             answers = generate_texts(
                 model, processor, batch["pixel_values"], prompts, image_rows=image_rows, **generate_kwargs
             )

@@ -592,6 +592,12 @@ def add_ask_command(subparsers: argparse._SubParsersAction) -> None:
         metavar="TEMPLATE",
         help=f"The prompt, with {{}} where the question goes (default: {VQA_PROMPT!r}, as evaluation/vqa.py).",
     )
+    parser.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="Put the filled-in prompt into the LLM tokenizer's chat template as a user turn (chat / instruct LLMs; "
+        "default: the plain prompt).",
+    )
     parser.add_argument("--num-beams", type=_positive_int, metavar="N", default=5, help="Beam width (default: 5).")
     parser.add_argument(
         "--max-new-tokens", type=_positive_int, metavar="N", default=10, help="Answer length limit (default: 10)."
@@ -645,6 +651,12 @@ def run_ask(args: argparse.Namespace) -> int:
     if loaded is None:
         return 2
     model, processor = loaded
+    if args.chat_template:
+        try:
+            processor.chat_prompt("")
+        except ValueError as err:
+            print(f"blip2-hf ask: error: --chat-template: {err}", file=sys.stderr)
+            return 2
     if results is not None:
         todo = [question for question in questions if question.key() not in results.done]
         _skipping(args, len(questions) - len(todo), "questions")
@@ -670,7 +682,8 @@ def run_ask(args: argparse.Namespace) -> int:
     # min_new_tokens=1 is LAVIS's `min_len=1`: an end-of-answer ("\n" or EOS) cannot come first, so a model unsure
     # of the answer still gives one instead of an empty line
     batches = answer_question_records(model, processor, questions, args.prompt_template, args.batch_size, workers,
-                               num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, min_new_tokens=1)  # fmt: skip
+                                      use_chat_template=args.chat_template, num_beams=args.num_beams,
+                                      max_new_tokens=args.max_new_tokens, min_new_tokens=1)  # fmt: skip
     failed = _stream(args, len(questions), "question", batches, handle)
     what = "questions (their images)" if args.questions is not None else "images"
     code = _finish(args, results, failed, len(questions), what)

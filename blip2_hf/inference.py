@@ -96,6 +96,7 @@ def answer_questions(
     questions: Sequence[Sequence[str]],
     prompt: str = VQA_PROMPT,
     batch_size: int = 32,
+    use_chat_template: bool = False,
     **generate_kwargs: Any,
 ) -> list[list[str]]:
     """Answer `questions[i]` (a list) about `images[i]`, for every image; each image is encoded once.
@@ -108,6 +109,8 @@ def answer_questions(
         prompt: the template, `{}` where the question goes (default: LAVIS's zero-shot VQA prompt).
         batch_size: about how many questions per `generate` call: whole images are packed until the next would
             exceed it (an image with more questions is a batch of its own).
+        use_chat_template: put each filled-in prompt into the LLM tokenizer's chat template as a user turn
+            (`processor.chat_prompt`), for chat / instruct LLMs; the default is BLIP-2's plain prompt.
         generate_kwargs: for `generate` (`num_beams`, `max_new_tokens`, ...), over `model.generation_config`.
     Returns:
         N lists: the answers to `questions[i]`, in order, stripped.
@@ -119,6 +122,8 @@ def answer_questions(
     answers: list[list[str]] = []
     for batch in batches_by_image([len(q) for q in questions], batch_size):
         texts = [[prompt.replace("{}", question) for question in questions[index]] for index in batch]
+        if use_chat_template:
+            texts = [[processor.chat_prompt(text) for text in texts_of_image] for texts_of_image in texts]
         inputs = grouped_inputs(processor, [images[index] for index in batch], texts).to(model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.vision_model.dtype)
         output = model.generate(**inputs, **generate_kwargs)

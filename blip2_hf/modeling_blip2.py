@@ -1978,7 +1978,7 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
                 out) or such a model. Every image-encoder, query and Q-Former tensor must be in it (a Trainer
                 checkpoint without the frozen ViT is an error, not a random encoder).
             language_model: the LLM's name or path (`AutoModelForCausalLM` or `AutoModelForSeq2SeqLM` by its model
-                type), or a loaded `PreTrainedModel`, used as is.
+                type; an encoder such as BERT is an error), or a loaded `PreTrainedModel`, used as is.
             processor: the stage-2 processor (a stage-1 one is used without its Q-Former tokenizer), or None: the
                 stage-1 folder's image processor and the LLM's tokenizer, writing `num_query_tokens` image tokens.
             config_overrides: `Blip2Config` fields, e.g. `num_query_tokens`; a dict for `qformer_config` or
@@ -2055,13 +2055,42 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
 
     @staticmethod
     def _load_language_model(language_model: str | os.PathLike | PreTrainedModel) -> PreTrainedModel:
-        if isinstance(language_model, PreTrainedModel):
-            return language_model
+        """The LLM as a causal LM (`AutoModelForCausalLM`) or an encoder-decoder (`AutoModelForSeq2SeqLM`), by its
+        config's `model_type`; anything else (an encoder such as BERT, a vision model) is an error naming it."""
         from transformers import AutoConfig
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+            MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+        )
 
-        causal = AutoConfig.from_pretrained(language_model).model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-        return (AutoModelForCausalLM if causal else AutoModelForSeq2SeqLM).from_pretrained(language_model)
+        if isinstance(language_model, PreTrainedModel):
+            if not isinstance(language_model, GenerationMixin) or language_model.get_output_embeddings() is None:
+                raise ValueError(
+                    f"from_stage1: the language model is a {type(language_model).__name__}, not a causal LM or an "
+                    "encoder-decoder LM with a language-modeling head (text_config must be one, e.g. "
+                    "LlamaForCausalLM, T5ForConditionalGeneration)."
+                )
+            return language_model
+        config = AutoConfig.from_pretrained(language_model)
+        causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        seq2seq = config.model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+        # BERT-like encoders have a causal-LM class too (BertLMHeadModel) but are not decoders: a folder saved from
+        # BertModel says `architectures: ["BertModel"]` and `is_decoder: false`.
+        architectures = getattr(config, "architectures", None) or []
+        lm_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) | set(
+            MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values()
+        )
+        not_a_decoder = causal and not seq2seq and getattr(config, "is_decoder", None) is False
+        if not (causal or seq2seq) or (architectures and not lm_classes & set(architectures)) or not_a_decoder:
+            raise ValueError(
+                f"language_model_name_or_path {str(language_model)!r} holds a {config.model_type!r} model "
+                f"({', '.join(architectures) or 'no architectures listed'}): BLIP-2's text_config must be a causal "
+                "LM (OPT, Llama, Qwen2, Mistral, Gemma, ...) or an encoder-decoder LM (T5, Flan-T5, mT5), saved "
+                "from its *ForCausalLM / *ForConditionalGeneration class."
+            )
+        return (AutoModelForCausalLM if causal and not seq2seq else AutoModelForSeq2SeqLM).from_pretrained(
+            language_model
+        )
 
     @staticmethod
     def _stage2_processor(

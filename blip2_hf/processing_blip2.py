@@ -547,6 +547,7 @@ class Blip2Processor(ProcessorMixin):
         strategy = PaddingStrategy.LONGEST if padding is True else PaddingStrategy(padding or "do_not_pad")
         if strategy == PaddingStrategy.DO_NOT_PAD:
             return rows
+        self._check_pad_token()
         padded = self.tokenizer.pad(
             rows,
             padding=strategy,
@@ -557,6 +558,44 @@ class Blip2Processor(ProcessorMixin):
             return_attention_mask=return_attention_mask,
         )
         return dict(padded)
+
+    def _check_pad_token(self) -> None:
+        """Padding needs `tokenizer.pad_token`; Llama, Mistral and others ship without one."""
+        if self.tokenizer.pad_token is None:
+            raise ValueError(
+                f"Blip2Processor: padding needs tokenizer.pad_token, but this {type(self.tokenizer).__name__} has none "
+                "(Llama and Mistral tokenizers ship without one). Set one that is in its vocabulary, e.g. "
+                "`processor.tokenizer.pad_token = processor.tokenizer.eos_token` (or the unk token), and save the "
+                "processor; training/stage2.py takes `--pad_token TOKEN`."
+            )
+
+    def chat_prompt(self, text: str) -> str:
+        """
+        `text` as one user turn of the language model's chat template, ready for the assistant's answer
+        (`tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)`), as a
+        string to pass as this processor's `text` (the image tokens still go in front). A template that writes the
+        BOS token itself (Llama-2, Gemma) has it removed here when the tokenizer adds BOS on its own, so that the
+        tokenized prompt holds one BOS, not two.
+
+        Raises:
+            ValueError: the tokenizer has no chat template (`tokenizer.chat_template` is None), e.g. a base model's.
+        """
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(
+                f"A chat-template prompt was asked for, but the language model's tokenizer has no chat template "
+                f"(tokenizer.chat_template is None for this {type(self.tokenizer).__name__}): use a chat or instruct "
+                "model's tokenizer, set tokenizer.chat_template, or leave the chat template off (BLIP-2's plain "
+                "prompt)."
+            )
+        prompt = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+        bos = self.tokenizer.bos_token
+        if bos and prompt.startswith(bos):
+            adds_bos = self.tokenizer("", add_special_tokens=True)["input_ids"][:1] == [self.tokenizer.bos_token_id]
+            if adds_bos:
+                prompt = prompt[len(bos) :]
+        return prompt
 
     @staticmethod
     def _as_text_list(text: Any) -> list[str]:

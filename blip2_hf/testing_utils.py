@@ -370,3 +370,25 @@ def tiny_vision_config(family: str):
     if family == "convnext":
         return ConvNextConfig(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], patch_size=4, image_size=32)
     raise ValueError(f"tiny_vision_config: family={family!r}: expected one of {TINY_VISION_FAMILIES}.")
+
+
+# Tiny LLM configs of every family BLIP-2 is tested with (`tiny_text_config`): the widths of `TINY_TEXT`, each
+# family's own switches set so that its distinctive code runs (Mistral's sliding window shorter than a prompt with its
+# image tokens, Gemma's scaled embeddings and explicit head_dim, mT5's untied head).
+_TINY_FAMILIES = {
+    "opt": TINY_TEXT["opt"],
+    "llama": TINY_TEXT["llama"],
+    "qwen2": TINY_TEXT["qwen2"],
+    "mistral": dict(TINY_TEXT["llama"], model_type="mistral", sliding_window=8),
+    "gemma": dict(TINY_TEXT["llama"], model_type="gemma", head_dim=8, hidden_activation="gelu_pytorch_tanh"),
+    "t5": TINY_TEXT["t5"],
+    "mt5": dict(TINY_TEXT["t5"], model_type="mt5"),
+}
+
+
+def tiny_text_config(family: str, **overrides) -> dict:
+    """A tiny LLM config dict (`model_type` set) of `family`: "opt", "llama", "qwen2", "mistral", "gemma" (decoder-only)
+    or "t5", "mt5" (encoder-decoder; Flan-T5 is T5), widths 32 and vocab 99 unless `overrides` say otherwise."""
+    if family not in _TINY_FAMILIES:
+        raise ValueError(f"tiny_text_config: unknown family {family!r}; expected one of {sorted(_TINY_FAMILIES)}.")
+    return copy.deepcopy(dict(_TINY_FAMILIES[family], **overrides))

@@ -139,6 +139,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"Template with {{}} for the question. Default: {VQA_PROMPT!r} (LAVIS's zero-shot VQA configs, every "
         "LLM; `blip2-hf ask`'s too); the paper's OPT rows used 'Question: {} Answer:'.",
     )
+    parser.add_argument(
+        "--use_chat_template",
+        action="store_true",
+        help="Put the filled-in --prompt into the LLM tokenizer's chat template as a user turn (chat / instruct "
+        "LLMs; default: the plain prompt).",
+    )
     parser.add_argument("--max_words", type=int, default=50, help="Words kept per question (LAVIS: 50).")
     add_generation_args(parser, num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
     args = parser.parse_args(argv)
@@ -280,13 +286,16 @@ class Collate:
     """Loads a batch's images, once each, and builds the `generate(image_rows=...)` inputs of their questions
     (`blip2_hf.inference.grouped_inputs`: `[pad..., <image> x Q, BOS, prompt]` rows, padded on the left)."""
 
-    def __init__(self, processor, prompt: str, max_words: int):
+    def __init__(self, processor, prompt: str, max_words: int, use_chat_template: bool = False):
         self.processor, self.prompt, self.max_words = processor, prompt, max_words
+        self.use_chat_template = use_chat_template
 
     def __call__(self, groups: list[list[dict]]) -> tuple[list[dict], Any]:
         texts = [
             [self.prompt.replace("{}", pre_question(row["question"], self.max_words)) for row in g] for g in groups
         ]
+        if self.use_chat_template:
+            texts = [[self.processor.chat_prompt(text) for text in group] for group in texts]
         images = [load_image(group[0]["image"]) for group in groups]
         inputs = grouped_inputs(self.processor, images, texts)
         return [row for group in groups for row in group], inputs
@@ -311,7 +320,7 @@ def answer(
         batch_size=None,
         shuffle=False,
         num_workers=args.num_workers,
-        collate_fn=Collate(processor, prompt, args.max_words),
+        collate_fn=Collate(processor, prompt, args.max_words, args.use_chat_template),
     )
     for batch_rows, inputs in tqdm(loader, desc="Answering", unit="batch", disable=not main):
         inputs = inputs.to(model.device)
@@ -357,6 +366,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     log = PredictionLog(args.output_dir, "question_id", args, accelerator) if args.output_dir else None
 
     processor = load_processor(args)
+    if args.use_chat_template:
+        processor.chat_prompt("")  # a tokenizer without a chat template fails here, before the model loads
     model, dtype = load_model(Blip2ForConditionalGeneration, args, accelerator)
     prompt = args.prompt or VQA_PROMPT
     main = accelerator.is_main_process
