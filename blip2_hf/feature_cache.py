@@ -1,8 +1,9 @@
 """Frozen-feature cache: run BLIP-2's frozen image encoder once per image, store its output, train from the store.
 
-In both BLIP-2 stages the image encoder (patch embedding + ViT blocks) is frozen, so its output for a given image
-never changes during training. `build_feature_cache` computes it once per distinct image of a caption dataset
-(`model.encode_image_frozen`: `[B, 1 + P, Dv]`, *before* the trainable `post_layernorm`), and
+In both BLIP-2 stages the image encoder (our EVA ViT, or any transformers vision model: CLIP, SigLIP, DINOv2,
+ConvNeXt, ...) is frozen, so its output for a given image never changes during training. `build_feature_cache` computes
+it once per distinct image of a caption dataset (`model.encode_image_frozen`: `[B, T, Dv]`, the tokens the Q-Former
+reads, e.g. `T = 1 + P` for a ViT with a CLS token, *before* the trainable `post_layernorm`), and
 `load_feature_cache` gives it back as a `datasets.Dataset` whose rows feed `forward(frozen_image_states=...)`
 directly.
 
@@ -13,12 +14,13 @@ horizontal flip. In exchange, the frozen encoder (ViT-g: ~1B parameters, most of
 Storage format (one directory):
 
 - `features-00000.safetensors`, `features-00001.safetensors`, ...: each holds one tensor `frozen_image_states`
-  `[n, 1 + P, Dv]` in the cache dtype (fp16 by default), one row per distinct image, `shard_size` rows per shard
+  `[n, T, Dv]` in the cache dtype (fp16 by default), one row per distinct image, `shard_size` rows per shard
   (the last shard may be shorter). Read by memory map, row by row. Caches written before the rename name the
   tensor `image_embeds`; they load the same way.
-- `index.json`: `format`/`version`; `dtype`; `embed_shape` (`[1 + P, Dv]`); `image_size` (`[H, W]` the images were
-  resized to); `vision_config` (the architecture fields of the encoder); `vision_weights_sample` (a few weights of
-  the encoder, to tell two checkpoints of the same shape apart); `image_processor` (its settings); `source` (the
+- `index.json`: `format`/`version`; `dtype`; `embed_shape` (`[T, Dv]`); `image_size` (`[H, W]` the images were
+  resized to); `vision_config` (the architecture fields of the encoder that it has, and which of its outputs feed the
+  Q-Former: `vision_feature_layer`, `vision_feature_select_strategy`); `vision_weights_sample` (a few weights of the
+  encoder, to tell two checkpoints of the same shape apart); `image_processor` (its settings); `source` (the
   dataset's description) and `counts`; `shards` (`file`, `num_images`, `bytes` each); `skipped` (unreadable images
   and why); `rows`, column-wise, one entry per kept caption row in dataset order: `shard`, `row` (within the shard),
   `caption`, `image` (the image's key: its absolute path, or `sha256:<hex>` of its bytes), `source_row` (the row's
@@ -55,7 +57,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .data import load_image, load_training_data
-from .modeling_blip2 import Blip2VisionModel, frozen_tower_dtype
+from .modeling_blip2 import Blip2BackboneVisionModel, Blip2VisionModel, frozen_tower_dtype
 
 FORMAT = "blip2_hf.feature_cache"
 VERSION = 1
@@ -67,21 +69,23 @@ TENSOR_NAME = "frozen_image_states"  # the shards' tensor, and the loaded datase
 LEGACY_TENSOR_NAMES = ("image_embeds",)
 DEFAULT_SHARD_SIZE = 1024  # images per shard: ~0.74 GB for ViT-g at 224 px in fp16 (257 x 1408 x 2 bytes per image)
 
-# What must agree between a model and a cache for the cached features to be that model's.
-CHECKED_FIELDS = ("hidden_size", "image_size", "patch_size", "num_hidden_layers")
-# The vision config fields recorded in index.json (the architecture, not the generic PretrainedConfig fields).
+# What must agree between a model and a cache for the cached features to be that model's: the encoder family, its
+# shape, and which of its outputs are cached (the layer and the tokens).
+CHECKED_FIELDS = (
+    "model_type", "hidden_size", "hidden_sizes", "image_size", "patch_size", "num_hidden_layers", "depths",
+    "vision_feature_layer", "vision_feature_select_strategy",
+)  # fmt: skip
+# The vision config fields recorded in index.json, those of them the encoder's config has (the architecture, not the
+# generic PretrainedConfig fields: ConvNeXt has `hidden_sizes` and `depths` where a ViT has `hidden_size`).
 VISION_FIELDS = (
-    "model_type",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "image_size",
-    "patch_size",
-    "hidden_act",
-    "layer_norm_eps",
-    "qkv_bias",
-)
+    "model_type", "hidden_size", "hidden_sizes", "intermediate_size", "num_hidden_layers", "depths",
+    "num_attention_heads", "image_size", "patch_size", "hidden_act", "layer_norm_eps", "qkv_bias",
+)  # fmt: skip
+# Which of the encoder's outputs the cache holds (`Blip2Config`'s fields), recorded beside VISION_FIELDS; caches made
+# before they were recorded hold our EVA encoder's last hidden state, every token.
+FEATURE_FIELDS = {"vision_feature_layer": -1, "vision_feature_select_strategy": "full"}
+# Backbone tensors `vision_weights_sample` reads (evenly spaced in the backbone's order, first and last included).
+_SAMPLED_BACKBONE_TENSORS = 8
 DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
     "float16": torch.float16,
@@ -162,9 +166,10 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> dict[s
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _vision_tower(model: torch.nn.Module) -> Blip2VisionModel:
-    """The `Blip2VisionModel` of any of our models (or the model itself when it is one)."""
-    if isinstance(model, Blip2VisionModel):
+def _vision_tower(model: torch.nn.Module) -> Blip2VisionModel | Blip2BackboneVisionModel:
+    """The vision model (`Blip2VisionModel`, EVA, or `Blip2BackboneVisionModel`, any other family) of any of our
+    models, or the model itself when it is one."""
+    if isinstance(model, (Blip2VisionModel, Blip2BackboneVisionModel)):
         return model
     vision = getattr(model, "vision_model", None)
     if vision is None:
@@ -173,32 +178,44 @@ def _vision_tower(model: torch.nn.Module) -> Blip2VisionModel:
 
 
 def _frozen_encoder(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
-    """`pixel_values [B, 3, H, W] -> [B, 1 + P, Dv]`, the frozen encoder's output before `post_layernorm`."""
-    if not isinstance(model, Blip2VisionModel):
-        return model.encode_image_frozen
+    """`pixel_values [B, 3, H, W] -> [B, T, Dv]`, the frozen encoder's output before `post_layernorm`."""
+    if isinstance(model, (Blip2VisionModel, Blip2BackboneVisionModel)):
+        return model.encode_frozen
+    return model.encode_image_frozen
 
-    def encode(pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        with torch.no_grad():
-            embeddings = model.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-            return model.encoder(embeddings).last_hidden_state
 
-    return encode
+def _encoder_parameter(vision: torch.nn.Module) -> torch.nn.Parameter:
+    """A weight of the frozen encoder (not of the trainable `post_layernorm`): its device and dtype are the encoder's."""
+    if isinstance(vision, Blip2BackboneVisionModel):
+        return next(vision.backbone.parameters())
+    return vision.embeddings.patch_embedding.weight
 
 
 def vision_config_dict(model: torch.nn.Module) -> dict[str, Any]:
-    """The architecture fields of the model's image encoder config (`VISION_FIELDS`)."""
-    config = _vision_tower(model).config
-    return {field: getattr(config, field, None) for field in VISION_FIELDS}
+    """The architecture fields the model's image encoder config has (`VISION_FIELDS`) and which of the encoder's
+    outputs it feeds the Q-Former (`FEATURE_FIELDS`: the vision model's `feature_layer` and `select_strategy`, set
+    from `Blip2Config.vision_feature_layer` / `vision_feature_select_strategy`)."""
+    vision = _vision_tower(model)
+    record = {field: getattr(vision.config, field) for field in VISION_FIELDS if hasattr(vision.config, field)}
+    record["vision_feature_layer"] = vision.feature_layer
+    record["vision_feature_select_strategy"] = vision.select_strategy
+    return record
 
 
 def vision_weights_sample(model: torch.nn.Module) -> dict[str, list[float]]:
-    """A few evenly spaced values of the encoder's embeddings and last block, per tensor: enough to tell two
+    """A few evenly spaced values per tensor of some of the encoder's weights (EVA: its embeddings and last block;
+    another family: `_SAMPLED_BACKBONE_TENSORS` backbone tensors evenly spaced in its order): enough to tell two
     checkpoints of the same architecture apart, robust to the dtype the weights were loaded in."""
     vision = _vision_tower(model)
-    named = dict(vision.embeddings.named_parameters(prefix="embeddings"))
-    if len(vision.encoder.layers):
-        last = len(vision.encoder.layers) - 1
-        named.update(vision.encoder.layers[last].named_parameters(prefix=f"encoder.layers.{last}"))
+    if isinstance(vision, Blip2BackboneVisionModel):
+        tensors = list(vision.backbone.named_parameters(prefix="backbone"))
+        picks = torch.linspace(0, len(tensors) - 1, min(_SAMPLED_BACKBONE_TENSORS, len(tensors))).round().long()
+        named = dict(tensors[int(i)] for i in picks)
+    else:
+        named = dict(vision.embeddings.named_parameters(prefix="embeddings"))
+        if len(vision.encoder.layers):
+            last = len(vision.encoder.layers) - 1
+            named.update(vision.encoder.layers[last].named_parameters(prefix=f"encoder.layers.{last}"))
     sample = {}
     for name in sorted(named):
         flat = named[name].detach().reshape(-1)
@@ -345,7 +362,7 @@ def build_feature_cache(
     """Encode every distinct image of `dataset` once with the frozen encoder and write a feature cache.
 
     Args:
-        model: any of our BLIP-2 models with a `vision_model` (or a `Blip2VisionModel`); only its frozen encoder
+        model: any of our BLIP-2 models with a `vision_model` (or the vision model itself); only its frozen encoder
             runs (in eval mode, restored afterwards), in the dtype its weights have.
         dataset: rows with `image` (a path, encoded bytes, or a `datasets.Image` cell) and `caption`. Rows that share
             an image (same absolute path, or same bytes) share one cached row.
@@ -378,7 +395,7 @@ def build_feature_cache(
     encode = _frozen_encoder(model)
     if device is not None:
         vision.to(device)
-    device = vision.embeddings.patch_embedding.weight.device
+    device = _encoder_parameter(vision).device
     plan = _plan_distinct_images(dataset)
 
     with _staging_directory(output_dir) as partial, _eval_mode(vision):
@@ -538,7 +555,7 @@ def _cache_rows(plan: _DistinctImagePlan, slots: Mapping[int, int], shard_size: 
 
 def _cache_index(
     model: torch.nn.Module,
-    vision: Blip2VisionModel,
+    vision: Blip2VisionModel | Blip2BackboneVisionModel,
     processor: Any,
     dataset: datasets.Dataset,
     source: Any,
@@ -562,7 +579,7 @@ def _cache_index(
         "interpolate_pos_encoding": interpolate_pos_encoding,
         "model": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "model_class": type(model).__name__,
-        "encoder_dtype": _dtype_name(vision.embeddings.patch_embedding.weight.dtype),
+        "encoder_dtype": _dtype_name(_encoder_parameter(vision).dtype),
         "vision_config": vision_config_dict(model),
         "vision_weights_sample": vision_weights_sample(model),
         "image_processor": _image_processor_settings(processor),
@@ -765,15 +782,17 @@ def load_feature_cache(cache_dir: str | os.PathLike) -> datasets.Dataset:
 
 
 def check_cache_matches(model: torch.nn.Module, cache_dir: str | os.PathLike, check_weights: bool = True) -> None:
-    """Raise `ValueError` unless `cache_dir` holds features of this model's image encoder: same hidden size, image
-    size, patch size and number of layers (`CHECKED_FIELDS`) and, with `check_weights`, the same weights (a sample
-    of them, compared with a 1% tolerance so that fp16/bf16/fp32 copies of one checkpoint agree)."""
+    """Raise `ValueError` unless `cache_dir` holds features of this model's image encoder: same family, width, image
+    size, patch size, depth and selected layer and tokens (`CHECKED_FIELDS`) and, with `check_weights`, the same
+    weights (a sample of them, compared with a 1% tolerance so that fp16/bf16/fp32 copies of one checkpoint agree)."""
     index = read_cache_index(cache_dir)
-    ours, theirs = vision_config_dict(model), index["vision_config"]
+    ours, theirs = vision_config_dict(model), dict(index["vision_config"])
+    for field, legacy in FEATURE_FIELDS.items():  # a cache from before they were recorded: EVA, last state, all tokens
+        theirs.setdefault(field, legacy)
     problems = [
-        f"{field}: model {ours.get(field)} != cache {theirs.get(field)}"
+        f"{field}: model {_shown(ours.get(field))} != cache {_shown(theirs.get(field))}"
         for field in CHECKED_FIELDS
-        if ours.get(field) != theirs.get(field)
+        if _shown(ours.get(field)) != _shown(theirs.get(field))
     ]
     if not problems and check_weights and index.get("vision_weights_sample") is not None:
         cached = index["vision_weights_sample"]
@@ -793,6 +812,11 @@ def check_cache_matches(model: torch.nn.Module, cache_dir: str | os.PathLike, ch
         raise ValueError(
             f"the feature cache {cache_dir} was not made by this model's image encoder: " + "; ".join(problems)
         )
+
+
+def _shown(value: Any) -> Any:
+    """A config value as index.json gives it back (tuples become lists), so the two sides compare equal."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import get_session, validate_repo_id
 
 from . import __version__, modeling_blip2
-from .configuration_blip2 import Blip2Config
+from .configuration_blip2 import Blip2Config, Blip2VisionConfig
 from .constants import DEFAULT_LICENSE, DEFAULT_TEMPLATE, HUB_TIMEOUT
 from .remote_code import REMOTE_CODE_FILES, has_complete_auto_map, set_auto_map
 
@@ -294,13 +294,42 @@ def _is_hub_id(name: Any) -> bool:
     return True
 
 
+# How the card names the image encoder families (by `vision_config.model_type`); others by their model_type.
+VISION_FAMILY_NAMES = {
+    "clip_vision_model": "CLIP", "siglip_vision_model": "SigLIP", "siglip2_vision_model": "SigLIP 2",
+    "dinov2": "DINOv2", "dinov2_with_registers": "DINOv2 with registers", "convnext": "ConvNeXt",
+    "convnextv2": "ConvNeXt V2",
+}  # fmt: skip
+
+
+def _describe_vision(config: Blip2Config) -> str:
+    """The card's image encoder line: our EVA ViT as before; another family by its name, depth, width, image size
+    and which of its outputs the Q-Former reads."""
+    vision = config.vision_config
+    if vision.model_type == Blip2VisionConfig.model_type:
+        return (
+            f"ViT, {vision.num_hidden_layers} layers, width {vision.hidden_size}, "
+            f"{vision.image_size}px images in {vision.patch_size}px patches"
+        )
+    family = VISION_FAMILY_NAMES.get(vision.model_type, vision.model_type)
+    depths = getattr(vision, "depths", None)
+    depth = f"{len(depths)} stages" if depths else f"{vision.num_hidden_layers} layers"
+    image_size = config.vision_image_size
+    images = f"{image_size[0]}x{image_size[1]}px images" if image_size else "images of any size"
+    patch = f" in {vision.patch_size}px patches" if getattr(vision, "patch_size", None) else ""
+    layer = "last hidden state" if config.vision_feature_layer == -1 else f"hidden state {config.vision_feature_layer}"
+    return (
+        f"{family} ({vision.model_type}), {depth}, width {config.vision_hidden_size}, {images}{patch}; the Q-Former "
+        f"reads its {layer}, {config.vision_feature_select_strategy} tokens"
+    )
+
+
 def _describe_towers(config: Blip2Config, kind: str) -> dict[str, str]:
     """One line per tower for the card; the LLM only for stage 2 (a stage-1 config keeps an unused text_config)."""
-    vision, qformer = config.vision_config, config.qformer_config
+    qformer = config.qformer_config
     text = config.text_config if kind == "stage2" else None
     towers = {
-        "vision": f"ViT, {vision.num_hidden_layers} layers, width {vision.hidden_size}, "
-        f"{vision.image_size}px images in {vision.patch_size}px patches",
+        "vision": _describe_vision(config),
         "qformer": f"{qformer.num_hidden_layers} layers, width {qformer.hidden_size}, "
         f"{config.num_query_tokens} learned queries, cross-attention every {qformer.cross_attention_frequency} layers",
     }
@@ -886,7 +915,9 @@ def _publish(
         with _explained_hub_errors(repo_id, "list the files of"):
             existing = api.list_repo_files(repo_id, revision=revision)
         stale = (*WEIGHT_PATTERNS, *ADAPTER_FILES)
-        operations += [CommitOperationDelete(path_in_repo=n) for n in existing if _matches(n, stale) and n not in files]
+        operations += [
+            CommitOperationDelete(path_in_repo=n) for n in existing if _matches(n, stale) and n not in files
+        ]
         with _explained_hub_errors(repo_id, "commit to"):
             commit = api.create_commit(repo_id, operations, commit_message=message, revision=revision)
     except BaseException as err:  # Ctrl-C too: a repo this push created must not stay behind empty

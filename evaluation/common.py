@@ -39,6 +39,8 @@ import blip2_hf
 from blip2_hf import Blip2Config, Blip2Processor
 from blip2_hf.data import load_image
 from blip2_hf.modeling_blip2 import FROZEN_PRECISIONS, CheckpointMismatchError, frozen_tower_dtype
+from blip2_hf.processing_blip2 import Blip2ImageProcessor
+from blip2_hf.training_scripts import processor_output_size
 
 # Tokenizers are used inside DataLoader workers (forked): keep the Rust thread pool out of it (and its warning).
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -65,6 +67,10 @@ BENCHMARK_FILES: dict[str, dict[str, dict[str, tuple[str, int]]]] = {
         "flickr30k": {"flickr30k_test.json": ("test", 1000), "dataset_flickr30k.json": ("test", 1000)},
     },
 }
+
+
+# Image processor entries that name or place it rather than set how it processes images.
+_NOT_SETTINGS = ("image_processor_type", "auto_map", "processor_class", "_processor_class")
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -179,12 +185,39 @@ def check_args(args: argparse.Namespace) -> None:
 def load_processor(args: argparse.Namespace) -> Blip2Processor:
     processor = Blip2Processor.from_pretrained(args.processor or args.model)
     if args.image_size is not None:
-        processor.image_processor = Blip2Processor.default_image_processor(args.image_size)
+        processor.image_processor = resized_image_processor(processor.image_processor, args.image_size)
     return processor
 
 
+def resized_image_processor(image_processor: Any, image_size: int) -> Any:
+    """`image_processor` writing `image_size` px squares: BLIP-2's own (LAVIS `blip_image_eval`) at that size, or
+    another encoder's image processor (CLIP, SigLIP, DINOv2, ConvNeXt, ...) with its resampling and normalization
+    kept and only its size settings changed (`size` height/width or shortest edge, and `crop_size`)."""
+    if isinstance(image_processor, Blip2ImageProcessor):
+        return Blip2Processor.default_image_processor(image_size)
+    settings = {key: value for key, value in image_processor.to_dict().items() if key not in _NOT_SETTINGS}
+    size = settings.get("size") or {}
+    settings["size"] = (
+        {"shortest_edge": image_size} if size.get("shortest_edge") else {"height": image_size, "width": image_size}
+    )
+    if settings.get("crop_size"):
+        settings["crop_size"] = {"height": image_size, "width": image_size}
+    resized = type(image_processor)(**settings)
+    written = processor_output_size(resized)
+    if written != (image_size, image_size):
+        raise SystemExit(
+            f"--image_size {image_size}: {type(image_processor).__name__} (size={size}) set to it writes images of "
+            f"{written or 'a size that depends on the input'}, not {image_size}x{image_size}; save an image processor "
+            "of that size and pass it with --processor instead."
+        )
+    return resized
+
+
 def interpolate_pos_encoding(args: argparse.Namespace, config: Blip2Config) -> bool:
-    return args.image_size is not None and args.image_size != config.vision_config.image_size
+    """Whether the encoder must interpolate its position embeddings: `--image_size` differs from the size it expects
+    (an encoder that takes any size, ConvNeXt, never must)."""
+    expected = config.vision_image_size
+    return args.image_size is not None and expected is not None and (args.image_size,) * 2 != tuple(expected)
 
 
 def load_model(model_class: type, args: argparse.Namespace, accelerator: Accelerator) -> tuple[torch.nn.Module, str]:

@@ -397,7 +397,7 @@ def test_training_data_warns_when_the_flip_would_make_side_captions_false(tmp_pa
     draw_images(1)[0].save(tmp_path / "a.png")
     records = [{"image": "a.png", "caption": f"a red square on the {side}"} for side in ("left", "right")]
     (tmp_path / "train.json").write_text(json.dumps(records + [{"image": "a.png", "caption": "a cat"}]))
-    model = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(image_size=SIZE)))
+    model = SimpleNamespace(config=SimpleNamespace(vision_image_size=(SIZE, SIZE)))  # the size the encoder expects
     with caplog.at_level(logging.WARNING, logger="blip2_hf.training_scripts"):
         _, transform = training_dataset(model, [str(tmp_path / "train.json")], augment=augment)
     assert (transform is not None) == augment

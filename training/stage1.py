@@ -8,7 +8,11 @@ Arguments: the three dataclasses below plus `Blip2TrainingArguments` (all of `tr
 YAML/JSON `--config` file, overridden by `--name value` on the command line. The model is either a stage-1 folder
 (`model_name_or_path`) or built from a `Blip2Config` (`config_name`), with the frozen image encoder's weights from
 `vision_model_name_or_path` and the Q-Former initialized from a BERT masked LM (`bert_name_or_path`), as the paper
-does. Data are caption JSONs, image folders with metadata.jsonl or webdataset tar shards (`train_data`, mixed by
+does. The image encoder is our EVA ViT (a folder with `vision_model.*` keys) or any transformers vision model's own
+folder (`CLIPVisionModel`, `SiglipVisionModel`, `Dinov2Model`, `ConvNextModel`, ... `save_pretrained`; a full
+`CLIPModel` / `SiglipModel` gives its vision tower): its config replaces `config_name`'s `vision_config`, and its
+image processor, saved beside it, with the Q-Former tokenizer of `bert_name_or_path` makes the processor (no
+`processor_name_or_path` needed). Data are caption JSONs, image folders with metadata.jsonl or webdataset tar shards (`train_data`, mixed by
 `train_data_weights`), or a frozen-feature cache (`feature_cache`, built by `blip2-hf-cache-features`).
 A run killed at any point resumes from its last checkpoint with `--resume_from_checkpoint last`.
 
@@ -23,19 +27,39 @@ true` to compile the Q-Former alone (the first steps pay the compilation).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from transformers import HfArgumentParser, set_seed
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoTokenizer,
+    HfArgumentParser,
+    PreTrainedConfig,
+    set_seed,
+)
 
-from blip2_hf import Blip2Config, Blip2ForPreTraining, Blip2Processor
+from blip2_hf import Blip2Config, Blip2ForPreTraining, Blip2Processor, Blip2VisionConfig
 from blip2_hf.data import BadImageTracker, Stage1Collator
 from blip2_hf.hub import write_training_run
 from blip2_hf.modeling_blip2 import read_safetensors_folder
 from blip2_hf.trainer import Blip2Stage1Trainer, Blip2TrainingArguments
-from blip2_hf.training_scripts import parse_args_with_config, train_or_exit, training_dataset
+from blip2_hf.training_scripts import (
+    check_processor_matches_model,
+    parse_args_with_config,
+    train_or_exit,
+    training_dataset,
+)
 
 logger = logging.getLogger("blip2_hf.training")
+
+# `model_type`s of folders whose weights are in our layout (`vision_model.*` keys, or a `Blip2VisionModel`'s own):
+# they load into the config_name's vision encoder as they are. Any other config.json is a transformers model's.
+BLIP2_MODEL_TYPES = (Blip2Config.model_type, Blip2VisionConfig.model_type, "blip-2", "blip_2_vision_model")
+# The Blip2Config fields that say which of the encoder's outputs feed the Q-Former (contract: family defaults).
+FEATURE_FIELDS = ("vision_feature_layer", "vision_feature_select_strategy")
 
 
 @dataclass
@@ -43,11 +67,23 @@ class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "A stage-1 folder to continue from."})
     config_name: str | None = field(default=None, metadata={"help": "Blip2Config (json or folder) for a new model."})
     vision_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Frozen image encoder weights: any folder with `vision_model.*` keys."}
+        default=None,
+        metadata={
+            "help": "The frozen image encoder: a folder with our EVA `vision_model.*` keys, or a transformers vision "
+            "model's own folder (CLIPVisionModel, SiglipVisionModel, Dinov2Model, ConvNextModel, ...; a full "
+            "CLIPModel / SiglipModel gives its vision tower), whose config then replaces config_name's vision_config."
+        },
     )
-    bert_name_or_path: str | None = field(default=None, metadata={"help": "BERT masked LM to start the Q-Former."})
-    processor_name_or_path: str = field(
-        default=None, metadata={"help": "Blip2Processor folder with the image processor and the Q-Former tokenizer."}
+    bert_name_or_path: str | None = field(
+        default=None, metadata={"help": "BERT masked LM to start the Q-Former; its tokenizer is the Q-Former's."}
+    )
+    processor_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Blip2Processor folder with the image processor and the Q-Former tokenizer. Default: the stage-1 "
+            "folder's (model_name_or_path), else the image processor saved beside vision_model_name_or_path (EVA "
+            "without one: BLIP-2's, at the encoder's image size) and bert_name_or_path's tokenizer."
+        },
     )
 
 
@@ -62,28 +98,115 @@ class DataArguments:
     max_bad_fraction: float = field(default=0.5, metadata={"help": "Stop when more images than this are unreadable."})
 
 
-def build_model(args: ModelArguments) -> Blip2ForPreTraining:
+def foreign_vision_config(path: str | None) -> PreTrainedConfig | None:
+    """The config of a transformers vision model's folder (its own `config.json`; a two-tower model's, CLIP or SigLIP,
+    gives its `vision_config`), or None for a folder in our layout (EVA `vision_model.*` keys) or no folder."""
+    file = Path(path) / "config.json" if path is not None else None
+    if file is None or not file.is_file():
+        return None
+    if json.loads(file.read_text()).get("model_type") in BLIP2_MODEL_TYPES:
+        return None
+    config = AutoConfig.from_pretrained(path)
+    return getattr(config, "vision_config", None) or config
+
+
+def _raw_config(config_name: str) -> dict:
+    """What the config_name file itself says (before `Blip2Config` fills the defaults)."""
+    path = Path(config_name)
+    return json.loads((path / "config.json" if path.is_dir() else path).read_text())
+
+
+def stage1_config(args: ModelArguments) -> Blip2Config:
+    """The model's config: the stage-1 folder's, or `config_name`'s with, for a transformers vision model in
+    `vision_model_name_or_path`, that model's config as `vision_config`. The feature fields (`FEATURE_FIELDS`) are
+    kept where config_name sets them for this encoder family (or sets no vision_config); otherwise they are the
+    family's defaults: a layer chosen for EVA means nothing for another encoder."""
     if args.model_name_or_path is not None:
-        return Blip2ForPreTraining.from_pretrained(args.model_name_or_path)
+        return Blip2Config.from_pretrained(args.model_name_or_path)
     if args.config_name is None:
         raise ValueError("Give model_name_or_path (a stage-1 folder) or config_name (a Blip2Config for a new model).")
     config = Blip2Config.from_pretrained(args.config_name)
+    vision_config = foreign_vision_config(args.vision_model_name_or_path)
+    if vision_config is None:
+        return config
+    raw = _raw_config(args.config_name)
+    raw_family = (raw.get("vision_config") or {}).get("model_type")
+    values = config.to_dict()
+    values["vision_config"] = vision_config.to_dict()
+    for name in FEATURE_FIELDS:
+        if raw_family not in (None, vision_config.model_type) or raw.get(name) is None:
+            values[name] = None  # resolved to the family default
+    config = Blip2Config.from_dict(values)
+    logger.info(
+        "config_name's vision_config replaced by the %s config of %s (width %d); vision_feature_layer=%s, "
+        "vision_feature_select_strategy=%s.", vision_config.model_type, args.vision_model_name_or_path,
+        config.vision_hidden_size, config.vision_feature_layer, config.vision_feature_select_strategy,
+    )  # fmt: skip
+    return config
+
+
+def build_processor(args: ModelArguments, config: Blip2Config) -> tuple[Blip2Processor, str]:
+    """The stage-1 processor and where it came from (for error messages): `processor_name_or_path`, the stage-1
+    folder's, or built from the encoder's own image processor and the Q-Former tokenizer of `bert_name_or_path`."""
+    path = args.processor_name_or_path or args.model_name_or_path
+    if path is not None:
+        processor = Blip2Processor.from_pretrained(path)
+        if processor.qformer_tokenizer is None:
+            raise ValueError(f"{path} has no Q-Former tokenizer (qformer_tokenizer/).")
+        return processor, f"the processor of {path}"
+    if args.bert_name_or_path is None:
+        raise ValueError(
+            "Give processor_name_or_path (a Blip2Processor folder with qformer_tokenizer/), or bert_name_or_path "
+            "(the Q-Former tokenizer; the image processor then comes from vision_model_name_or_path)."
+        )
+    image_processor, where = encoder_image_processor(args.vision_model_name_or_path, config)
+    qformer_tokenizer = Blip2Processor.qformer_tokenizer_from_bert(args.bert_name_or_path)
+    # Stage 1 has no LLM: the language-model slot is never read here (stage 2 puts its LLM's tokenizer there). A
+    # separate copy of BERT's tokenizer, so the `<image>` token the processor adds stays out of the Q-Former's.
+    tokenizer = AutoTokenizer.from_pretrained(args.bert_name_or_path)
+    processor = Blip2Processor(image_processor, tokenizer, qformer_tokenizer, num_query_tokens=config.num_query_tokens)
+    return processor, where
+
+
+def encoder_image_processor(vision_path: str | None, config: Blip2Config) -> tuple[object, str]:
+    """The image encoder's own image processor (`preprocessor_config.json` beside its weights: its size, resampling,
+    mean/std) or, for our EVA encoder without one, BLIP-2's (LAVIS `blip_image_eval`) at the encoder's image size."""
+    if vision_path is not None and (Path(vision_path) / "preprocessor_config.json").is_file():
+        return AutoImageProcessor.from_pretrained(vision_path), f"the image processor of {vision_path}"
+    if not isinstance(config.vision_config, Blip2VisionConfig):
+        raise ValueError(
+            f"{vision_path or 'vision_model_name_or_path'} has no preprocessor_config.json: the "
+            f"{config.vision_config.model_type} encoder's own image processor (its size, mean/std) is unknown. "
+            "Save it beside the weights (`image_processor.save_pretrained`) or pass processor_name_or_path."
+        )
+    size = config.vision_config.image_size
+    logger.info("No image processor given: BLIP-2's (%s px, bicubic, CLIP mean/std) for the EVA encoder.", size)
+    return Blip2Processor.default_image_processor(size), "BLIP-2's default image processor"
+
+
+def build_model(args: ModelArguments, config: Blip2Config) -> Blip2ForPreTraining:
+    """The stage-1 folder to continue from, or a new model from `config`: the Q-Former from BERT, the frozen
+    image encoder's weights from `vision_model_name_or_path` (every tensor required)."""
+    if args.model_name_or_path is not None:
+        return Blip2ForPreTraining.from_pretrained(args.model_name_or_path)
     if args.bert_name_or_path is not None:
         model = Blip2ForPreTraining.from_bert(args.bert_name_or_path, config)
     else:
         model = Blip2ForPreTraining(config)
-    if args.vision_model_name_or_path is not None:
+    path = args.vision_model_name_or_path
+    if path is None:
+        logger.warning("No vision_model_name_or_path: the frozen image encoder keeps its random initialization.")
+    elif foreign_vision_config(path) is not None:
+        model.vision_model.load_backbone(path)  # a two-tower folder (CLIP, SigLIP): its vision tower
+    else:
         # a full BLIP-2 folder has `vision_model.*` keys; a `Blip2VisionModel` folder has them without the prefix
-        weights = read_safetensors_folder(args.vision_model_name_or_path)
+        weights = read_safetensors_folder(path)
         vision = {k[len("vision_model.") :]: v for k, v in weights.items() if k.startswith("vision_model.")} or weights
         missing, unexpected = model.vision_model.load_state_dict(vision, strict=False)
         if missing or unexpected:
             raise ValueError(
-                f"{args.vision_model_name_or_path}: vision weights do not match the config: missing {missing}, "
-                f"unexpected {unexpected}"
+                f"{path}: vision weights do not match the config: missing {missing}, unexpected {unexpected}"
             )
-    else:
-        logger.warning("No vision_model_name_or_path: the frozen image encoder keeps its random initialization.")
     return model
 
 
@@ -93,10 +216,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(training_args.seed)
 
-    processor = Blip2Processor.from_pretrained(model_args.processor_name_or_path)
-    if processor.qformer_tokenizer is None:
-        raise ValueError(f"{model_args.processor_name_or_path} has no Q-Former tokenizer (qformer_tokenizer/).")
-    model = build_model(model_args)
+    config = stage1_config(model_args)
+    processor, processor_source = build_processor(model_args, config)
+    check_processor_matches_model(processor, config, f"training/stage1.py: {processor_source}")
+    model = build_model(model_args, config)
 
     train_dataset, image_transform = training_dataset(
         model,
@@ -106,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         feature_cache=data_args.feature_cache,
         augment=data_args.augment,
         seed=training_args.seed,
+        processor=processor,
     )
     collator = Stage1Collator(
         processor,

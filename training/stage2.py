@@ -37,7 +37,12 @@ from blip2_hf import Blip2ForConditionalGeneration, Blip2Processor
 from blip2_hf.data import BadImageTracker, Stage2Collator
 from blip2_hf.hub import write_training_run
 from blip2_hf.trainer import Blip2Stage2Trainer, Blip2TrainingArguments
-from blip2_hf.training_scripts import parse_args_with_config, train_or_exit, training_dataset
+from blip2_hf.training_scripts import (
+    check_processor_matches_model,
+    parse_args_with_config,
+    train_or_exit,
+    training_dataset,
+)
 
 logger = logging.getLogger("blip2_hf.training")
 
@@ -233,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model, processor = build_model(model_args)
     set_pad_token(model, processor, model_args.pad_token)
+    check_processor_matches_model(processor, model.config, "training/stage2.py: the stage-2 processor")
     decoder_only = model.config.use_decoder_only_language_model
     model.freeze_towers()
     if model_args.lora_r > 0:
@@ -247,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         feature_cache=data_args.feature_cache,
         augment=data_args.augment,
         seed=training_args.seed,
+        processor=processor,
     )
     collator = make_collator(processor, data_args, decoder_only, image_transform)
 
