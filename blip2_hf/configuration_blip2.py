@@ -225,7 +225,8 @@ class VisionFamily:
             `hidden_states[k]`).
         prefix_tokens: how many tokens come before the patch tokens (`[CLS]`, registers), as a function of the
             config; None where unknown (then `vision_feature_select_strategy="patch"` is refused).
-        any_size: the encoder takes any image size (a convolutional network, no position embeddings).
+        any_size: the encoder takes any image size (a convolutional network, no position embeddings; DINOv2,
+            which always interpolates its position embeddings: its config says 518 px, its processor writes 224).
     """
 
     feature_layer: int = -1
@@ -252,8 +253,8 @@ VISION_FAMILIES: dict[str, VisionFamily] = {
     Blip2VisionConfig.model_type: VisionFamily(-1, _one_cls),
     "clip_vision_model": VisionFamily(-2, _one_cls),
     "siglip_vision_model": VisionFamily(-2, _no_cls),
-    "dinov2": VisionFamily(-1, _one_cls),
-    "dinov2_with_registers": VisionFamily(-1, lambda config: 1 + config.num_register_tokens),
+    "dinov2": VisionFamily(-1, _one_cls, any_size=True),
+    "dinov2_with_registers": VisionFamily(-1, lambda config: 1 + config.num_register_tokens, any_size=True),
     "convnext": VisionFamily(-1, _no_cls, any_size=True),
 }
 VISION_FEATURE_SELECT_STRATEGIES = ("full", "patch")
@@ -409,7 +410,8 @@ class Blip2Config(PreTrainedConfig):
         if isinstance(vision_config, PreTrainedConfig):
             if isinstance(vision_config, Blip2VisionConfig):
                 return vision_config
-            if vision_config.model_type == "blip_2_vision_model":  # transformers' own: the same fields as ours
+            # transformers' own, or ours from another copy of this file (remote code): the same fields
+            if vision_config.model_type in ("blip_2_vision_model", Blip2VisionConfig.model_type):
                 return vision_config.to_dict()
             if not is_vision_model_type(vision_config.model_type):
                 raise _not_a_vision_model(vision_config.model_type, type(vision_config).__name__)

@@ -1305,9 +1305,9 @@ class Blip2BackboneVisionModel(Blip2PreTrainedModel):
 def build_vision_model(config: Blip2Config) -> Blip2VisionModel | Blip2BackboneVisionModel:
     """The image encoder of a BLIP-2 config: ours for a `Blip2VisionConfig` (EVA), a `Blip2BackboneVisionModel`
     around transformers' own model for any other vision config; the features its config selects."""
-    vision_class = (
-        Blip2VisionModel if isinstance(config.vision_config, Blip2VisionConfig) else Blip2BackboneVisionModel
-    )
+    # by model type, not class: loaded as remote code, the config's module may be another copy of ours
+    ours = config.vision_config.model_type == Blip2VisionConfig.model_type
+    vision_class = Blip2VisionModel if ours else Blip2BackboneVisionModel
     return vision_class._from_config(
         config.vision_config,
         feature_layer=config.vision_feature_layer,

@@ -41,6 +41,9 @@ FAMILIES = ("clip", "siglip", "dinov2", "convnext")
 # ConvNeXt their last hidden state.
 DEFAULT_FEATURE_LAYER = {"clip": -2, "siglip": -2, "dinov2": -1, "convnext": -1}
 IMAGE_SIZE = 32  # tiny_vision_config's
+# The size each family's processor writes in the stage-1 runs. DINOv2's is not its config's, as for the real ones
+# (facebook/dinov2-*: config 518 px, processor 224): it interpolates its position embeddings to any size.
+PROCESSOR_SIZE = {"clip": IMAGE_SIZE, "siglip": IMAGE_SIZE, "dinov2": 24, "convnext": IMAGE_SIZE}
 STEPS = [
     "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_length", "16", "--use_cpu", "true",
     "--report_to", "none", "--dataloader_num_workers", "0", "--disable_tqdm", "true", "--save_steps", "1000",
@@ -128,7 +131,7 @@ def stage1_runs(tiny: Path) -> dict[str, tuple[Path, torch.nn.Module]]:
     runs = {}
     for family in FAMILIES:
         vision = tiny.parent / f"{family}_vision"
-        standalone = save_vision_folder(vision, family)
+        standalone = save_vision_folder(vision, family, processor_size=PROCESSOR_SIZE[family])
         runs[family] = (run_stage1(tiny, tiny.parent / f"{family}_stage1", "--vision_model_name_or_path", str(vision)),
                         standalone)  # fmt: skip
     return runs
@@ -152,16 +155,18 @@ def test_stage1_takes_the_encoder_and_its_image_processor(family, stage1_runs, t
     assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
     # the processor saved beside the model is the encoder's own image processor + the Q-Former tokenizer
     processor = blip2_hf.Blip2Processor.from_pretrained(output)
-    expected = image_processor(family)
+    expected = image_processor(family, PROCESSOR_SIZE[family])
     assert type(processor.image_processor).__name__.startswith(type(expected).__name__.removesuffix("ImageProcessor"))
     image = an_image(tiny)
     pixels = processor(images=image, return_tensors="pt")["pixel_values"]
     assert torch.allclose(pixels, expected(image, return_tensors="pt")["pixel_values"], atol=1e-6)
-    assert pixels.shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE)
+    size = PROCESSOR_SIZE[family]
+    assert pixels.shape[-2:] == (size, size)
     assert processor.qformer_tokenizer.bos_token == "[DEC]" and processor.qformer_tokenizer.padding_side == "right"
     assert processor.qformer_tokenizer.convert_tokens_to_ids("<image>") == processor.qformer_tokenizer.unk_token_id
     # what stage 1 trains sees these pixels: the encoder runs on them
-    assert model.vision_model.encode_frozen(pixels).shape == (1, 16 + (family in ("clip", "dinov2")), 32)
+    num_patches = (size // 8) ** 2  # patch 8; ConvNeXt: a patch-4 stem then one 2x downsampling
+    assert model.vision_model.encode_frozen(pixels).shape == (1, num_patches + (family in ("clip", "dinov2")), 32)
 
 
 def stage2_and_caption(family: str, stage1_runs, tiny: Path) -> None:
@@ -240,7 +245,8 @@ def test_feature_cache_of_an_eva_model_still_checks(tmp_path):
 
 
 def test_augmentation_crops_at_the_processors_output_size(tiny):
-    """ConvNeXt takes any size (no `vision_image_size`): the random resized crop takes the processor's output size."""
+    """ConvNeXt (and DINOv2) take any size (no `vision_image_size`): the random resized crop takes the processor's
+    output size."""
     model = types.SimpleNamespace(config=blip2_hf.Blip2Config(vision_config=tiny_vision_config("convnext")))
     processor = blip2_hf.Blip2Processor(image_processor("convnext", 24), blip2_hf.testing_utils.make_opt_tokenizer())
     data = [str(tiny / "data" / "train.json")]
@@ -273,8 +279,10 @@ def test_check_processor_matches_model_per_family():
     assert processor_output_size(no_crop) is None
     with pytest.raises(ValueError, match="here: .*do_center_crop=False.*depends on the input.*image_size=32"):
         check_processor_matches_model(processor(no_crop), config("clip"), "here")
-    with pytest.raises(ValueError, match="crop_size=\\{'height': 64, 'width': 64\\}.*writes 64x64"):
-        check_processor_matches_model(processor(image_processor("dinov2", 64)), config("dinov2"), "here")
+    with pytest.raises(ValueError, match="crop_size=\\{'height': 64, 'width': 64\\}.*writes 64x64.*expects 32x32"):
+        check_processor_matches_model(processor(image_processor("clip", 64)), config("clip"), "here")
+    # DINOv2 interpolates its position embeddings to any size: facebook/dinov2-* say 518 px, their processors 224
+    check_processor_matches_model(processor(image_processor("dinov2", 64)), config("dinov2"), "here")
 
 
 def test_a_vision_folder_missing_a_tensor_is_refused(tiny, tmp_path):
