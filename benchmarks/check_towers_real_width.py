@@ -24,7 +24,7 @@ its CUDA peak), on drawn 448 x 512 images resized by the SigLIP processor:
     caption / ask  `blip2-hf caption` of the first stage-2 folder, `blip2-hf ask --chat-template` of the second
 
 For each phase: wall seconds of the whole process (imports, building, loading, the step, saving), the Trainer's own
-`train_runtime`, the process's peak resident memory (`os.wait4`'s `ru_maxrss`) and, on CUDA, its peak allocated GPU
+`train_runtime` (the step, with the optimizer's state allocated; no checkpoint is written), the process's peak resident memory (`os.wait4`'s `ru_maxrss`) and, on CUDA, its peak allocated GPU
 memory. The trained and frozen parameter counts are those of `freeze_towers` on the saved configs; the image token
 count is what the encoder's `encode_frozen` returns for one 384-px image. A failing phase prints its log's tail and the
 script exits with status 1. `--quick` runs the same pipeline (same vocabularies, image size and token counts) with every
@@ -254,11 +254,13 @@ def image_token_count(folder: Path) -> tuple[int, int]:
 
 
 def training_flags(data: Path, batch_size: int, device: torch.device, output: Path) -> list[str]:
-    """What turns the paper's recipe YAML into one step on this data and device."""
+    """What turns the paper's recipe YAML into one step on this data and device (no Trainer checkpoint: the script's
+    final save of the model stays)."""
+    # The scripts read each value as YAML, where a bare `no` is False: quoted, it stays the string SaveStrategy takes.
     flags = [
         "--train_data", str(data), "--image_root", str(data.parent), "--output_dir", str(output),
         "--max_steps", "1", "--per_device_train_batch_size", str(batch_size), "--warmup_steps", "0",
-        "--dataloader_num_workers", "0", "--disable_tqdm", "true", "--logging_steps", "1", "--save_steps", "1000",
+        "--dataloader_num_workers", "0", "--disable_tqdm", "true", "--logging_steps", "1", "--save_strategy", '"no"',
         "--report_to", "none", "--augment", "false",
     ]  # fmt: skip
     if device.type == "cpu":
