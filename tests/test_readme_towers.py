@@ -158,20 +158,7 @@ def run_command(words: list[str], where: str, tiny: Path, hub: Callable[[str], P
     pytest.fail(f"{where}: no runner for {words[0]!r} in {Path(__file__).name}: add one")
 
 
-# A known bug, as in tests/test_byo_vision_scripts.py: DINOv2's checkpoints name its attention tensors as before
-# transformers 5 (`attention.attention.key`), its modules `attention.k_proj`, and `from_stage1` (init_from_stage1)
-# compares the stage-1 folder's saved names with the modules': stage 2 from a DINOv2 stage-1 folder stops there.
-DINOV2_STAGE1_NAMES = "from_stage1 compares the stage-1 folder's saved tensor names with DINOv2's renamed modules"
-
-
-def block_param(line: int, block: str):
-    marks = (
-        [pytest.mark.xfail(raises=ValueError, strict=True, reason=DINOV2_STAGE1_NAMES)] if "dinov2" in block else []
-    )
-    return pytest.param(line, block, id=f"README.md:{line}", marks=marks)
-
-
-@pytest.mark.parametrize("line, block", [block_param(line, block) for line, block in BLOCKS])
+@pytest.mark.parametrize("line, block", [pytest.param(line, block, id=f"README.md:{line}") for line, block in BLOCKS])
 def test_block_runs(line, block, tiny, tmp_path, monkeypatch, capsys):
     # A Hub name the checks miss fails at once instead of retrying a network call.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
