@@ -129,9 +129,7 @@ def _explode_captions(
                 empty.append(name)
     if empty:
         shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
-        logger.warning(
-            "%s: skipped %d caption(s) that are empty after cleaning: %s.", where, len(empty), shown
-        )
+        logger.warning("%s: skipped %d caption(s) that are empty after cleaning: %s.", where, len(empty), shown)
     return out_images, out_captions
 
 
@@ -333,7 +331,9 @@ def load_webdataset(
             images.append(cell["bytes"] if cell is not None else None)
             captions.append(caption)
         if empty:
-            logger.warning("Skipped %d sample(s) whose caption is empty after cleaning: %s.", len(empty), ", ".join(empty))
+            logger.warning(
+                "Skipped %d sample(s) whose caption is empty after cleaning: %s.", len(empty), ", ".join(empty)
+            )
         return {"image": images, "caption": captions}
 
     return dataset.map(to_rows, batched=True, remove_columns=list(features), features=_binary_features())
@@ -821,6 +821,7 @@ class Stage2Collator(_CollatorBase):
         tracker: BadImageTracker | None = None,
         split_prefix: bool = True,
         max_words: int = 50,
+        prompt_length: int | None = None,
     ):
         super().__init__(processor, image_transform, tracker, max_words)
         self.max_length = max_length
@@ -830,8 +831,18 @@ class Stage2Collator(_CollatorBase):
         self.num_query_tokens = processor.num_query_tokens or 0
         # LAVIS: prompt_length = len(opt_tokenizer(self.prompt).input_ids) with the model prompt "a photo of" (no
         # trailing space) while the text processor writes "a photo of "; rstrip keeps a trailing-space token of
-        # byte-level BPE from masking the caption's first word.
-        self.prompt_length = len(processor.tokenizer(prompt.rstrip())["input_ids"])
+        # byte-level BPE from masking the caption's first word. A chat prompt passes its own count (its trailing
+        # newline is a token of its own).
+        if prompt_length is None:
+            prompt_length = len(processor.tokenizer(prompt.rstrip())["input_ids"])
+        self.prompt_length = prompt_length
+        if not is_encoder_decoder and prompt_length >= max_length:
+            # every label would be masked: a NaN loss on every step, and the run stopped as diverged
+            raise ValueError(
+                f"The prompt takes {prompt_length} of the max_length={max_length} text tokens (BOS included), leaving "
+                f"none for the caption: raise --max_length above {prompt_length} or shorten --prompt. Prompt: "
+                f"{prompt!r}"
+            )
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         frozen_image_states = _frozen_image_states(rows)

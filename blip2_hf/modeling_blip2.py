@@ -665,6 +665,31 @@ def _reject_image_embeds_input(kwargs: dict[str, Any]) -> None:
         )
 
 
+# What `local_model_folder` downloads of a Hub repository: configs, tokenizer and processor files, safetensors weights
+# (never pickled `.bin` / `.pt` files).
+MODEL_FOLDER_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "merges.txt", "vocab.*")
+
+
+def local_model_folder(name_or_path: str | os.PathLike, what: str = "model") -> Path:
+    """A local folder as it is, or a Hub repository id downloaded into the Hugging Face cache (`MODEL_FOLDER_FILES`),
+    for code that reads a folder file by file (safetensors tensor by tensor, configs beside them). A path that is
+    neither is a `FileNotFoundError` naming `what` and the download error."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"{what} {name_or_path} is a file; expected a folder or a Hub repository id.")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=list(MODEL_FOLDER_FILES)))
+    except Exception as error:  # HFValidationError, RepositoryNotFoundError, offline mode, connection errors
+        raise FileNotFoundError(
+            f"{what} {name_or_path}: no such local folder, and not a Hub repository that could be downloaded "
+            f"({type(error).__name__}: {error})"
+        ) from error
+
+
 def read_safetensors_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a `save_pretrained` folder (one `model.safetensors` or shards with an index). Safetensors only:
     nothing is unpickled."""
@@ -2081,7 +2106,7 @@ class Blip2ForConditionalGeneration(Blip2Model, GenerationMixin):
                 raise TypeError(f"from_stage1: stage1 is a {type(stage1).__name__}; expected a BLIP-2 model.")
             folder = Path(stage1.name_or_path) if stage1.name_or_path and Path(stage1.name_or_path).is_dir() else None
             return stage1.config, stage1.state_dict(), folder
-        folder = Path(stage1)
+        folder = local_model_folder(stage1, "from_stage1: stage1")
         return Blip2Config.from_pretrained(folder), folder, folder
 
     @staticmethod

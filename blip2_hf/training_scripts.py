@@ -189,4 +189,12 @@ def _typed(value: Any, hint: Any) -> Any:
         return [float(item) if item_type is float and isinstance(item, str) else item for item in items]
     if isinstance(value, str) and hint in (float, float | None):
         return float(value)
+    if value is False and hint is not None and not _accepts_bool(hint):
+        # YAML 1.1 reads a bare `no` (and `off`) as False: `save_strategy: no` means the strategy "no"
+        return "no"
     return value
+
+
+def _accepts_bool(hint: Any) -> bool:
+    candidates = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return any(candidate in (bool, Any) for candidate in candidates)

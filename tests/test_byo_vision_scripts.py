@@ -370,3 +370,29 @@ def test_evaluation_image_size_keeps_the_encoders_normalization():
         args, blip2_hf.Blip2Config(vision_config=tiny_vision_config("convnext"))
     )
     assert common.interpolate_pos_encoding(args, blip2_hf.Blip2Config(vision_config=tiny_vision_config("siglip")))
+
+
+def test_hub_ids_for_the_encoder_and_the_stage1_folder(stage1_runs, tiny, tmp_path):
+    """`--vision_model_name_or_path` and `--stage1_name_or_path` take Hub repository ids as well as folders: the
+    scripts read those folders file by file, so the repository is downloaded first (safetensors and configs only)."""
+    from hub_server import TEST_USER, TestHub, patch_client
+    from huggingface_hub import HfApi
+
+    with TestHub() as server, patch_client(server.url, str(tmp_path / "hf_home")):
+        api = HfApi()
+        vision = tiny.parent / "siglip_vision"
+        for name, folder in (("siglip", vision), ("siglip-stage1", stage1_runs["siglip"][0])):
+            api.create_repo(f"{TEST_USER}/{name}")
+            api.upload_folder(repo_id=f"{TEST_USER}/{name}", folder_path=folder)
+        stage1 = run_stage1(tiny, tmp_path / "stage1", "--vision_model_name_or_path", f"{TEST_USER}/siglip")
+        stage2 = run_stage2(tiny, f"{TEST_USER}/siglip-stage1", tmp_path / "stage2")
+        with pytest.raises(FileNotFoundError, match="--vision_model_name_or_path testuser/no-such-encoder"):
+            run_stage1(tiny, tmp_path / "bad", "--vision_model_name_or_path", f"{TEST_USER}/no-such-encoder")
+    encoder = load_file(stage1 / "model.safetensors")
+    assert all(torch.equal(encoder[key], load_file(stage2 / "model.safetensors")[key]) for key in encoder
+               if key.startswith("vision_model.backbone."))  # fmt: skip
+    original = load_file(vision / "model.safetensors")  # the encoder as uploaded, under the backbone's own names
+    backbone = {key.removeprefix("vision_model.backbone."): tensor for key, tensor in encoder.items()
+                if key.startswith("vision_model.backbone.")}  # fmt: skip
+    assert backbone.keys() == original.keys()
+    assert all(torch.equal(backbone[key], original[key]) for key in original)

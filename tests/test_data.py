@@ -578,6 +578,19 @@ def test_cache_rows_give_frozen_image_states():
 # ------------------------------------------------------------------------------------------------------- stage 2
 
 
+def test_stage2_prompt_that_fills_max_length_is_refused(rows):
+    """A decoder-only prompt (BOS included) as long as `max_length` leaves every label masked: refused by name at
+    build time, not a NaN loss on every step; one token shorter leaves the caption's first token as the target."""
+    processor = build_processor()
+    prompt = "a photo of a red circle on the left "
+    prompt_length = len(processor.tokenizer(prompt.rstrip())["input_ids"])
+    with pytest.raises(ValueError, match=rf"takes {prompt_length} of the max_length={prompt_length} .*--max_length"):
+        Stage2Collator(processor, max_length=prompt_length, prompt=prompt)
+    batch = Stage2Collator(processor, max_length=prompt_length + 1, prompt=prompt)(rows)
+    assert ((batch["labels"] != -100).sum(dim=1) == 1).all()
+    Stage2Collator(processor, max_length=prompt_length, prompt=prompt, is_encoder_decoder=True)  # the encoder reads it
+
+
 @pytest.mark.parametrize("prompt", ["", "a photo of "])
 def test_stage2_decoder_only_labels(rows, prompt):
     processor = build_processor()

@@ -58,6 +58,17 @@ def test_one_train_data_source_is_a_one_item_list(script_parser, tmp_path):
     assert (from_file.train_data, from_file.train_data_weights) == (["train.json"], [0.1])
 
 
+def test_yaml_no_is_the_strategy_no(script_parser, tmp_path):
+    """YAML 1.1 reads a bare `no` as False: `--save_strategy no` (and `save_strategy: no` in a config) is the strategy
+    "no", while a bool field keeps `false` / `no` as False."""
+    config = tmp_path / "config.yaml"
+    config.write_text(f"save_strategy: no\noutput_dir: {tmp_path / 'out'}\n")
+    for argv in (["--config", str(config)], ["--save_strategy", "no", "--output_dir", str(tmp_path / "out")]):
+        training_args = parse_args_with_config(script_parser, [*argv, "--augment", "no"])
+        assert training_args[-1].save_strategy == "no"
+        assert data_arguments(script_parser, [*argv, "--augment", "no"]).augment is False
+
+
 def test_one_train_data_source_loads(tmp_path):
     """End to end, as the scripts call it: the parsed one-item list is the one JSON source."""
     draw_images(1)[0].save(tmp_path / "a.png")

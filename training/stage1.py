@@ -44,7 +44,7 @@ from transformers import (
 from blip2_hf import Blip2Config, Blip2ForPreTraining, Blip2Processor, Blip2VisionConfig
 from blip2_hf.data import BadImageTracker, Stage1Collator
 from blip2_hf.hub import write_training_run
-from blip2_hf.modeling_blip2 import read_safetensors_folder
+from blip2_hf.modeling_blip2 import local_model_folder, read_safetensors_folder
 from blip2_hf.trainer import Blip2Stage1Trainer, Blip2TrainingArguments
 from blip2_hf.training_scripts import (
     check_processor_matches_model,
@@ -216,6 +216,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(training_args.seed)
 
+    if model_args.vision_model_name_or_path is not None:  # a Hub id is downloaded: the folder is read file by file
+        model_args.vision_model_name_or_path = str(
+            local_model_folder(model_args.vision_model_name_or_path, "--vision_model_name_or_path")
+        )
     config = stage1_config(model_args)
     processor, processor_source = build_processor(model_args, config)
     check_processor_matches_model(processor, config, f"training/stage1.py: {processor_source}")

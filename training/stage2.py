@@ -214,20 +214,21 @@ def make_collator(
 ) -> Stage2Collator:
     """The batches of stage 2: `prompt` before each caption, as it is or (`use_chat_template`) as a user turn of the
     LLM's chat template; the labels cover the caption (and its end) only."""
-    prompt = processor.chat_prompt(data_args.prompt) if data_args.use_chat_template else data_args.prompt
-    collator = Stage2Collator(
+    prompt, prompt_length = data_args.prompt, None
+    if data_args.use_chat_template:
+        prompt = processor.chat_prompt(data_args.prompt)
+        # The whole chat prompt is masked out of the labels: a plain prompt's trailing space is stripped before its
+        # tokens are counted, but a chat prompt's trailing newline ("<|im_start|>assistant\n") is its own token.
+        prompt_length = len(processor.tokenizer(prompt)["input_ids"])
+    return Stage2Collator(
         processor,
         max_length=data_args.max_length,
         prompt=prompt,
         is_encoder_decoder=not decoder_only,
         image_transform=image_transform,
         tracker=BadImageTracker(max_bad_fraction=data_args.max_bad_fraction),
+        prompt_length=prompt_length,
     )
-    if data_args.use_chat_template:
-        # The whole chat prompt is masked out of the labels: the collator strips a plain prompt's trailing space
-        # before counting its tokens, but a chat prompt's trailing newline ("<|im_start|>assistant\n") is its own.
-        collator.prompt_length = len(processor.tokenizer(prompt)["input_ids"])
-    return collator
 
 
 def main(argv: list[str] | None = None) -> None:
