@@ -227,6 +227,13 @@ def make_collator(
         # The whole chat prompt is masked out of the labels: the collator strips a plain prompt's trailing space
         # before counting its tokens, but a chat prompt's trailing newline ("<|im_start|>assistant\n") is its own.
         collator.prompt_length = len(processor.tokenizer(prompt)["input_ids"])
+    if decoder_only and collator.prompt_length >= data_args.max_length:
+        # Every caption would be cut off after the prompt: all labels masked, a NaN loss from the first step.
+        raise ValueError(
+            f"max_length={data_args.max_length} leaves no text token for the captions: the prompt {prompt!r} "
+            f"is {collator.prompt_length} tokens of the LLM's tokenizer on its own. Raise --max_length above "
+            f"{collator.prompt_length} (the prompt plus the caption) or shorten --prompt."
+        )
     return collator
 
 
