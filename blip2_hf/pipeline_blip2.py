@@ -18,11 +18,11 @@ from transformers import Pipeline
 class Blip2ImageToTextPipeline(Pipeline):
     """`pipe(image)` -> `[{"generated_text": caption}]`; `pipe(image, prompt="Question: ... Answer:")` -> the answer.
     `image` is a PIL image, an array, a path, a URL or a `data:` URI, decoded by the processor's
-    `Blip2ImageProcessor.load_image` (16-bit, float, transparency and EXIF orientation as the CLI and training read
-    them; never transformers' `load_image`, which turns 16-bit PNGs white and float TIFFs black); a list of them gives
-    a list of results. Generation settings come from
-    the model's `generation_config`, overridden by `max_new_tokens=...` or `generate_kwargs={...}`. The returned text
-    is the generated continuation only, never the prompt.
+    `Blip2Processor.load_image` whatever the image encoder (16-bit, float, transparency and EXIF orientation as the CLI
+    and training read them; never transformers' `load_image`, which turns 16-bit PNGs white and float TIFFs black); a
+    list of them gives a list of results. Generation settings come from the model's `generation_config`, overridden by
+    `max_new_tokens=...` or `generate_kwargs={...}`. The returned text is the generated continuation only, never the
+    prompt.
 
     The model loads through the strict `from_pretrained` (modeling_blip2.py): a folder with tensors missing, unexpected
     or of another shape raises `CheckpointMismatchError` naming them, rather than `pipeline` falling back to
@@ -54,16 +54,19 @@ class Blip2ImageToTextPipeline(Pipeline):
         return dict(self.processor(images=image, text=prompt, return_tensors="pt"))
 
     def _load_image(self, image: Any, timeout: float | None) -> Any:
-        """`image` decoded by the processor's BLIP-2 image loader (this file ships without processing_blip2.py, so the
-        loader is reached through the processor rather than imported). A processor whose image processor is not
-        BLIP-2's gets decoded images as they are, and a path or URL is refused rather than decoded another way."""
-        loader = getattr(self.processor.image_processor, "load_image", None)
+        """`image` decoded by BLIP-2's image loader, reached through the processor (this file imports only
+        transformers and torch): `Blip2Processor.load_image`, whatever encoder's image processor it holds (SigLIP's,
+        CLIP's, ...), or a `Blip2ImageProcessor`'s own. A processor without either (transformers' `Blip2Processor`)
+        gets decoded images as they are, and a path or URL is refused rather than decoded another way."""
+        loader = getattr(self.processor, "load_image", None)
+        loader = loader or getattr(self.processor.image_processor, "load_image", None)
         if loader is not None:
             return loader(image) if timeout is None else loader(image, timeout=timeout)
         if isinstance(image, (str, bytes, os.PathLike)):
             raise TypeError(
-                f"This pipeline reads image files with blip2-hf's Blip2ImageProcessor; the processor's image "
-                f"processor is {type(self.processor.image_processor).__name__}. Pass decoded images (PIL) instead."
+                f"This pipeline reads image files with blip2-hf's image loader, which this processor "
+                f"({type(self.processor).__name__} with a {type(self.processor.image_processor).__name__}) lacks. "
+                "Pass decoded images (PIL) instead."
             )
         return image
 

@@ -569,6 +569,16 @@ class Blip2Processor(ProcessorMixin):
                 "processor; training/stage2.py takes `--pad_token TOKEN`."
             )
 
+    @staticmethod
+    def load_image(image: ImageSource, timeout: float | None = DEFAULT_URL_TIMEOUT) -> Image.Image:
+        """
+        One image decoded by BLIP-2's rules ([`Blip2ImageProcessor.load_image`], which documents the arguments and
+        errors) whatever this processor's image processor is: decoding a file is the same for every encoder, only
+        the resizing and normalization after it are the encoder's (SigLIP's, CLIP's, ...). The pipeline reads files
+        through this, as the CLI, training and evaluation do.
+        """
+        return Blip2ImageProcessor.load_image(image, timeout=timeout)
+
     def chat_prompt(self, text: str) -> str:
         """
         `text` as one user turn of the language model's chat template, ready for the assistant's answer

@@ -18,7 +18,13 @@ from PIL import Image
 import blip2_hf
 from blip2_hf import cli, data, feature_cache
 from blip2_hf.data import Stage2Collator
-from blip2_hf.testing_utils import draw_images, save_tiny_generation_checkpoint
+from blip2_hf.testing_utils import (
+    draw_images,
+    make_opt_tokenizer,
+    save_tiny_generation_checkpoint,
+    tiny_config_dict,
+    tiny_vision_config,
+)
 
 SIZE = (40, 30)
 
@@ -107,6 +113,32 @@ def test_every_entry_point_gives_the_same_pixels(name, files, pipe):
     collator = Stage2Collator(processor)
     rows = [{"image": str(path), "caption": "a photo"}, {"image": {"bytes": path.read_bytes()}, "caption": "a photo"}]
     assert torch.equal(collator(rows)["pixel_values"], torch.cat([reference, reference]))
+
+
+def test_pipeline_of_a_foreign_encoder_reads_files_by_the_same_rules(files, tmp_path):
+    """A checkpoint whose image processor is its encoder's own (SigLIP's, no `load_image`): the pipeline still
+    reads paths with BLIP-2's loader (it refused them, so the model card's `captioner("image.jpg")` failed for every
+    bring-your-own encoder), then resizes and normalizes with SigLIP's processor."""
+    folder, expected = files
+    processor = blip2_hf.Blip2Processor(
+        transformers.SiglipImageProcessor(size={"height": 32, "width": 32}), make_opt_tokenizer(), num_query_tokens=4
+    )
+    config = tiny_config_dict(
+        "opt", image_token_index=processor.image_token_id, vision_config=tiny_vision_config("siglip")
+    )
+    config["text_config"].update(
+        vocab_size=len(processor.tokenizer) + 4, bos_token_id=2, eos_token_id=2, pad_token_id=1
+    )
+    torch.manual_seed(0)
+    blip2_hf.Blip2ForConditionalGeneration(blip2_hf.Blip2Config(**config)).save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    pipe = transformers.pipeline("image-to-text", model=str(tmp_path), trust_remote_code=True)
+    assert not hasattr(pipe.processor.image_processor, "load_image")
+    for name in ("16-bit.png", "rgba.png", "exif.jpg"):
+        reference = pipe.processor(images=Image.fromarray(expected[name]), return_tensors="pt")["pixel_values"]
+        assert torch.equal(pipe.preprocess(str(folder / name))["pixel_values"], reference), name
+    path = folder / "exif.jpg"
+    assert pipe(str(path), max_new_tokens=3) == pipe(Image.fromarray(expected["exif.jpg"]), max_new_tokens=3)
 
 
 def test_training_evaluation_and_feature_cache_use_the_same_loader():

@@ -276,6 +276,10 @@ def test_chat_template_prompt_and_training_labels(work: Path, family: str):
         assert (labels[:start] == -100).all() and torch.equal(labels[start:real], ids[start:real])
         if family == "qwen2":  # byte-level BPE: the labelled tokens are exactly the caption and its end
             assert tokenizer.decode(labels[start:real]) == caption + "\n"
+    # a max_length the chat prompt fills leaves every label masked (a NaN loss): refused, naming the field
+    data_args.max_length = len(prompt_ids)
+    with pytest.raises(ValueError, match=rf"takes {len(prompt_ids)} of the max_length={len(prompt_ids)} text tokens"):
+        stage2.make_collator(processor, data_args, decoder_only=True)
 
 
 def test_chat_template_in_answer_questions_and_vqa(work: Path, tmp_path: Path, monkeypatch):
