@@ -396,3 +396,30 @@ def test_hub_ids_for_the_encoder_and_the_stage1_folder(stage1_runs, tiny, tmp_pa
                 if key.startswith("vision_model.backbone.")}  # fmt: skip
     assert backbone.keys() == original.keys()
     assert all(torch.equal(backbone[key], original[key]) for key in original)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_evaluation_scripts_with_a_foreign_encoder(family, stage1_runs, tiny, tmp_path):
+    """`evaluation/retrieval.py` on the stage-1 folder and `evaluation/caption.py` on its stage-2 folder run with the
+    encoder's own image processor (its size; DINOv2's differs from its config's) and score every image and text."""
+    retrieval_script, caption_script = load_script("retrieval", "evaluation"), load_script("caption", "evaluation")
+    entries = json.loads((tiny / "data" / "train.json").read_text())[:4]
+    annotations = tmp_path / "annotations.json"
+    annotations.write_text(json.dumps(entries))
+    common = ["--annotations", str(annotations), "--image_dir", str(tiny / "data"), "--num_workers", "0"]
+    stage1 = stage1_runs[family][0]
+    results = retrieval_script.main(
+        ["--model", str(stage1), *common, "--k", "2", "--batch_size", "4", "--output_dir", str(tmp_path / "r")]
+    )
+    assert results["settings"]["num_images"] == 4 and results["settings"]["num_texts"] == 8
+    assert 0 <= results["metrics"]["txt_r1"] <= 100 and 0 <= results["metrics"]["img_r1"] <= 100
+    stage2 = tiny.parent / f"{family}_stage2"
+    if not stage2.exists():
+        run_stage2(tiny, stage1, stage2)
+    results = caption_script.main(
+        ["--model", str(stage2), *common, "--max_new_tokens", "4", "--batch_size", "4", "--output_dir",
+         str(tmp_path / "c"), "--no-meteor", "--no-spice", "--num_beams", "1", "--min_new_tokens", "1"]
+    )  # fmt: skip
+    predictions = json.loads((tmp_path / "c" / "predictions.json").read_text())
+    assert len(predictions) == 4 and all(isinstance(p["caption"], str) for p in predictions)
+    assert results["metrics"]["overall"]["CIDEr"] is not None
