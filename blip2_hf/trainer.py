@@ -286,9 +286,15 @@ class Blip2Trainer(Trainer):
 
     def end_training(self) -> None:
         """Call last in a training script: every process waits for the others (rank 0 may still be writing the final
-        folder), then the process group is destroyed. A rank that simply exits first aborts in gloo's destructor
-        ("terminate called without an active exception", SIGABRT), and torchrun then kills rank 0 mid-write."""
+        folder), the distributed wrappers are released, then the process group is destroyed. A rank that simply exits
+        first aborts in gloo's destructor ("terminate called without an active exception", SIGABRT), and torchrun
+        then kills rank 0 mid-write. The DDP wrapper (its reducer holds the group and its pending work) is freed
+        here, while the interpreter is whole, not during interpreter finalization, where destroying gloo's objects
+        can abort the same way."""
         self.accelerator.wait_for_everyone()
+        self.model_wrapped = self.model
+        self.optimizer = self.lr_scheduler = None
+        self.accelerator.free_memory()  # drops its references to the wrapped model, optimizer, data loaders; gc
         self.accelerator.end_training()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
