@@ -14,7 +14,14 @@ import pytest
 import torch
 
 from blip2_hf import cli
-from blip2_hf.demo.pretrain import length_grouped_batches, scene_documents
+from blip2_hf.demo.pretrain import (
+    BACKGROUND,
+    TokenTagger,
+    length_grouped_batches,
+    patch_groups,
+    scene_documents,
+    token_tags,
+)
 from blip2_hf.demo.probe import attribute_labels, linear_probe
 from blip2_hf.demo.world import (
     COLORS,
@@ -63,6 +70,50 @@ def test_scenes_are_what_their_captions_and_answers_say():
                 assert _color_pixels(half, COLORS[group.color]) > 30
         for shape in SHAPES:
             assert answers[f"is there a {shape}?"] == ("yes" if shape in shapes else "no")
+
+
+def test_group_mask_is_where_each_group_is_drawn():
+    rng = random.Random(1)
+    for _ in range(100):
+        scene = random_scene(rng)
+        image, mask = np.asarray(scene.draw(), dtype=np.int16), scene.group_mask()
+        assert mask.shape == (64, 64) and set(np.unique(mask)) == {-1, *range(len(scene.groups))}
+        for index, group in enumerate(scene.groups):
+            # the group's pixels carry its color (up to the sensor noise of +-12), and no other pixel does
+            inside = np.abs(image[mask == index] - np.array(COLORS[group.color])).max(-1)
+            assert (inside <= 12).mean() > 0.97, group
+            assert _color_pixels(image[mask != index], COLORS[group.color], tolerance=13) <= 3
+            if group.side is not None:
+                columns = np.nonzero((mask == index).any(0))[0]
+                assert (columns < 32).all() if group.side == "left" else (columns >= 32).all()
+
+
+def test_patch_targets_name_each_token_s_own_group():
+    mask = np.full((64, 64), -1)
+    mask[0:16, 0:16] = 0  # patch 0: all group 0
+    mask[0:16, 16:20] = 1  # patch 1: 64 pixels of group 1
+    mask[16:17, 0:10] = 1  # patch 4: a sliver (10 pixels): no target
+    mask[16:32, 16:32] = 0
+    mask[16:32, 16:24] = 1  # patch 5: 128 pixels each: the first group of the tie
+    patches = patch_groups(mask, 16)
+    assert patches.shape == (16,)
+    assert patches[:6].tolist() == [0, 1, BACKGROUND, BACKGROUND, -100, 0]
+    assert (patches[6:] == BACKGROUND).all()
+    groups = [
+        {"shape": "circle", "color": "red", "size": "large", "count": 2, "side": "left"},
+        {"shape": "triangle", "color": "white", "size": "small", "count": 1, "side": None},
+    ]
+    tags = token_tags(groups, patches)
+    assert tags[0].tolist() == [0, 0, 1, 1, 0]  # red, circle, large, two, left
+    assert tags[1].tolist() == [5, 2, 0, 0, 2]  # white, triangle, small, one, no side
+    assert tags[2].tolist() == [len(COLORS), -100, -100, -100, -100]  # background: color "nothing" only
+    assert tags[4].tolist() == [-100] * 5
+    # the token loss learns from exactly the targeted tokens: a perfect head on those gives ~0, the rest is ignored
+    tagger = TokenTagger(8)
+    tokens = torch.randn(1, 16, 8, requires_grad=True)
+    loss = tagger.loss(tokens, tags[None])
+    loss.backward()
+    assert torch.isfinite(loss) and tokens.grad[0, 4].abs().sum() == 0 and tokens.grad[0, 0].abs().sum() > 0
 
 
 def test_caption_content_accuracy_reads_what_a_caption_claims():

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoTokenizer, OPTForCausalLM
 
 from blip2_hf import Blip2VisionModel
+from blip2_hf.demo.pretrain import patch_groups
 from blip2_hf.demo.quality import quality_checks
 from blip2_hf.demo.towers import (
     MANIFEST,
@@ -23,6 +24,8 @@ from blip2_hf.demo.towers import (
     file_hashes,
     verify_towers,
 )
+from blip2_hf.demo.world import COLORS, make_world
+from blip2_hf.processing_blip2 import Blip2Processor
 
 
 def test_shipped_towers_match_their_hashes_and_load():
@@ -57,6 +60,40 @@ def test_shipped_towers_carry_what_the_captions_say():
     low = {name: m["accuracy"] for name, m in quality["probe"].items() if m["accuracy"] < 95}
     assert not low, low
     assert quality["llm"]["with_caption"] >= quality["llm"]["without_context"] + 30
+
+
+def test_shipped_encoder_keeps_each_group_in_its_own_tokens():
+    """Each patch token names the group it shows, not the scene's bag of attributes: on two-group scenes, a linear
+    read-out of a token gives its own group's color (>= 98% on held-out scenes). The encoder trained by mean-pooled
+    tagging alone scored 89.7% here (its tokens were nearly the same), and its captions swapped the groups' colors."""
+    vision = Blip2VisionModel.from_pretrained(TOWERS_DIR / "vision_encoder").eval()
+    image_processor = Blip2Processor.default_image_processor(64)
+    world = make_world(400, 10, 150, seed=7)
+
+    def tokens_and_colors(scenes):
+        scenes = [scene for scene in scenes if len(scene.groups) == 2]
+        pixels = image_processor(images=[scene.draw() for scene in scenes], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            tokens = vision(pixel_values=pixels).last_hidden_state[:, 1:]
+        groups = torch.stack([patch_groups(scene.group_mask(), vision.config.patch_size) for scene in scenes])
+        colors = torch.tensor([[list(COLORS).index(group.color) for group in scene.groups] for scene in scenes])
+        on_object = groups >= 0
+        return tokens[on_object], colors.gather(1, groups.clamp(min=0))[on_object]
+
+    train_tokens, train_colors = tokens_and_colors(world["train"])
+    test_tokens, test_colors = tokens_and_colors(world["test"])
+    assert len(test_colors) > 300
+    mean, std = train_tokens.mean(0), train_tokens.std(0) + 1e-5
+    read_out = torch.nn.Linear(train_tokens.shape[1], len(COLORS))
+    optimizer = torch.optim.Adam(read_out.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss = torch.nn.functional.cross_entropy(read_out((train_tokens - mean) / std), train_colors)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        accuracy = (read_out((test_tokens - mean) / std).argmax(1) == test_colors).float().mean().item()
+    assert accuracy >= 0.98, accuracy
 
 
 @pytest.mark.slow
@@ -102,6 +139,11 @@ def test_build_towers_end_to_end_on_a_tiny_budget(tmp_path):
     manifest = build_towers(tmp_path / "towers", budget)
     assert verify_towers(tmp_path / "towers") == manifest
     assert manifest["budget"]["vision_steps"] == 4 and len(manifest["quality"]["probe"]) == 18
+    assert manifest["budget"]["vision_token_tagging"] is True
+    assert manifest["tower_threads"] == {
+        "vision_encoder": torch.get_num_threads(),
+        "language_model": torch.get_num_threads(),
+    }
     assert {"vision_encoder/model.safetensors", "language_model/model.safetensors", "language_model/tokenizer.json",
             "qformer_tokenizer/tokenizer.json"} <= set(manifest["files"])  # fmt: skip
     assert [entry["step"] for entry in manifest["curves"]["vision_encoder"]] == [0, 3]

@@ -16,6 +16,7 @@ import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -99,6 +100,61 @@ class SceneTagger(nn.Module):
         return loss
 
 
+BACKGROUND = -1  # `patch_groups`' label of a patch no object covers
+
+
+def patch_groups(group_mask: np.ndarray, patch_size: int, min_pixels: int = 16) -> torch.Tensor:
+    """`[num_patches]` (row-major, as the encoder's tokens): the group a patch shows (the one covering most of its
+    pixels, if at least `min_pixels`), `BACKGROUND` for a patch with no object pixel, -100 (no target) for one with
+    only a sliver of an object. `group_mask`: `Scene.group_mask()`, `[H, W]`, -1 for the background."""
+    height, width = group_mask.shape
+    patches = group_mask.reshape(height // patch_size, patch_size, width // patch_size, patch_size)
+    patches = torch.from_numpy(patches.transpose(0, 2, 1, 3).reshape(-1, patch_size * patch_size))
+    num_groups = int(patches.max()) + 1
+    coverage = torch.stack([(patches == index).sum(1) for index in range(max(1, num_groups))], dim=1)
+    most, group = coverage.max(1)
+    labels = torch.where(most >= min_pixels, group, torch.full_like(group, -100))
+    return labels.masked_fill(most == 0, BACKGROUND)
+
+
+def token_tags(groups: Sequence[dict], patches: torch.Tensor) -> torch.Tensor:
+    """Per patch token (`patches`: `patch_groups`), the group it shows as `(color, shape, size, count - 1, side)`
+    class indices `[num_patches, 5]` (side: 0 left, 1 right, 2 neither). A background token has color
+    `len(COLORS)` ("nothing") and no other target (-100); a token with no target has -100 everywhere."""
+    rows = []
+    for group in groups:
+        side = {"left": 0, "right": 1, None: 2}[group["side"]]
+        rows.append([list(COLORS).index(group["color"]), SHAPES.index(group["shape"]),
+                     list(SIZES).index(group["size"]), group["count"] - 1, side])  # fmt: skip
+    table = torch.tensor(rows + [[len(COLORS)] + [-100] * 4, [-100] * 5])  # then background, then no target
+    index = torch.where(patches == BACKGROUND, len(rows), torch.where(patches < 0, len(rows) + 1, patches))
+    return table[index]
+
+
+class TokenTagger(nn.Module):
+    """Linear heads on every patch token: the color ("nothing" for the background), shape, size, count and side of
+    the group the token shows. Supervising each token with its own group keeps the tokens local, so that the
+    Q-Former's cross-attention can pick one group's tokens and read all of that group's attributes together; with the
+    mean-pooled tagging alone the tokens of an image became nearly the same (cosine ~0.9) and the attributes of two
+    groups could only be read from them jointly, not bound to their group (benchmarks/README.md)."""
+
+    CLASSES = {"color": len(COLORS) + 1, "shape": len(SHAPES), "size": len(SIZES), "count": 3, "side": 3}
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.heads = nn.ModuleDict({name: nn.Linear(width, k) for name, k in self.CLASSES.items()})
+
+    def loss(self, tokens: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
+        """`tokens [B, P, D]` (patch tokens, no CLS), `tags [B, P, 5]` (`token_tags`): sum of the heads' mean
+        cross-entropies over the tokens that have a target."""
+        loss = tokens.new_zeros(())
+        for index, head in enumerate(self.heads.values()):
+            target = tags[..., index].reshape(-1)
+            if (target != -100).any():
+                loss = loss + F.cross_entropy(head(tokens).flatten(0, 1), target, ignore_index=-100)
+        return loss
+
+
 def pretrain_image_encoder(
     config: Blip2VisionConfig,
     pixels: torch.Tensor,
@@ -110,6 +166,7 @@ def pretrain_image_encoder(
     position_std: float = 0.3,
     seed: int = 0,
     log: Callable[[dict], None] | None = None,
+    patches: torch.Tensor | None = None,
 ) -> Blip2VisionModel:
     """Supervised scene tagging of a `Blip2VisionModel` (`SceneTagger` on the mean of its output tokens), as the
     ImageNet-trained ViTs BLIP-1 started from: labels from the scene, no text, no language model.
@@ -118,24 +175,32 @@ def pretrain_image_encoder(
         pixels: `[N, 3, H, W]` uint8 images (kept as bytes: a pool of tens of thousands of images).
         scenes: each image's groups (`asdict(Group)`).
         normalize: uint8 `[B, 3, H, W]` -> the encoder's normalized float input (the processor's mean / std).
+        patches: `[N, num_patches]` (`patch_groups` per image): with it, each patch token is also tagged with its
+            own group's attributes (`TokenTagger`).
         position_std: std of the position embeddings' init. The ViT default (0.02) leaves the tokens' position an
             order of magnitude below their content, and the encoder learned "left" / "right" only late, if at all.
 
-    Pooling with the mean makes every output token carry what it shows and where: the Q-Former's cross-attention
-    reads the tokens, and the demo's linear probe reads their mean.
+    The demo's linear probe reads the tokens' mean; the Q-Former's cross-attention reads the tokens themselves. Tagged
+    on the mean alone, the tokens of an image became nearly the same (each a bag of the scene's attributes), so the
+    per-token tags (`patches`) are what keeps each group's attributes in its own tokens.
     """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     vision = Blip2VisionModel(config)
     nn.init.normal_(vision.embeddings.position_embedding, std=position_std)
-    tagger = SceneTagger(config.hidden_size)
+    tagger, token_tagger = SceneTagger(config.hidden_size), TokenTagger(config.hidden_size)
     targets = [torch.stack(column) for column in zip(*(scene_tags(groups) for groups in scenes))]
-    modules = nn.ModuleList([vision, tagger])
+    if patches is not None:
+        tags = torch.stack([token_tags(groups, image_patches) for groups, image_patches in zip(scenes, patches)])
+    modules = nn.ModuleList([vision, tagger] + ([token_tagger] if patches is not None else []))
 
     def tagging_loss() -> torch.Tensor:
         index = torch.randint(len(pixels), (batch_size,), generator=generator)
-        pooled = vision(pixel_values=normalize(pixels[index])).last_hidden_state.mean(1)
-        return tagger.loss(pooled, *(target[index] for target in targets))
+        tokens = vision(pixel_values=normalize(pixels[index])).last_hidden_state
+        loss = tagger.loss(tokens.mean(1), *(target[index] for target in targets))
+        if patches is not None:
+            loss = loss + token_tagger.loss(tokens[:, 1:], tags[index])
+        return loss
 
     modules.train()
     _optimize(list(modules.parameters()), tagging_loss, steps, learning_rate, "image encoder (tagging)", log)

@@ -351,12 +351,17 @@ def _towers_and_protocol_markdown(results: dict, per_seed: Sequence[dict], tower
     """The report's second half: the frozen towers, VQA per question type, losses, attention, protocol and timings."""
     tables = _tables(results, per_seed, towers)
     settings = results["settings"]
-    build_minutes, build_threads = towers["build"]["total_training"] / 60, towers.get("build_threads", 2)
+    threads = towers.get("tower_threads") or {}
+    build = ", ".join(
+        f"{label} {towers['build'][name] / 60:.0f} min on {threads.get(name, towers.get('build_threads', 2))} thread(s)"
+        for name, label in (("vision_encoder", "image encoder"), ("language_model", "LLM"))
+    )
     return f"""## The frozen towers
 
-Built once by `blip2-hf demo --build-towers` ({build_minutes:.0f} minutes of training on {build_threads} CPU thread(s))
+Built once by `blip2-hf demo --build-towers` ({build} of training)
 and shipped with the package (`blip2_hf/demo/towers/towers.json`: command, seed, budget, sha256 of every file), as
-BLIP-2 starts from EVA-CLIP and OPT: a ViT with a convolutional stem trained by scene tagging (no text), and an
+BLIP-2 starts from EVA-CLIP and OPT: a ViT with a convolutional stem trained by scene tagging, each patch token also tagged with the group it
+shows (no text), and an
 OPT-style LLM trained on text alone. What the image encoder carries, read by a logistic regression on the mean of its output tokens (trained
 on this world's 4,000 training images, scored on its test
 images), next to the majority rate:

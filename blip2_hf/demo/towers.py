@@ -3,10 +3,11 @@
 
 BLIP-2 starts from strong frozen models that someone else trained. Trained inside the demo (a few minutes), the image
 encoder carried colors but not shapes or sides, and no Q-Former can pass on what the encoder never saw. So the towers
-are made here, by `blip2-hf demo --build-towers DIR` (about 49 minutes on 2 CPU cores), and the files in
+are made here, by `blip2-hf demo --build-towers DIR` (about 33 minutes on 2 CPU cores), and the files in
 `blip2_hf/demo/towers/` are that command's output:
 
-- `vision_encoder/`: a `Blip2VisionModel` (ViT with a convolutional stem) trained by scene tagging, no text;
+- `vision_encoder/`: a `Blip2VisionModel` (ViT with a convolutional stem) trained by scene tagging, each patch token
+  also tagged with the group it shows; no text;
 - `language_model/`: an `OPTForCausalLM` trained on text alone (captions, then question/answer lines), with its
   tokenizer;
 - `qformer_tokenizer/`: the BERT-style WordPiece tokenizer (with `[DEC]`) the Q-Former reads;
@@ -37,7 +38,7 @@ from transformers import OPTConfig
 from ..configuration_blip2 import Blip2VisionConfig
 from ..processing_blip2 import Blip2Processor
 from ..tokenizer_training import train_bert_tokenizer, train_opt_tokenizer
-from .pretrain import pretrain_image_encoder, pretrain_language_model, scene_documents
+from .pretrain import patch_groups, pretrain_image_encoder, pretrain_language_model, scene_documents
 from .quality import quality_checks, text_only_vqa
 from .world import IMAGE_SIZE, random_scene
 
@@ -48,7 +49,7 @@ VISION_SUBDIR, LLM_SUBDIR, QFORMER_TOKENIZER_SUBDIR = "vision_encoder", "languag
 
 @dataclasses.dataclass(frozen=True)
 class TowerBudget:
-    """Architectures and budgets of the two towers. The default is what ships (about 49 minutes on 2 CPU cores, one
+    """Architectures and budgets of the two towers. The default is what ships (about 33 minutes on 2 CPU cores, one
     tower after the other; `towers.json` records each one's time)."""
 
     vision_scenes: int = 30000  # the image pool (drawn once; 30000 x 12 kB as bytes)
@@ -58,6 +59,9 @@ class TowerBudget:
     vision_steps: int = 2000
     vision_batch_size: int = 128
     vision_learning_rate: float = 2e-3
+    # each patch token also tagged with its own group (`pretrain.TokenTagger`): keeps the tokens local, so that a
+    # group's attributes stay bound to it (benchmarks/README.md, "Training choices")
+    vision_token_tagging: bool = True
     llm_scenes: int = 20000
     documents_per_scene: int = 3
     # Dense question documents and a long schedule: each reading skill (which group has which count, side, color,
@@ -110,6 +114,9 @@ def _train_vision(folder: Path, budget: TowerBudget, seed: int, threads: int) ->
         conv_stem_channels=list(budget.conv_stem_channels),
         initializer_range=0.02,
     )
+    patches = None
+    if budget.vision_token_tagging:
+        patches = torch.stack([patch_groups(scene.group_mask(), config.patch_size) for scene in scenes])
     curve: list[dict] = []
     vision = pretrain_image_encoder(
         config,
@@ -121,6 +128,7 @@ def _train_vision(folder: Path, budget: TowerBudget, seed: int, threads: int) ->
         learning_rate=budget.vision_learning_rate,
         seed=seed,
         log=curve.append,
+        patches=patches,
     )
     vision.save_pretrained(folder / VISION_SUBDIR)
     return _record_tower(folder / VISION_SUBDIR, budget, seed, curve, time.perf_counter() - start)
@@ -249,6 +257,8 @@ def build_towers(output: str | Path, budget: TowerBudget = TowerBudget(), seed: 
             **{name: run["seconds"] for name, run in runs.items()},
         },
         "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
+        # a resumed build keeps a tower an earlier run trained, possibly on another thread count
+        "tower_threads": {name: run["threads"] for name, run in runs.items()},
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__},
         "quality": quality_checks(output),
         "curves": {name: run["curve"] for name, run in runs.items()},

@@ -100,13 +100,13 @@ class Scene:
             qa.append({"question": f"is there a {shape}?", "answer": answer, "type": "yes/no"})
         return qa
 
-    def draw(self) -> Image.Image:
+    def _layout(self) -> tuple[np.random.Generator, tuple[int, ...], list[tuple[int, float, float, float]]]:
+        """The scene's random drawing decisions: `(rng, background color, [(group index, x, y, radius)])`; `rng` is
+        left where the sensor noise continues."""
         rng = np.random.default_rng(self.seed)
         background = tuple(int(v) for v in rng.integers(60, 110, size=3))
-        image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), background)
-        pen = ImageDraw.Draw(image)
-        placed: list[tuple[float, float, float]] = []
-        for group in self.groups:
+        placed: list[tuple[int, float, float, float]] = []
+        for index, group in enumerate(self.groups):
             radius = SIZES[group.size]
             lo, hi = radius + 1, IMAGE_SIZE - radius - 1
             if group.side == "left":
@@ -118,13 +118,30 @@ class Scene:
             for _ in range(group.count):
                 for _attempt in range(200):  # rejection sampling: objects never overlap
                     x, y = rng.uniform(*x_range), rng.uniform(lo, hi)
-                    if all(math.hypot(x - px, y - py) > radius + pr + 2 for px, py, pr in placed):
+                    if all(math.hypot(x - px, y - py) > radius + pr + 2 for _, px, py, pr in placed):
                         break
-                placed.append((x, y, radius))
-                _draw_shape(pen, group.shape, x, y, radius, COLORS[group.color])
+                placed.append((index, x, y, radius))
+        return rng, background, placed
+
+    def draw(self) -> Image.Image:
+        rng, background, placed = self._layout()
+        image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), background)
+        pen = ImageDraw.Draw(image)
+        for index, x, y, radius in placed:
+            group = self.groups[index]
+            _draw_shape(pen, group.shape, x, y, radius, COLORS[group.color])
         # sensor noise, so that no two images are equal pixel for pixel
         pixels = np.asarray(image, dtype=np.int16) + rng.integers(-12, 13, size=(IMAGE_SIZE, IMAGE_SIZE, 3))
         return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+    def group_mask(self) -> np.ndarray:
+        """`[H, W]` int: the index of the group each pixel shows, -1 for the background."""
+        _, _, placed = self._layout()
+        image = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+        pen = ImageDraw.Draw(image)
+        for index, x, y, radius in placed:
+            _draw_shape(pen, self.groups[index].shape, x, y, radius, index + 1)
+        return np.asarray(image, dtype=np.int64) - 1
 
 
 def _draw_shape(pen: ImageDraw.ImageDraw, shape: str, x: float, y: float, r: float, color: tuple) -> None:
