@@ -830,7 +830,7 @@ def add_demo_command(subparsers: argparse._SubParsersAction) -> None:
         "BLIP-2 stage 1 (ITC + ITM + ITG) and stage 2, stage 2 without stage 1 (the paper's Figure 5) and stage 1 "
         "without ITG (Table 6); evaluate captioning, zero-shot VQA and retrieval; write checkpoints, results.json, "
         "plots and report.md into --output. The `caption`, `ask` and `retrieve` commands then use its checkpoints. "
-        "--build-towers DIR instead trains the towers themselves (about 49 minutes on 2 CPU cores).",
+        "--build-towers DIR instead trains the towers themselves (about 33 minutes on 2 CPU cores).",
     )
     parser.add_argument("--quick", action="store_true", help="A smaller world and budget (about 90 s on CPU).")
     parser.add_argument(
