@@ -12,7 +12,8 @@ color of the group on the left"), from five representations of the same images:
     soft prompt         the LLM's input from the queries (`get_image_features`) after stage 2, both arms
 
 A representation that names every attribute (the probe table) but not which group has it reads high on shapes and low
-on "left color". Prints one row per representation, accuracies (%) on the test images; about 1 minute on 2 cores.
+on "left color". Prints one row per representation, accuracies (%) on the test images; about 2.5 minutes on 2
+cores.
 """
 
 from __future__ import annotations
