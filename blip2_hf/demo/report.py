@@ -360,9 +360,8 @@ def _towers_and_protocol_markdown(results: dict, per_seed: Sequence[dict], tower
 
 Built once by `blip2-hf demo --build-towers` ({build} of training)
 and shipped with the package (`blip2_hf/demo/towers/towers.json`: command, seed, budget, sha256 of every file), as
-BLIP-2 starts from EVA-CLIP and OPT: a ViT with a convolutional stem trained by scene tagging, each patch token also tagged with the group it
-shows (no text), and an
-OPT-style LLM trained on text alone. What the image encoder carries, read by a logistic regression on the mean of its output tokens (trained
+BLIP-2 starts from EVA-CLIP and OPT: a ViT with a convolutional stem trained by scene tagging, each patch token also
+tagged with the group it shows (no text), and an OPT-style LLM trained on text alone. What the image encoder carries, read by a logistic regression on the mean of its output tokens (trained
 on this world's 4,000 training images, scored on its test
 images), next to the majority rate:
 
