@@ -254,6 +254,11 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch, capsys):
         values = [entry[key] for entry in curves["stage1"] if key in entry]
         assert values[-1] < values[0], key
     assert not any("loss_itg" in entry for entry in curves["stage1_without_itg"])  # the Table 6 ablation
+    # Figure 5 along training: zero-shot VQA on validation images at the settings' points, for both arms
+    for arm in ("stage1+2", "stage2_only"):
+        curve = results["per_seed"][0][arm]["VQA_curve"]
+        assert [point["step"] for point in curve] == [75, 150], arm
+        assert all(0 <= point["VQA"] <= 100 for point in curve)
     itg_free = json.loads((output / "runs" / "seed0" / "stage1_without_itg" / "config.json").read_text())
     assert itg_free["pretraining_objectives"] == ["itc", "itm"]
     for arm in ("stage1+2", "stage2_only"):
@@ -269,6 +274,7 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch, capsys):
     assert report.startswith("# blip2-hf demo") and report.index("## Results") < report.index("## Examples")
     assert report.index("## Examples") < report.index("## The paper's ablations")
     assert "## The frozen towers" in report and "| a circle on the left |" in report
+    assert "| stage-2 step | 75 | 150 |" in report
     assert json.loads((output / ".blip2-hf-demo.json").read_text())["status"] == "complete"
     for plot in re.findall(r"\]\((plots/[^)]+)\)", report):
         assert (output / plot).is_file(), plot
@@ -287,6 +293,40 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.strip()
     assert cli.main(["retrieve", "--images", str(images[0].parent), "--text", "a red circle", "--top-k", "3"]) == 0
     assert len(capsys.readouterr().out.strip().split("\n")) == 3
+
+
+def test_vqa_curve_scores_at_its_points_and_the_last_step_and_leaves_the_model_training(monkeypatch):
+    from types import SimpleNamespace
+
+    from blip2_hf.demo import run
+
+    scored = []
+
+    def fake_vqa(model, processor, records, images):
+        scored.append(model.eval())  # as `generate` does
+        return [], [], {"accuracy": 10.0 * len(scored)}
+
+    monkeypatch.setattr(run, "zero_shot_vqa", fake_vqa)
+    model = torch.nn.Linear(2, 2).train()
+    curve = run.VQACurve(processor=None, records=[], images=[], steps=10, points=3)  # every 3 steps, and step 10
+    for step in range(1, 11):
+        curve.on_step_end(None, SimpleNamespace(global_step=step, max_steps=10), None, model=model)
+        assert model.training
+    assert curve.curve == [{"step": 3, "VQA": 10.0}, {"step": 6, "VQA": 20.0}, {"step": 9, "VQA": 30.0},
+                           {"step": 10, "VQA": 40.0}]  # fmt: skip
+
+
+def test_vqa_curve_table_gives_each_arm_mean_and_std_per_step():
+    from blip2_hf.demo.report import vqa_curve_table
+
+    per_seed = [
+        {arm: {"VQA_curve": [{"step": 5, "VQA": a}, {"step": 10, "VQA": b}]} for arm, (a, b) in runs.items()}
+        for runs in ({"stage1+2": (40, 60), "stage2_only": (50, 10)}, {"stage1+2": (50, 80), "stage2_only": (50, 30)})
+    ]
+    table = vqa_curve_table(per_seed).split("\n")
+    assert table[0] == "| stage-2 step | 5 | 10 |"
+    assert table[2].endswith("| 45.0 ± 7.1 | 70.0 ± 14.1 |") and table[3].endswith("| 50.0 ± 0.0 | 20.0 ± 14.1 |")
+    assert vqa_curve_table([{"stage1+2": {}, "stage2_only": {}}]) == ""  # results from before the curve
 
 
 def test_demo_output_folder_is_checked_before_anything_is_deleted(tmp_path, capsys):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import statistics
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -139,9 +141,12 @@ def plot_cross_attention(
     plt.close(fig)
 
 
-def plot_results(path: Path, summary: dict) -> None:
+def plot_results(path: Path, summary: dict, per_seed: Sequence[dict]) -> None:
+    """Both stage-2 arms: bars of the test metrics (mean, std over the seeds) and zero-shot VQA along stage 2 on
+    validation images (the paper's Figure 5; a thin line per seed, the mean thick)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.4))
+    _plot_vqa_curves(axes[3], per_seed)
     for ax, metric in zip(axes, ("VQA", "CIDEr", "caption_wholly_right")):
         for position, arm in enumerate(ARMS):
             mean, std = summary[arm][metric]
@@ -152,6 +157,39 @@ def plot_results(path: Path, summary: dict) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_vqa_curves(ax: Any, per_seed: Sequence[dict]) -> None:
+    for arm in ARMS:
+        curves = [run[arm].get("VQA_curve") or [] for run in per_seed]
+        for curve in curves:
+            ax.plot([p["step"] for p in curve], [p["VQA"] for p in curve], color=ARM_COLORS[arm], alpha=0.35)
+        if curves[0] and all(len(curve) == len(curves[0]) for curve in curves):
+            mean = [sum(points) / len(points) for points in zip(*([p["VQA"] for p in c] for c in curves))]
+            ax.plot([p["step"] for p in curves[0]], mean, "o-", color=ARM_COLORS[arm], linewidth=2.5,
+                    label=ARMS[arm])  # fmt: skip
+    ax.set_xlabel("stage-2 step")
+    ax.set_ylim(0, 100)
+    ax.set_title("zero-shot VQA along stage 2 (validation, %)", fontsize=10)
+    ax.legend(fontsize=7)
+
+
+def vqa_curve_table(per_seed: Sequence[dict]) -> str:
+    """Zero-shot VQA on validation images along stage 2, per arm: mean ± std over the seeds at each step."""
+    steps = [point["step"] for point in per_seed[0]["stage1+2"].get("VQA_curve") or []]
+    if not steps:
+        return ""
+    rows = ["| stage-2 step | " + " | ".join(str(step) for step in steps) + " |", "|---|" + "---:|" * len(steps)]
+    for arm in ARMS:
+        points = [[p["VQA"] for p in run[arm]["VQA_curve"]] for run in per_seed]
+        cells = [_pm(mean_std(list(values))) for values in zip(*points)]
+        rows.append(f"| {ARMS[arm]} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _pm(value: Sequence[float], digits: int = 1) -> str:
@@ -298,7 +336,7 @@ def _draw_plots(
     plot_losses(plots / "losses.png", towers, curves)
     plot_examples(plots / "examples.png", test, test_images, per_seed[0])
     plot_cross_attention(plots / "cross_attention.png", output / "runs" / "seed0" / "stage2", processor, test_images)
-    plot_results(plots / "results.png", summary)
+    plot_results(plots / "results.png", summary, per_seed)
 
 
 def _results_markdown(
@@ -327,6 +365,11 @@ from stage 1 ({settings["stage1_steps"]} steps of ITC + ITM + ITG). Stage 1 with
 ITC + ITM alone and is scored on retrieval:
 
 {_verdict(summary, seeds)}
+
+Zero-shot VQA along stage 2 ({settings["vqa_curve_images"]} validation images, mean ± std over {seeds} seed(s);
+the right panel of `plots/results.png`), as the paper's Figure 5 plots it:
+
+{vqa_curve_table(per_seed)}
 
 {itg_ablation_table(summary)}
 
