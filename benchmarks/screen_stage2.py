@@ -3,7 +3,7 @@
     python benchmarks/screen_stage2.py DEMO_DIR stage2_learning_rate=7e-4 [seeds=0,1,2]
 
 `DEMO_DIR` is a `blip2-hf demo --seeds 3` output (its cache, towers and `runs/seed*/stage1`); each `key=value` replaces
-a `DemoSettings` field. Per seed: zero-shot VQA along stage 2 (50 validation images, as the demo's `VQACurve`) and
+a `DemoSettings` field. Per seed: zero-shot VQA along stage 2 (validation images, as the demo's `VQACurve`) and
 the demo's evaluation of the final model on the test split (VQA, captions wholly right, CIDEr, shape and side). The
 Trainer's numerics depend on the thread count (not on the load): run it on the demo's 2 threads to compare with it.
 Stage 2 takes about 95 s a seed on 2 CPU cores. Results: benchmarks/README.md, "Training choices"."""
@@ -38,10 +38,13 @@ def main(argv: list[str]) -> None:
     stage2_processor = processor.without_qformer_tokenizer()
     test = json.loads((demo / "data" / "test" / "annotations.json").read_text())
     test_images = run.load_images(demo / "data" / "test", test)
-    validation = json.loads((demo / "data" / "validation" / "annotations.json").read_text())[:50]
+    validation = json.loads((demo / "data" / "validation" / "annotations.json").read_text())
+    validation = validation[: settings.vqa_curve_images]
     validation_images = run.load_images(demo / "data" / "validation", validation)
     for seed in seeds:
-        curve = run.VQACurve(stage2_processor, validation, validation_images, settings.stage2_steps, 4)
+        curve = run.VQACurve(
+            stage2_processor, validation, validation_images, settings.stage2_steps, settings.vqa_curve_points
+        )
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
             stage1 = demo / "runs" / f"seed{seed}" / "stage1"

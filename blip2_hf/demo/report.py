@@ -165,7 +165,7 @@ def _plot_vqa_curves(ax: Any, per_seed: Sequence[dict]) -> None:
         for curve in curves:
             ax.plot([p["step"] for p in curve], [p["VQA"] for p in curve], color=ARM_COLORS[arm], alpha=0.35)
         if curves[0] and all(len(curve) == len(curves[0]) for curve in curves):
-            mean = [sum(points) / len(points) for points in zip(*([p["VQA"] for p in c] for c in curves))]
+            mean = [mean_std(points)[0] for points in zip(*([p["VQA"] for p in c] for c in curves))]
             ax.plot([p["step"] for p in curves[0]], mean, "o-", color=ARM_COLORS[arm], linewidth=2.5,
                     label=ARMS[arm])  # fmt: skip
     ax.set_xlabel("stage-2 step")
@@ -182,7 +182,7 @@ def vqa_curve_table(per_seed: Sequence[dict]) -> str:
     rows = ["| stage-2 step | " + " | ".join(str(step) for step in steps) + " |", "|---|" + "---:|" * len(steps)]
     for arm in ARMS:
         points = [[p["VQA"] for p in run[arm]["VQA_curve"]] for run in per_seed]
-        cells = [_pm(mean_std(list(values))) for values in zip(*points)]
+        cells = [_pm(mean_std(values)) for values in zip(*points)]
         rows.append(f"| {ARMS[arm]} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
